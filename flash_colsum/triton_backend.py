@@ -1,0 +1,218 @@
+"""Triton back end: two passes that never build the Sq x Sk attention matrix.
+
+Pass 1 (`_row_lse_kernel`, row-centric): for each selected query row i, the log-sum-exp of its
+scaled scores over the keys it may see, lse[i] = log(sum_j exp(scale * q_i . k_j)), natural log,
+float32, shape (B, H, n_rows). Rows that see no key get +inf (as FlashAttention does), so that
+every weight exp(s - lse) they would contribute is exactly 0.
+
+Pass 2 (`_col_sum_kernel`, key-centric): each program owns BLOCK_N keys of one key head and
+streams over the selected query rows of a chunk of that key head's query heads. It computes the
+transposed score tile K . Q^T, so the reduction over query rows is a row sum of a register tile,
+and writes its BLOCK_N column sums once: no atomics, bitwise reproducible.
+
+Masking convention: query i sees key j iff j <= i + (Sk - Sq) when causal (bottom-right aligned,
+as FlashAttention), every key otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import Problem, interpreting, next_power_of_2
+
+LOG2E = 1.4426950408889634  # log2(e)
+_LOG2E = tl.constexpr(LOG2E)  # the same, usable inside kernels
+_LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
+
+
+@triton.jit
+def _load_tile(base, offs_row, stride_row, offs_d, stride_d, mask_row, mask_d):
+    """Load a [ROWS, BLOCK_D] tile; row offsets in int64 so huge tensors index safely."""
+    ptrs = base + offs_row.to(tl.int64)[:, None] * stride_row + offs_d[None, :] * stride_d
+    return tl.load(ptrs, mask=mask_row[:, None] & mask_d[None, :], other=0.0)
+
+
+@triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    if UPCAST_DOT:
+        # Triton 3.9's CPU interpreter multiplies bf16 tiles wrongly; bf16 products are exact in fp32.
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _row_lse_kernel(
+    Q, K, LSE,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_lb, stride_lh, stride_lm,
+    H, GROUP, Sq, Sk, D, row_start, row_end, n_row_blocks, qk_scale,
+    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # 1-D grid (no 65535 limit): row blocks of one (batch, head) are neighbours, sharing K in L2.
+    pid = tl.program_id(0)
+    bh = pid // n_row_blocks
+    b = bh // H
+    h = bh % H
+    m0 = row_start + (pid % n_row_blocks) * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < row_end
+    mask_d = offs_d < D
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
+    q = _load_tile(q_base, offs_m, stride_qm, offs_d, stride_qd, mask_m, mask_d)  # [BM, BD]
+
+    # Online log-sum-exp in base 2: scale * log2(e) is folded into qk_scale, so each score costs
+    # one multiply and one exp2.
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    n_end = Sk
+    if CAUSAL:
+        # The block's last row, m0 + BLOCK_M - 1, sees keys up to m0 + BLOCK_M - 1 + (Sk - Sq).
+        n_end = tl.minimum(Sk, m0 + BLOCK_M + Sk - Sq)
+    for n0 in range(0, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base, offs_n, stride_kn, offs_d, stride_kd, offs_n < Sk, mask_d)  # [BN, BD]
+        s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale  # [BM, BD] @ [BD, BN] -> [BM, BN]
+        visible = offs_n[None, :] < Sk
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None] + (Sk - Sq))
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row with nothing visible yet keeps m = -inf; subtract 0 instead to avoid inf - inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+        m_i = m_new
+
+    seen = l_i > 0
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * _LN2, float("inf"))  # base 2 -> natural
+    lse_ptrs = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + (offs_m - row_start) * stride_lm
+    tl.store(lse_ptrs, lse, mask=mask_m)
+
+
+@triton.jit
+def _col_sum_kernel(
+    Q, K, LSE, OUT,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_lb, stride_lh, stride_lm,
+    stride_ob, stride_oc, stride_on,
+    H, GROUP, HEADS_PER_PROGRAM, Sq, Sk, D, row_start, row_end, n_key_blocks, qk_scale,
+    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # 1-D grid: key blocks of one (batch, head chunk) are neighbours, sharing Q and lse in L2.
+    pid = tl.program_id(0)
+    n_chunks = H // HEADS_PER_PROGRAM
+    bc = pid // n_key_blocks
+    b = bc // n_chunks
+    chunk = bc % n_chunks
+    h_first = chunk * HEADS_PER_PROGRAM  # the chunk's heads all read key head h_first // GROUP
+    n0 = (pid % n_key_blocks) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < Sk
+    mask_d = offs_d < D
+    k_base = K + b.to(tl.int64) * stride_kb + (h_first // GROUP).to(tl.int64) * stride_kh
+    k = _load_tile(k_base, offs_n, stride_kn, offs_d, stride_kd, mask_n, mask_d)  # [BN, BD], loaded once
+
+    col_sum = tl.zeros([BLOCK_N], tl.float32)
+    m_lo = row_start
+    if CAUSAL:
+        # Rows before n0 - (Sk - Sq) see none of this block's keys: skip them.
+        m_lo = tl.maximum(row_start, n0 - (Sk - Sq))
+    for hh in range(HEADS_PER_PROGRAM):
+        h = h_first + hh
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        lse_base = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
+        for m0 in range(m_lo, row_end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < row_end
+            q = _load_tile(q_base, offs_m, stride_qm, offs_d, stride_qd, mask_m, mask_d)  # [BM, BD]
+            # Rows past row_end load lse = +inf, so their weights are exactly 0: no score mask needed.
+            lse2 = tl.load(lse_base + (offs_m - row_start) * stride_lm, mask=mask_m, other=float("inf")) * _LOG2E
+            s = _dot(k, tl.trans(q), DOT_PRECISION, UPCAST_DOT)  # [BN, BD] @ [BD, BM] -> [BN, BM]
+            p = tl.exp2(s * qk_scale - lse2[None, :])
+            if CAUSAL:
+                p = tl.where(offs_n[:, None] <= offs_m[None, :] + (Sk - Sq), p, 0.0)
+            col_sum += tl.sum(p, axis=1)
+    # Keys past Sk computed garbage from zero-filled K rows; the store mask drops them.
+    tl.store(OUT + b.to(tl.int64) * stride_ob + chunk.to(tl.int64) * stride_oc + offs_n * stride_on, col_sum, mask=mask_n)
+
+
+def _block_sizes(head_dim: int, dtype: torch.dtype) -> dict:
+    """Tile shapes and launch settings, a pure function of D and dtype (reproducible across processes)."""
+    block_d = max(16, next_power_of_2(head_dim))
+    if interpreting():
+        # Small, unequal tiles on the CPU: small test shapes still cross block edges in both directions.
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=1)
+    wide = block_d * (4 if dtype == torch.float32 else 2) > 256  # bytes per row of a tile
+    block_n = 64 if wide else 128
+    return dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=8 if block_d >= 128 else 4, num_stages=2)
+
+
+def _lse_block_sizes(head_dim: int, dtype: torch.dtype) -> dict:
+    cfg = _block_sizes(head_dim, dtype)
+    if not interpreting():
+        cfg.update(BLOCK_M=128 if cfg["BLOCK_D"] <= 128 else 64, BLOCK_N=64)
+    return cfg
+
+
+def row_lse(query: torch.Tensor, key: torch.Tensor, p: Problem) -> torch.Tensor:
+    """Pass 1: natural-log LSE of the selected rows, float32 (B, H, n_rows); +inf where no key is visible."""
+    lse = torch.empty((p.batch, p.heads, p.n_rows), device=query.device, dtype=torch.float32)
+    cfg = _lse_block_sizes(p.head_dim, query.dtype)
+    n_row_blocks = triton.cdiv(p.n_rows, cfg["BLOCK_M"])
+    grid = (p.batch * p.heads * n_row_blocks,)
+    _row_lse_kernel[grid](
+        query, key, lse,
+        *query.stride(), *key.stride(), *lse.stride(),
+        p.heads, p.group, p.q_len, p.k_len, p.head_dim, p.row_start, p.row_end, n_row_blocks,
+        p.scale * LOG2E,
+        CAUSAL=p.causal, **_dot_flags(query.dtype), **cfg,
+    )
+    return lse
+
+
+def col_sums(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, p: Problem, heads_per_program: int) -> torch.Tensor:
+    """Pass 2: column sums of the attention weights over the selected rows, float32.
+
+    Returns (B, H // heads_per_program, Sk): entry [b, c, j] sums softmax weights of key j over the
+    selected rows of query heads c * heads_per_program ... (c + 1) * heads_per_program - 1, which
+    must all share one key head (heads_per_program divides H // Hk).
+    """
+    n_chunks = p.heads // heads_per_program
+    out = torch.empty((p.batch, n_chunks, p.k_len), device=query.device, dtype=torch.float32)
+    cfg = _block_sizes(p.head_dim, query.dtype)
+    n_key_blocks = triton.cdiv(p.k_len, cfg["BLOCK_N"])
+    grid = (p.batch * n_chunks * n_key_blocks,)
+    _col_sum_kernel[grid](
+        query, key, lse, out,
+        *query.stride(), *key.stride(), *lse.stride(), *out.stride(),
+        p.heads, p.group, heads_per_program, p.q_len, p.k_len, p.head_dim, p.row_start, p.row_end,
+        n_key_blocks, p.scale * LOG2E,
+        CAUSAL=p.causal, **_dot_flags(query.dtype), **cfg,
+    )
+    return out
+
+
+def _dot_flags(dtype: torch.dtype) -> dict:
+    upcast = interpreting() and dtype == torch.bfloat16
+    # float32 operands must not be rounded to tf32 (~3e-4 error); fp16/bf16 products are exact in fp32.
+    precision = "ieee" if dtype == torch.float32 or upcast else "tf32"
+    return dict(DOT_PRECISION=precision, UPCAST_DOT=upcast)
+
+
+def colsum_triton(query: torch.Tensor, key: torch.Tensor, p: Problem) -> torch.Tensor:
+    """Per-key-head column sums (B, Hk, Sk), float32, over the selected rows of each group's heads."""
+    with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
+        lse = row_lse(query, key, p)
+        return col_sums(query, key, lse, p, heads_per_program=p.group)
+

@@ -1,0 +1,168 @@
+"""Shared helpers: input validation, back-end availability, small math."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BACKENDS = ("auto", "triton", "torch")
+MAX_TRITON_HEAD_DIM = 256
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    """True when ``import triton`` works on this machine."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the platform
+        return False
+    return True
+
+
+def triton_can_run(device: torch.device) -> bool:
+    """Can our Triton kernels run on tensors of ``device``?
+
+    CUDA tensors need Triton; CPU tensors need Triton's interpreter.
+    """
+    if not triton_available():
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and interpreting()
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A validated column-statistics problem (shapes resolved, defaults applied)."""
+
+    batch: int
+    heads: int
+    kv_heads: int
+    q_len: int
+    k_len: int
+    head_dim: int
+    scale: float
+    causal: bool
+    row_start: int  # first selected query row
+    row_end: int  # one past the last selected query row
+    backend: str  # "triton" or "torch" after resolving "auto"
+
+    @property
+    def group(self) -> int:
+        """Query heads per key head (1 for MHA, H for MQA)."""
+        return self.heads // self.kv_heads
+
+    @property
+    def n_rows(self) -> int:
+        return self.row_end - self.row_start
+
+    @property
+    def causal_offset(self) -> int:
+        """Bottom-right alignment: query i sees keys j <= i + causal_offset."""
+        return self.k_len - self.q_len
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def check_tensors(query, key, allowed_dtypes=SUPPORTED_DTYPES) -> None:
+    """Raise a clear TypeError/ValueError unless query (B, H, Sq, D) and key (B, Hk, Sk, D) fit."""
+    for name, t in (("query", query), ("key", key)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            layout = "(B, H, Sq, D)" if name == "query" else "(B, Hk, Sk, D)"
+            raise ValueError(f"{name} must be 4-D {layout}; got shape {_shape(t)}")
+        if t.dtype not in allowed_dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in allowed_dtypes)
+            raise TypeError(f"{name} must have dtype in ({names}); got {t.dtype}")
+    if query.dtype != key.dtype:
+        raise TypeError(f"query and key must share a dtype; got query {query.dtype}, key {key.dtype}")
+    if query.device != key.device:
+        raise ValueError(f"query and key must be on one device; got query on {query.device}, key on {key.device}")
+    (b, h, _, d), (bk, hk, _, dk) = query.shape, key.shape
+    if b != bk:
+        raise ValueError(f"batch sizes differ: query {_shape(query)} has B={b}, key {_shape(key)} has B={bk}")
+    if d != dk:
+        raise ValueError(f"head dims differ: query {_shape(query)} has D={d}, key {_shape(key)} has D={dk}")
+    if d == 0:
+        raise ValueError(f"head dim must be at least 1; got query {_shape(query)}")
+    if h == 0 or hk == 0:
+        raise ValueError(f"head counts must be positive; got query {_shape(query)}, key {_shape(key)}")
+    if h % hk != 0:
+        raise ValueError(
+            f"query heads H={h} must be a multiple of key heads Hk={hk} (GQA/MQA); "
+            f"got query {_shape(query)}, key {_shape(key)}"
+        )
+    if query.shape[2] == 0:
+        raise ValueError(f"query has no rows (Sq=0), so the mean over rows is undefined; got query {_shape(query)}")
+
+
+def resolve_scale(scale, head_dim: int) -> float:
+    """``scale`` or its default 1/sqrt(D), checked to be a finite positive number."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None; got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be finite and positive; got {scale}")
+    return scale
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int or None; got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int; got {value}")
+    return int(value)
+
+
+def resolve_backend(backend, device: torch.device, head_dim: int) -> str:
+    """Map ``"auto"`` to a concrete back end and refuse a Triton request that cannot run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if backend == "auto":
+        use_triton = device.type == "cuda" and triton_available() and head_dim <= MAX_TRITON_HEAD_DIM
+        return "triton" if use_triton else "torch"
+    if backend == "triton":
+        if not triton_can_run(device):
+            why = "Triton is not installed" if not triton_available() else (
+                f"tensors are on {device}; Triton runs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1"
+            )
+            raise ValueError(f"backend='triton' cannot run here: {why}")
+        if head_dim > MAX_TRITON_HEAD_DIM:
+            raise ValueError(
+                f"backend='triton' supports head dims up to {MAX_TRITON_HEAD_DIM}; got D={head_dim} "
+                "(use backend='torch')"
+            )
+    return backend
+
+
+def make_problem(query, key, scale, is_causal, cls_len, backend, allowed_dtypes=SUPPORTED_DTYPES) -> Problem:
+    """Validate the 0.1.0-style arguments and resolve every default."""
+    check_tensors(query, key, allowed_dtypes)
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool; got {type(is_causal).__name__}")
+    b, h, sq, d = query.shape
+    hk, sk = key.shape[1], key.shape[2]
+    row_end = sq if cls_len is None else min(check_positive_int("cls_len", cls_len), sq)
+    return Problem(
+        batch=b, heads=h, kv_heads=hk, q_len=sq, k_len=sk, head_dim=d,
+        scale=resolve_scale(scale, d), causal=is_causal, row_start=0, row_end=row_end,
+        backend=resolve_backend(backend, query.device, d),
+    )
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Set up a local virtual environment (CPU build of PyTorch) and run one of the project's jobs.
+#   bash scripts/dev.sh demo   # flash_colsum vs naive_colsum: timings and peak memory on this machine
+#   bash scripts/dev.sh test   # the full test suite (Triton kernels under the CPU interpreter)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+job="${1:-test}"; shift || true
+
+VENV="${FLASH_COLSUM_VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+# Pin the CPU wheel of torch first: an open range would pull a multi-GB CUDA build.
+# Triton is pinned for reproducible interpreter runs; the library itself accepts a range.
+if ! "$PY" -c "import torch, triton, pytest, hypothesis, rich, matplotlib" 2>/dev/null; then
+    "$PY" -m pip install -q --disable-pip-version-check "torch==2.13.0" "triton==3.9.0"
+    "$PY" -m pip install -q --disable-pip-version-check -e ".[test,bench]"
+fi
+
+case "$job" in
+    test)
+        # Run the real Triton kernels on the CPU; must be set before Triton is imported.
+        export TRITON_INTERPRET=1
+        exec "$PY" -m pytest "$@"
+        ;;
+    demo)
+        exec "$PY" -m benchmarks.benchmark_colsum --sweep demo "$@"
+        ;;
+    *)
+        echo "usage: bash scripts/dev.sh {test|demo} [args...]" >&2
+        exit 2
+        ;;
+esac
