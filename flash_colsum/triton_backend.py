@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import utils
 from .utils import Problem, interpreting, next_power_of_2
 
 LOG2E = 1.4426950408889634  # log2(e)
@@ -167,7 +168,7 @@ def _lse_block_sizes(head_dim: int, dtype: torch.dtype) -> dict:
 
 def row_lse(query: torch.Tensor, key: torch.Tensor, p: Problem) -> torch.Tensor:
     """Pass 1: natural-log LSE of the selected rows, float32 (B, H, n_rows); +inf where no key is visible."""
-    lse = torch.empty((p.batch, p.heads, p.n_rows), device=query.device, dtype=torch.float32)
+    lse = utils.new_output((p.batch, p.heads, p.n_rows), query.device)
     cfg = _lse_block_sizes(p.head_dim, query.dtype)
     n_row_blocks = triton.cdiv(p.n_rows, cfg["BLOCK_M"])
     grid = (p.batch * p.heads * n_row_blocks,)
@@ -189,7 +190,7 @@ def col_sums(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, p: Probl
     must all share one key head (heads_per_program divides H // Hk).
     """
     n_chunks = p.heads // heads_per_program
-    out = torch.empty((p.batch, n_chunks, p.k_len), device=query.device, dtype=torch.float32)
+    out = utils.new_output((p.batch, n_chunks, p.k_len), query.device)
     cfg = _block_sizes(p.head_dim, query.dtype)
     n_key_blocks = triton.cdiv(p.k_len, cfg["BLOCK_N"])
     grid = (p.batch * n_chunks * n_key_blocks,)

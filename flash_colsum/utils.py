@@ -164,5 +164,10 @@ def make_problem(query, key, scale, is_causal, cls_len, backend, allowed_dtypes=
     )
 
 
+def new_output(shape, device) -> torch.Tensor:
+    """Allocate a float32 result that a kernel fully overwrites (tests swap in a NaN-filled one)."""
+    return torch.empty(shape, device=device, dtype=torch.float32)
+
+
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())

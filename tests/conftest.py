@@ -1,0 +1,41 @@
+"""Test set-up: where to run each back end, and NaN-poisoned kernel outputs.
+
+Without a GPU the Triton kernels run under Triton's CPU interpreter; TRITON_INTERPRET must be set
+before Triton is first imported, hence here, at collection time.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import flash_colsum.utils as fc_utils  # noqa: E402  (after the interpreter switch)
+
+# (backend, device) pairs the suite checks on this machine.
+TARGETS = [("torch", "cpu"), ("triton", "cpu")]
+if HAS_CUDA:
+    TARGETS = [("torch", "cpu"), ("torch", "cuda"), ("triton", "cuda")]
+
+
+def pytest_report_header(config):
+    return f"flash-colsum targets: {TARGETS}; TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"
+
+
+@pytest.fixture(autouse=True)
+def poison_kernel_outputs(monkeypatch):
+    """Every buffer a kernel should fully write starts as NaN, so an unwritten element shows."""
+
+    def poisoned(shape, device):
+        return torch.full(shape, float("nan"), device=device, dtype=torch.float32)
+
+    monkeypatch.setattr(fc_utils, "new_output", poisoned)
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed(request):
+    """A different, reproducible seed for every test."""
+    torch.manual_seed(abs(hash(request.node.nodeid)) % 2**31)

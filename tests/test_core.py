@@ -1,0 +1,122 @@
+"""flash_colsum against the float64 reference, on every back end this machine can run."""
+
+import math
+
+import pytest
+import torch
+
+from flash_colsum import flash_colsum, get_memory_budget, naive_colsum, set_memory_budget
+from helpers import TOLERANCE, make_qk, reference, rel_l2
+from conftest import TARGETS
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# (B, H, Hk, Sq, Sk, D, causal, cls_len, seq_major): block-size tails in every dimension.
+CASES = [
+    pytest.param(2, 4, 4, 40, 70, 64, False, None, False, id="batched-mha"),
+    pytest.param(2, 4, 2, 40, 70, 64, True, None, False, id="gqa-causal-sq<sk"),
+    pytest.param(1, 6, 1, 33, 33, 72, True, None, False, id="mqa-causal-sq=sk-d72"),
+    pytest.param(2, 2, 1, 70, 40, 80, True, None, False, id="causal-sq>sk-d80"),
+    pytest.param(3, 2, 2, 45, 50, 16, False, 3, False, id="cls-d16"),
+    pytest.param(2, 4, 2, 20, 90, 128, True, 5, True, id="causal-cls-seqmajor-d128"),
+    pytest.param(1, 2, 2, 17, 65, 96, False, None, True, id="seqmajor-d96"),
+    pytest.param(1, 2, 1, 5, 37, 112, True, 100, False, id="cls-clamped-d112"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("b,h,hk,sq,sk,d,causal,cls_len,seq_major", CASES)
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_matches_reference(backend, device, b, h, hk, sq, sk, d, causal, cls_len, seq_major, dtype):
+    q, k = make_qk(b, h, hk, sq, sk, d, dtype, device, seq_major)
+    out = flash_colsum(q, k, is_causal=causal, cls_len=cls_len, backend=backend)
+    assert out.shape == (b, sk) and out.dtype == torch.float32 and out.device == q.device
+    err = rel_l2(out, reference(q, k, is_causal=causal, cls_len=cls_len))
+    assert err <= TOLERANCE[dtype], f"relative L2 error {err:.3e}"
+
+
+@pytest.mark.parametrize("d", [1, 3, 16, 64, 72, 80, 128, 256])
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_any_head_dim(backend, device, d):
+    q, k = make_qk(1, 2, 1, 19, 41, d, torch.float16, device)
+    scale = 0.5 / math.sqrt(d)
+    out = flash_colsum(q, k, scale=scale, backend=backend)
+    assert rel_l2(out, reference(q, k, scale=scale)) <= TOLERANCE[torch.float16]
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_rows_sum_to_one(backend, device):
+    q, k = make_qk(3, 4, 2, 30, 50, 32, torch.float32, device)
+    out = flash_colsum(q, k, backend=backend)
+    torch.testing.assert_close(out.sum(dim=1).cpu(), torch.ones(3), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_causal_sums_count_only_rows_that_see_keys(backend, device):
+    # Sq > Sk: the first Sq - Sk rows see no key; they add 0 but still count in the mean.
+    sq, sk = 48, 20
+    q, k = make_qk(2, 2, 2, sq, sk, 32, torch.float32, device)
+    out = flash_colsum(q, k, is_causal=True, backend=backend)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.sum(dim=1).cpu(), torch.full((2,), sk / sq), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_deterministic(backend, device):
+    q, k = make_qk(2, 4, 2, 37, 77, 64, torch.float16, device)
+    first = flash_colsum(q, k, is_causal=True, backend=backend)
+    second = flash_colsum(q, k, is_causal=True, backend=backend)
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_matches_naive_colsum_float32(backend, device):
+    q, k = make_qk(2, 2, 2, 24, 24, 32, torch.float16, device)
+    torch.testing.assert_close(flash_colsum(q, k, backend=backend), naive_colsum(q, k), atol=1e-6, rtol=1e-4)
+
+
+def test_seed_api_examples():
+    """The 0.1.0 README's calls still work (on the CPU they take the torch back end)."""
+    q = torch.randn(2, 4, 64, 16)
+    assert flash_colsum(q, q.clone()).shape == (2, 64)
+    assert flash_colsum(q, q.clone(), cls_len=1).shape == (2, 64)
+    q, k = torch.randn(1, 4, 8, 32), torch.randn(1, 4, 96, 32)
+    assert flash_colsum(q, k, is_causal=True).shape == (1, 96)
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("shape", [(0, 2, 5, 8), (2, 2, 0, 8)], ids=["B=0", "Sk=0"])
+def test_empty_result(backend, device, shape):
+    b, hk, sk, d = shape
+    q = torch.randn(b, 2, 7, d, device=device)
+    k = torch.randn(b, hk, sk, d, device=device)
+    out = flash_colsum(q, k, backend=backend)
+    assert out.shape == (b, sk) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_non_finite_inputs_return(backend, device):
+    q, k = make_qk(1, 2, 2, 20, 40, 16, torch.float32, device)
+    q[0, 0, 3, 0] = float("nan")
+    k[0, 1, 5, 0] = float("inf")
+    out = flash_colsum(q, k, backend=backend)
+    assert out.shape == (1, 40) and torch.isnan(out).any()
+
+
+def test_torch_backend_two_pass_under_small_budget():
+    """A budget too small for a full row of scores forces the key-blocked two-pass path."""
+    q, k = make_qk(2, 4, 2, 300, 1500, 16, torch.float32)
+    old = get_memory_budget()
+    try:
+        set_memory_budget(2**20)
+        for causal in (False, True):
+            out = flash_colsum(q, k, is_causal=causal, backend="torch")
+            assert rel_l2(out, reference(q, k, is_causal=causal)) <= TOLERANCE[torch.float32]
+    finally:
+        set_memory_budget(old)
+
+
+@pytest.mark.parametrize("bad", [0, 2**20 - 1, 1.5e9, True, "1GB"])
+def test_memory_budget_validation(bad):
+    with pytest.raises(ValueError, match="budget"):
+        set_memory_budget(bad)
