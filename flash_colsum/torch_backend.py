@@ -31,28 +31,29 @@ def set_memory_budget(nbytes: int) -> None:
     _memory_budget = nbytes
 
 
-def _tile_sizes(p: Problem) -> tuple[int, int]:
-    """(rows, keys) per tile so that H * rows * keys scores fit the budget."""
-    scores = max(1, _memory_budget // (_BYTES_PER_SCORE * p.heads))  # rows * keys per tile
+def _tile_sizes(p: Problem) -> tuple[int, int, int]:
+    """(batch rows, query rows, keys) per tile so that B_tile * H * rows * keys scores fit the budget."""
+    scores = max(1, _memory_budget // (_BYTES_PER_SCORE * p.heads))  # batch * rows * keys per tile
     block_n = min(p.k_len, scores)
-    block_m = max(1, min(p.n_rows, scores // max(block_n, 1)))
-    return block_m, block_n
+    block_m = max(1, min(p.n_rows, scores // block_n))
+    block_b = max(1, min(p.batch, scores // (block_n * block_m))) if block_m == p.n_rows else 1
+    return block_b, block_m, block_n
 
 
 def _scores(q: torch.Tensor, k: torch.Tensor, p: Problem, rows: range, keys: range) -> torch.Tensor:
-    """Scaled float32 scores of one batch row, (Hk, G * M, N); masked entries are -inf.
+    """Scaled float32 scores, (b, Hk, G * M, N); masked entries are -inf.
 
-    q: (H, M, D) rows of the block, k: (Hk, N, D). The G query heads of a key head are stacked
+    q: (b, H, M, D) rows of the tile, k: (b, Hk, N, D). The G query heads of a key head are stacked
     along the row axis, so one batched matmul serves GQA without copying K per query head.
     """
-    hk, g, m = p.kv_heads, p.group, len(rows)
-    q = q.float().reshape(hk, g * m, p.head_dim)
-    s = torch.bmm(q, k.float().transpose(1, 2)).mul_(p.scale)  # [Hk, G*M, D] @ [Hk, D, N] -> [Hk, G*M, N]
+    b, hk, g, m = q.shape[0], p.kv_heads, p.group, len(rows)
+    q = q.float().reshape(b, hk, g * m, p.head_dim)
+    s = torch.matmul(q, k.float().transpose(-1, -2)).mul_(p.scale)  # [b, Hk, G*M, D] @ [b, Hk, D, N]
     if p.causal:
         i = torch.arange(rows.start, rows.stop, device=q.device)
         j = torch.arange(keys.start, keys.stop, device=q.device)
         hidden = j[None, :] > i[:, None] + p.causal_offset  # [M, N]
-        s = s.view(hk, g, m, -1).masked_fill(hidden, float("-inf")).view(hk, g * m, -1)
+        s = s.view(b, hk, g, m, -1).masked_fill(hidden, float("-inf")).view(b, hk, g * m, -1)
     return s
 
 
@@ -66,23 +67,24 @@ def colsum_torch(query: torch.Tensor, key: torch.Tensor, p: Problem) -> torch.Te
     out = torch.zeros((p.batch, p.kv_heads, p.k_len), device=query.device, dtype=torch.float32)
     if p.k_len == 0:
         return out
-    block_m, block_n = _tile_sizes(p)
+    block_b, block_m, block_n = _tile_sizes(p)
     key_blocks = [range(n0, min(n0 + block_n, p.k_len)) for n0 in range(0, p.k_len, block_n)]
-    for b in range(p.batch):
+    for b0 in range(0, p.batch, block_b):
+        batch = slice(b0, b0 + block_b)
         for m0 in range(p.row_start, p.row_end, block_m):
             rows = range(m0, min(m0 + block_m, p.row_end))
-            q = query[b, :, rows.start:rows.stop]
+            q = query[batch, :, rows.start : rows.stop]
             if len(key_blocks) == 1:  # one pass: the scores serve both the LSE and the weights
-                s = _scores(q, key[b], p, rows, key_blocks[0])
+                s = _scores(q, key[batch], p, rows, key_blocks[0])
                 lse = _finite_or_inf(torch.logsumexp(s, dim=-1, keepdim=True))
-                out[b] += torch.exp(s - lse).sum(dim=1)
+                out[batch] += torch.exp(s.sub_(lse)).sum(dim=2)
                 continue
-            lse = torch.full((p.kv_heads, p.group * len(rows), 1), float("-inf"), device=q.device)
+            lse = torch.full((*q.shape[:1], p.kv_heads, p.group * len(rows), 1), float("-inf"), device=q.device)
             for keys in key_blocks:  # pass 1: online log-sum-exp over key blocks
-                s = _scores(q, key[b, :, keys.start:keys.stop], p, rows, keys)
+                s = _scores(q, key[batch, :, keys.start : keys.stop], p, rows, keys)
                 lse = torch.logaddexp(lse, torch.logsumexp(s, dim=-1, keepdim=True))
             lse = _finite_or_inf(lse)
             for keys in key_blocks:  # pass 2: weights and their column sums
-                s = _scores(q, key[b, :, keys.start:keys.stop], p, rows, keys)
-                out[b, :, keys.start:keys.stop] += torch.exp(s - lse).sum(dim=1)
+                s = _scores(q, key[batch, :, keys.start : keys.stop], p, rows, keys)
+                out[batch, :, keys.start : keys.stop] += torch.exp(s.sub_(lse)).sum(dim=2)
     return out

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# On a CUDA machine (the lent H100): the whole test suite on the GPU, then the benchmarks.
+# Uses the machine's own torch and Triton (no install); logs and CSVs go to $OUT.
+#   bash scripts/gpu_suite.sh [SWEEP ...]     (default: demo)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/out/gpu}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
+} 2>&1 | tee "$OUT/env.txt"
+
+python3 -m pytest -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.txt" | tail -n 15
+status=${PIPESTATUS[0]}
+
+for sweep in "${@:-demo}"; do
+    python3 -m benchmarks.benchmark_colsum --sweep "$sweep" --out "$OUT" 2>&1 | tee -a "$OUT/bench.txt"
+done
+exit "$status"
