@@ -82,6 +82,8 @@ def test_triton_refused_where_it_cannot_run(monkeypatch):
 
 def test_triton_head_dim_limit():
     q, k = qk((1, 1, 4, 257), (1, 1, 4, 257))
+    if torch.cuda.is_available():  # otherwise the CPU interpreter runs Triton (conftest)
+        q, k = q.cuda(), k.cuda()
     with pytest.raises(ValueError, match="head dims up to 256; got D=257"):
         flash_colsum(q, k, backend="triton")
     assert flash_colsum(q, k, backend="torch").shape == (1, 4)
