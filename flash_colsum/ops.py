@@ -1,23 +1,236 @@
-"""Public API: `flash_colsum`, the mean attention weight each key receives."""
+"""Public API: `column_stats`, every column statistic of softmax attention, and `flash_colsum`, its
+0.1.0-compatible shortcut (the mean weight each key receives)."""
 
 from __future__ import annotations
 
 import torch
 
+from . import torch_backend
 from .reference import naive_colsum
-from .torch_backend import colsum_torch
-from .utils import Problem, make_problem
+from .utils import Problem, check_mask, check_tensor_arg, make_problem, resolve_rows
 
-__all__ = ["flash_colsum", "naive_colsum"]
+__all__ = ["column_stats", "flash_colsum", "naive_colsum"]
+
+ROW_REDUCTIONS = ("sum", "mean", "max")
+NORMALIZATIONS = ("rows", "visible")
+HEAD_MODES = ("mean", "sum", "max", "none", "kv_mean", "kv_sum", "kv_max")
 
 
-def _kv_head_sums(query: torch.Tensor, key: torch.Tensor, p: Problem) -> torch.Tensor:
-    """(B, Hk, Sk) float32 sums of the weights over the selected rows of each key head's query heads."""
+def _backend_module(p: Problem):
     if p.backend == "triton":
-        from .triton_backend import colsum_triton  # imports Triton only when asked for
+        from . import triton_backend  # imports Triton only when asked for
 
-        return colsum_triton(query, key, p)
-    return colsum_torch(query, key, p)
+        return triton_backend
+    return torch_backend
+
+
+def _reduce_columns(query, key, p: Problem, lse, key_keep, row_keep, heads_per_chunk: int, use_max: bool, full_lse: bool):
+    """Reduce the weights over the selected rows (and chunks of heads) -> ((B, H // heads_per_chunk, Sk), lse).
+
+    lse: a given (B, H, Sq) natural-log LSE, or None to compute it (pass 1); the returned lse is the
+    computed one ((B, H, Sq) when full_lse, else (B, H, n_rows)), or None when it was given.
+    """
+    backend = _backend_module(p)
+    if lse is None and backend is torch_backend and not full_lse and torch_backend.fits_one_pass(p):
+        return torch_backend.one_pass(query, key, p, key_keep, row_keep, heads_per_chunk, use_max)
+    computed = None
+    if lse is None:
+        lse_rows = range(0, p.q_len) if full_lse else range(p.row_start, p.row_end)
+        computed = lse = backend.row_lse(query, key, p, key_keep, lse_rows)
+        lse = lse[:, :, p.row_start - lse_rows.start : p.row_end - lse_rows.start]
+    else:
+        lse = lse[:, :, p.row_start : p.row_end]
+    # Dropped rows and rows that see no key (-inf, as some kernels report it) get +inf: weight 0.
+    dropped = torch.isneginf(lse)
+    if row_keep is not None:
+        dropped = dropped | ~row_keep[:, None, p.row_start : p.row_end]
+    lse = lse.masked_fill(dropped, float("inf"))
+    return backend.col_reduce(query, key, lse, p, heads_per_chunk, use_max), computed
+
+
+def _visible_row_counts(p: Problem, row_keep, normalize: str, device) -> torch.Tensor:
+    """Denominator of a row mean, broadcastable to (B, Sk): selected rows, or those that can see each key."""
+    keep = torch.zeros((p.batch, p.q_len), dtype=torch.bool, device=device)
+    keep[:, p.row_start : p.row_end] = True
+    if row_keep is not None:
+        keep &= row_keep
+    if normalize == "rows" or not p.causal:
+        return keep.sum(dim=1, keepdim=True).clamp_min_(1).float()
+    # Causal: key j is seen by rows i >= j - (Sk - Sq); count them with a suffix sum over rows.
+    suffix = torch.zeros((p.batch, p.q_len + 1), device=device, dtype=torch.float32)
+    suffix[:, :-1] = keep.flip(1).cumsum(1).flip(1)
+    first_row = (torch.arange(p.k_len, device=device) - p.causal_offset).clamp(0, p.q_len)
+    return suffix[:, first_row].clamp_min_(1)
+
+
+def column_stats(
+    query,
+    key,
+    *,
+    scale=None,
+    is_causal=False,
+    reduce="mean",
+    normalize="rows",
+    heads="mean",
+    rows=None,
+    row_mask=None,
+    query_padding_mask=None,
+    key_padding_mask=None,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    lse=None,
+    return_lse=False,
+    accumulate_into=None,
+    backend="auto",
+):
+    """Column statistics of softmax attention, without materializing the Sq x Sk matrix.
+
+    With weights w[b, h, i, j] = softmax_j(scale * q[b, h, i] . k[b, h // G, j]) (G = H // Hk; masked
+    keys excluded from the softmax), reduce w over the selected query rows i, then over heads h.
+
+    Args:
+        query: (B, H, Sq, D) float16/bfloat16/float32, any strides; or (total_q, H, D) packed
+            sequences with ``cu_seqlens_q``.
+        key: (B, Hk, Sk, D), H a multiple of Hk; or (total_k, Hk, D) with ``cu_seqlens_k``.
+        scale: default 1 / sqrt(D).
+        is_causal: bottom-right aligned: query i sees key j iff j <= i + (Sk - Sq).
+        reduce: over rows: ``"sum"``, ``"mean"`` or ``"max"``.
+        normalize: for ``reduce="mean"``: ``"rows"`` divides by the number of selected rows (0.1.0);
+            ``"visible"`` by the number of selected rows that can see each key (H2O / kvpress's
+            observed attention; differs only when causal).
+        heads: ``"mean"``/``"sum"``/``"max"`` over all H heads -> (B, Sk); ``"none"`` -> (B, H, Sk);
+            ``"kv_mean"``/``"kv_sum"``/``"kv_max"`` over each key head's group -> (B, Hk, Sk).
+        rows: contiguous query rows to use, a ``slice`` or ``range`` in Python's convention
+            (``slice(0, n)``: the first n, e.g. CLS tokens; ``slice(-n, None)``: the last n, SnapKV's
+            observation window). Default: all rows.
+        row_mask: (B, Sq) bool/int, True = use the row (e.g. SparseVLM's text raters). Not with ``rows``.
+        query_padding_mask, key_padding_mask: (B, Sq) / (B, Sk) bool/int, transformers' convention
+            (True/1 = real token). Padded rows contribute nothing and are not counted; padded keys
+            are excluded from every softmax and get 0.
+        cu_seqlens_q, cu_seqlens_k: (N + 1,) int cumulative lengths of packed sequences, as
+            FlashAttention's varlen functions take them; sequence n is rows cu[n]:cu[n+1]. Results
+            are packed too: (total_k,), (H, total_k) or (Hk, total_k). Eager only (reads lengths on host).
+        lse: the per-row log-sum-exp the attention forward already computed (natural log, float32,
+            (B, H, Sq') with Sq' >= Sq, extra columns ignored; (H, total_q) for packed input), computed
+            with the same scale and masks. Skips the first pass. -inf rows are treated as empty rows.
+        return_lse: also return the (B, H, Sq) float32 natural-log LSE (+inf for rows that see no key).
+        accumulate_into: a float32 tensor of the result's shape and device; the result is added
+            into it in place and it is returned (running statistics across decoding steps, H2O).
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see `flash_colsum`).
+
+    Returns:
+        float32 statistics, shaped as ``heads`` says; with ``return_lse``, a tuple (stats, lse).
+        A batch row with no selected row gives zeros. NaN/Inf inputs give NaN where they reach.
+    """
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:
+        return _column_stats_varlen(
+            query, key, cu_seqlens_q, cu_seqlens_k, lse=lse, return_lse=return_lse, accumulate_into=accumulate_into,
+            conflicts=dict(row_mask=row_mask, query_padding_mask=query_padding_mask, key_padding_mask=key_padding_mask),
+            scale=scale, is_causal=is_causal, reduce=reduce, normalize=normalize, heads=heads, rows=rows, backend=backend,
+        )
+    p = make_problem(query, key, scale, is_causal, backend)
+    if reduce not in ROW_REDUCTIONS:
+        raise ValueError(f"reduce must be one of {ROW_REDUCTIONS}; got {reduce!r}")
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}; got {normalize!r}")
+    if normalize != "rows" and reduce != "mean":
+        raise ValueError(f"normalize={normalize!r} applies to reduce='mean' only; got reduce={reduce!r}")
+    if heads not in HEAD_MODES:
+        raise ValueError(f"heads must be one of {HEAD_MODES}; got {heads!r}")
+    if rows is not None and row_mask is not None:
+        raise ValueError("give rows or row_mask, not both: they are two ways to select query rows")
+    row_start, row_end = resolve_rows(rows, p.q_len)
+    p = p.with_rows(row_start, row_end)
+    b, sq, sk = p.batch, p.q_len, p.k_len
+    row_keep = check_mask("row_mask", row_mask, (b, sq), query.device)
+    pad_keep = check_mask("query_padding_mask", query_padding_mask, (b, sq), query.device)
+    if pad_keep is not None:
+        row_keep = pad_keep if row_keep is None else row_keep & pad_keep
+    key_keep = check_mask("key_padding_mask", key_padding_mask, (b, sk), query.device)
+    if lse is not None:
+        check_tensor_arg("lse", lse, torch.float32, query.device)
+        if lse.dim() != 3 or tuple(lse.shape[:2]) != (b, p.heads) or lse.shape[2] < sq:
+            raise ValueError(f"lse must be (B, H, Sq) = ({b}, {p.heads}, {sq}) (extra trailing rows allowed); got {tuple(lse.shape)}")
+
+    kv = heads.startswith("kv_")
+    head_op = heads[3:] if kv else heads
+    use_max = reduce == "max"
+    shapes = {"none": (b, p.heads, sk)}
+    out_shape = shapes.get(heads, (b, p.kv_heads, sk) if kv else (b, sk))
+    if accumulate_into is not None:
+        check_tensor_arg("accumulate_into", accumulate_into, torch.float32, query.device)
+        if tuple(accumulate_into.shape) != out_shape:
+            raise ValueError(f"accumulate_into must have the result's shape {out_shape}; got {tuple(accumulate_into.shape)}")
+
+    if b == 0 or sk == 0:
+        stats = torch.zeros(out_shape, device=query.device, dtype=torch.float32)
+        computed = torch.full((b, p.heads, sq), float("inf"), device=query.device) if return_lse else None
+    else:
+        # Reduce whole GQA groups inside the kernel when the head reduction is the row reduction's kind.
+        same_kind = head_op == ("max" if use_max else head_op if head_op in ("sum", "mean") else None)
+        heads_per_chunk = p.group if same_kind else 1
+        chunks, computed = _reduce_columns(
+            query, key, p, lse, key_keep, row_keep, heads_per_chunk, use_max, full_lse=return_lse and lse is None
+        )
+        if key_keep is not None:
+            chunks = chunks.masked_fill_(~key_keep[:, None, :], 0.0)
+        stats = _reduce_heads(chunks, p, heads, head_op, kv)
+        if reduce == "mean":
+            count = _visible_row_counts(p, row_keep, normalize, query.device)
+            stats = stats / (count if stats.dim() == 2 else count[:, None, :])
+    if accumulate_into is not None:
+        stats = accumulate_into.add_(stats)
+    if return_lse:
+        return stats, (lse[:, :, :sq] if lse is not None else computed)
+    return stats
+
+
+def _reduce_heads(chunks: torch.Tensor, p: Problem, heads: str, head_op: str, kv: bool) -> torch.Tensor:
+    """(B, C, Sk) per head chunk -> the requested head reduction."""
+    if heads == "none":
+        return chunks
+    x = chunks.view(p.batch, p.kv_heads, -1, p.k_len)
+    dims = (2,) if kv else (1, 2)
+    if head_op == "max":
+        return x.amax(dim=dims)
+    x = x.sum(dim=dims)
+    return x / (p.group if kv else p.heads) if head_op == "mean" else x
+
+
+def _column_stats_varlen(query, key, cu_seqlens_q, cu_seqlens_k, *, lse, return_lse, accumulate_into, conflicts, **kwargs):
+    """Packed sequences: each one is a (1, H, len, D) strided view, so nothing is copied."""
+    from .utils import check_varlen
+
+    bounds_q, bounds_k = check_varlen(query, key, cu_seqlens_q, cu_seqlens_k, conflicts)
+    total_k, heads, kv_heads = key.shape[0], query.shape[1], key.shape[1]
+    if lse is not None:
+        check_tensor_arg("lse", lse, torch.float32, query.device)
+        if tuple(lse.shape) != (heads, query.shape[0]):
+            raise ValueError(f"with cu_seqlens, lse must be (H, total_q) = ({heads}, {query.shape[0]}); got {tuple(lse.shape)}")
+    head_rows = {"none": heads}.get(kwargs["heads"], kv_heads if kwargs["heads"].startswith("kv_") else None)
+    out_shape = (total_k,) if head_rows is None else (head_rows, total_k)
+    if accumulate_into is not None:
+        check_tensor_arg("accumulate_into", accumulate_into, torch.float32, query.device)
+        if tuple(accumulate_into.shape) != out_shape:
+            raise ValueError(f"accumulate_into must have the result's shape {out_shape}; got {tuple(accumulate_into.shape)}")
+    stats = torch.zeros(out_shape, device=query.device, dtype=torch.float32)
+    lse_out = torch.full((heads, query.shape[0]), float("inf"), device=query.device) if return_lse else None
+    for (q0, q1), (k0, k1) in zip(zip(bounds_q, bounds_q[1:]), zip(bounds_k, bounds_k[1:])):
+        if k1 == k0 or q1 == q0 or resolve_rows(kwargs["rows"], q1 - q0, allow_empty=True) is None:
+            continue  # no keys, or no selected rows: this sequence's statistics stay 0
+        q = query[q0:q1].transpose(0, 1).unsqueeze(0)  # (1, H, len_q, D) view
+        k = key[k0:k1].transpose(0, 1).unsqueeze(0)
+        seq_lse = None if lse is None else lse[:, q0:q1].unsqueeze(0)
+        res = column_stats(q, k, lse=seq_lse, return_lse=return_lse, **kwargs)
+        seq_stats, seq_lse = res if return_lse else (res, None)
+        stats[..., k0:k1] = seq_stats[0]
+        if return_lse:
+            lse_out[:, q0:q1] = seq_lse[0]
+    if accumulate_into is not None:
+        stats = accumulate_into.add_(stats)
+    if return_lse:
+        return stats, (lse if lse is not None else lse_out)
+    return stats
 
 
 def flash_colsum(query, key, scale=None, is_causal=False, cls_len=None, *, backend="auto") -> torch.Tensor:
@@ -28,7 +241,7 @@ def flash_colsum(query, key, scale=None, is_causal=False, cls_len=None, *, backe
         out[b, j] = 1 / (H * R) * sum_h sum_{i in rows} softmax_j(scale * q[b, h, i] . k[b, h // G, j])
 
     where ``rows`` are all Sq query rows, or the first ``cls_len`` (clamped to Sq), R is their
-    count and G = H // Hk is the GQA group size.
+    count and G = H // Hk is the GQA group size. The 0.1.0 API; `column_stats` does the rest.
 
     Args:
         query: (B, H, Sq, D), float16, bfloat16 or float32, any strides.
@@ -40,7 +253,7 @@ def flash_colsum(query, key, scale=None, is_causal=False, cls_len=None, *, backe
             all (possible when Sq > Sk) contributes 0 but still counts in R.
         cls_len: average only over the first ``cls_len`` query rows (e.g. CLS tokens).
         backend: ``"triton"`` (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1),
-            ``"torch"`` (any device, tiled under `torch_backend.get_memory_budget()`), or
+            ``"torch"`` (any device, tiled under `get_memory_budget()`), or
             ``"auto"`` (Triton for CUDA tensors when it is installed, torch otherwise).
 
     Returns:
@@ -51,8 +264,9 @@ def flash_colsum(query, key, scale=None, is_causal=False, cls_len=None, *, backe
     Deterministic: no atomics; identical inputs on the same device give bitwise identical results.
     Extra memory: O(B * H * (Sq + Sk)) float32.
     """
-    p = make_problem(query, key, scale, is_causal, cls_len, backend)
-    if p.batch == 0 or p.k_len == 0:
-        return torch.zeros((p.batch, p.k_len), device=query.device, dtype=torch.float32)
-    sums = _kv_head_sums(query, key, p)
-    return sums.sum(dim=1).div_(p.heads * p.n_rows)
+    if cls_len is not None:
+        from .utils import check_positive_int
+
+        cls_len = check_positive_int("cls_len", cls_len)
+    rows = None if cls_len is None else slice(0, cls_len)
+    return column_stats(query, key, scale=scale, is_causal=is_causal, rows=rows, backend=backend)

@@ -48,12 +48,13 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 @triton.jit
 def _row_lse_kernel(
-    Q, K, LSE,
+    Q, K, KEY_KEEP, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_keep_b, stride_keep_n,
     stride_lb, stride_lh, stride_lm,
     H, GROUP, Sq, Sk, D, row_start, row_end, n_row_blocks, qk_scale,
-    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # 1-D grid (no 65535 limit): row blocks of one (batch, head) are neighbours, sharing K in L2.
@@ -85,6 +86,9 @@ def _row_lse_kernel(
         visible = offs_n[None, :] < Sk
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= offs_m[:, None] + (Sk - Sq))
+        if HAS_KEY_MASK:  # padded keys (keep == 0) leave the softmax denominator
+            keep = tl.load(KEY_KEEP + b.to(tl.int64) * stride_keep_b + offs_n * stride_keep_n, mask=offs_n < Sk, other=0)
+            visible = visible & (keep[None, :] != 0)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row with nothing visible yet keeps m = -inf; subtract 0 instead to avoid inf - inf.
@@ -99,14 +103,14 @@ def _row_lse_kernel(
 
 
 @triton.jit
-def _col_sum_kernel(
+def _col_reduce_kernel(
     Q, K, LSE, OUT,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_lb, stride_lh, stride_lm,
     stride_ob, stride_oc, stride_on,
     H, GROUP, HEADS_PER_PROGRAM, Sq, Sk, D, row_start, row_end, n_key_blocks, qk_scale,
-    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    CAUSAL: tl.constexpr, USE_MAX: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # 1-D grid: key blocks of one (batch, head chunk) are neighbours, sharing Q and lse in L2.
@@ -124,7 +128,7 @@ def _col_sum_kernel(
     k_base = K + b.to(tl.int64) * stride_kb + (h_first // GROUP).to(tl.int64) * stride_kh
     k = _load_tile(k_base, offs_n, stride_kn, offs_d, stride_kd, mask_n, mask_d)  # [BN, BD], loaded once
 
-    col_sum = tl.zeros([BLOCK_N], tl.float32)
+    col = tl.zeros([BLOCK_N], tl.float32)  # weights are >= 0, so 0 also starts a max
     m_lo = row_start
     if CAUSAL:
         # Rows before n0 - (Sk - Sq) see none of this block's keys: skip them.
@@ -143,9 +147,12 @@ def _col_sum_kernel(
             p = tl.exp2(s * qk_scale - lse2[None, :])
             if CAUSAL:
                 p = tl.where(offs_n[:, None] <= offs_m[None, :] + (Sk - Sq), p, 0.0)
-            col_sum += tl.sum(p, axis=1)
+            if USE_MAX:
+                col = tl.maximum(col, tl.max(p, axis=1))
+            else:
+                col += tl.sum(p, axis=1)
     # Keys past Sk computed garbage from zero-filled K rows; the store mask drops them.
-    tl.store(OUT + b.to(tl.int64) * stride_ob + chunk.to(tl.int64) * stride_oc + offs_n * stride_on, col_sum, mask=mask_n)
+    tl.store(OUT + b.to(tl.int64) * stride_ob + chunk.to(tl.int64) * stride_oc + offs_n * stride_on, col, mask=mask_n)
 
 
 def _block_sizes(head_dim: int, dtype: torch.dtype) -> dict:
@@ -166,42 +173,56 @@ def _lse_block_sizes(head_dim: int, dtype: torch.dtype) -> dict:
     return cfg
 
 
-def row_lse(query: torch.Tensor, key: torch.Tensor, p: Problem) -> torch.Tensor:
-    """Pass 1: natural-log LSE of the selected rows, float32 (B, H, n_rows); +inf where no key is visible."""
-    lse = utils.new_output((p.batch, p.heads, p.n_rows), query.device)
+def row_lse(query, key, p: Problem, key_keep=None, rows=None) -> torch.Tensor:
+    """Pass 1: natural-log LSE, float32 (B, H, len(rows)), of rows (default: the selected ones).
+
+    key_keep: optional (B, Sk) bool, False for padded keys. Rows that see no key get +inf.
+    """
+    rows = rows or range(p.row_start, p.row_end)
+    lse = utils.new_output((p.batch, p.heads, len(rows)), query.device)
     cfg = _lse_block_sizes(p.head_dim, query.dtype)
-    n_row_blocks = triton.cdiv(p.n_rows, cfg["BLOCK_M"])
+    n_row_blocks = triton.cdiv(len(rows), cfg["BLOCK_M"])
+    keep = key if key_keep is None else key_keep.view(torch.uint8)  # K is a dummy pointer when unused
+    keep_strides = (0, 0) if key_keep is None else keep.stride()
     grid = (p.batch * p.heads * n_row_blocks,)
-    _row_lse_kernel[grid](
-        query, key, lse,
-        *query.stride(), *key.stride(), *lse.stride(),
-        p.heads, p.group, p.q_len, p.k_len, p.head_dim, p.row_start, p.row_end, n_row_blocks,
-        p.scale * LOG2E,
-        CAUSAL=p.causal, **_dot_flags(query.dtype), **cfg,
-    )
+    with _on_device(query):
+        _row_lse_kernel[grid](
+            query, key, keep, lse,
+            *query.stride(), *key.stride(), *keep_strides, *lse.stride(),
+            p.heads, p.group, p.q_len, p.k_len, p.head_dim, rows.start, rows.stop, n_row_blocks,
+            p.scale * LOG2E,
+            CAUSAL=p.causal, HAS_KEY_MASK=key_keep is not None, **_dot_flags(query.dtype), **cfg,
+        )
     return lse
 
 
-def col_sums(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, p: Problem, heads_per_program: int) -> torch.Tensor:
-    """Pass 2: column sums of the attention weights over the selected rows, float32.
+def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool) -> torch.Tensor:
+    """Pass 2: sum (or max) of the attention weights over the selected rows, float32.
 
-    Returns (B, H // heads_per_program, Sk): entry [b, c, j] sums softmax weights of key j over the
-    selected rows of query heads c * heads_per_program ... (c + 1) * heads_per_program - 1, which
-    must all share one key head (heads_per_program divides H // Hk).
+    lse: (B, H, n_rows) for the selected rows; +inf drops a row. Returns (B, H // heads_per_chunk, Sk):
+    entry [b, c, j] reduces key j's weights over the selected rows of query heads
+    c * heads_per_chunk ... (c + 1) * heads_per_chunk - 1, which share one key head.
+    Weights of padded keys are not masked here: the caller zeroes those columns.
     """
-    n_chunks = p.heads // heads_per_program
+    n_chunks = p.heads // heads_per_chunk
     out = utils.new_output((p.batch, n_chunks, p.k_len), query.device)
     cfg = _block_sizes(p.head_dim, query.dtype)
     n_key_blocks = triton.cdiv(p.k_len, cfg["BLOCK_N"])
     grid = (p.batch * n_chunks * n_key_blocks,)
-    _col_sum_kernel[grid](
-        query, key, lse, out,
-        *query.stride(), *key.stride(), *lse.stride(), *out.stride(),
-        p.heads, p.group, heads_per_program, p.q_len, p.k_len, p.head_dim, p.row_start, p.row_end,
-        n_key_blocks, p.scale * LOG2E,
-        CAUSAL=p.causal, **_dot_flags(query.dtype), **cfg,
-    )
+    with _on_device(query):
+        _col_reduce_kernel[grid](
+            query, key, lse, out,
+            *query.stride(), *key.stride(), *lse.stride(), *out.stride(),
+            p.heads, p.group, heads_per_chunk, p.q_len, p.k_len, p.head_dim, p.row_start, p.row_end,
+            n_key_blocks, p.scale * LOG2E,
+            CAUSAL=p.causal, USE_MAX=use_max, **_dot_flags(query.dtype), **cfg,
+        )
     return out
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on the tensor's GPU (not the current one)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _dot_flags(dtype: torch.dtype) -> dict:
@@ -209,11 +230,3 @@ def _dot_flags(dtype: torch.dtype) -> dict:
     # float32 operands must not be rounded to tf32 (~3e-4 error); fp16/bf16 products are exact in fp32.
     precision = "ieee" if dtype == torch.float32 or upcast else "tf32"
     return dict(DOT_PRECISION=precision, UPCAST_DOT=upcast)
-
-
-def colsum_triton(query: torch.Tensor, key: torch.Tensor, p: Problem) -> torch.Tensor:
-    """Per-key-head column sums (B, Hk, Sk), float32, over the selected rows of each group's heads."""
-    with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
-        lse = row_lse(query, key, p)
-        return col_sums(query, key, lse, p, heads_per_program=p.group)
-

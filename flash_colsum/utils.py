@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,9 @@ class Problem:
     row_start: int  # first selected query row
     row_end: int  # one past the last selected query row
     backend: str  # "triton" or "torch" after resolving "auto"
+
+    def with_rows(self, row_start: int, row_end: int) -> "Problem":
+        return dataclasses.replace(self, row_start=row_start, row_end=row_end)
 
     @property
     def group(self) -> int:
@@ -149,19 +153,94 @@ def resolve_backend(backend, device: torch.device, head_dim: int) -> str:
     return backend
 
 
-def make_problem(query, key, scale, is_causal, cls_len, backend, allowed_dtypes=SUPPORTED_DTYPES) -> Problem:
-    """Validate the 0.1.0-style arguments and resolve every default."""
+def make_problem(query, key, scale, is_causal, backend, allowed_dtypes=SUPPORTED_DTYPES) -> Problem:
+    """Validate the tensors and the common arguments; all query rows selected."""
     check_tensors(query, key, allowed_dtypes)
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool; got {type(is_causal).__name__}")
     b, h, sq, d = query.shape
     hk, sk = key.shape[1], key.shape[2]
-    row_end = sq if cls_len is None else min(check_positive_int("cls_len", cls_len), sq)
     return Problem(
         batch=b, heads=h, kv_heads=hk, q_len=sq, k_len=sk, head_dim=d,
-        scale=resolve_scale(scale, d), causal=is_causal, row_start=0, row_end=row_end,
+        scale=resolve_scale(scale, d), causal=is_causal, row_start=0, row_end=sq,
         backend=resolve_backend(backend, query.device, d),
     )
+
+
+def resolve_rows(rows, q_len: int, allow_empty: bool = False):
+    """(start, stop) of the contiguous query rows ``rows`` selects (a slice or range, Python's convention).
+
+    None selects all rows. An empty selection raises, or gives None with allow_empty.
+    """
+    if rows is None:
+        return 0, q_len
+    if not isinstance(rows, (slice, range)):
+        raise TypeError(f"rows must be a slice, a range or None; got {type(rows).__name__}")
+    for part in (rows.start, rows.stop, rows.step):
+        if part is not None and (isinstance(part, bool) or not isinstance(part, numbers.Integral)):
+            raise TypeError(f"rows must have int bounds; got {rows!r}")
+    start, stop, step = slice(rows.start, rows.stop, rows.step).indices(q_len)
+    if step != 1:
+        raise ValueError(f"rows must be contiguous (step 1); got {rows!r}")
+    if stop <= start:
+        if allow_empty:
+            return None
+        raise ValueError(f"rows={rows!r} selects no query row of Sq={q_len}")
+    return start, stop
+
+
+def check_tensor_arg(name: str, t, dtype: torch.dtype, device: torch.device) -> None:
+    """A tensor argument of a fixed dtype on the inputs' device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}; got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on the inputs' device {device}; got {t.device}")
+
+
+def check_mask(name: str, mask, shape: tuple, device: torch.device):
+    """A (B, S) keep-mask (True/nonzero = keep) as a bool tensor, or None."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(mask).__name__}")
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:
+        raise TypeError(f"{name} must be bool or integer (True/1 = keep); got {mask.dtype}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}; got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"{name} must be on the inputs' device {device}; got {mask.device}")
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def check_varlen(query, key, cu_seqlens_q, cu_seqlens_k, conflicts: dict) -> tuple[list, list]:
+    """Validate packed (total, H, D) inputs and their cumulative lengths; return both as int lists."""
+    if cu_seqlens_q is None or cu_seqlens_k is None:
+        raise ValueError("give both cu_seqlens_q and cu_seqlens_k (packed sequences), or neither")
+    for name, value in conflicts.items():
+        if value is not None:
+            raise ValueError(f"{name} does not apply to packed sequences (cu_seqlens): padding is already gone")
+    for name, t in (("query", query), ("key", key)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"with cu_seqlens, {name} must be 3-D (total, heads, D); got shape {_shape(t)}")
+    bounds = []
+    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, query.shape[0]), ("cu_seqlens_k", cu_seqlens_k, key.shape[0])):
+        if not isinstance(cu, torch.Tensor) or cu.dtype not in (torch.int32, torch.int64) or cu.dim() != 1:
+            raise TypeError(f"{name} must be a 1-D int32/int64 tensor; got {getattr(cu, 'dtype', type(cu).__name__)}")
+        values = cu.tolist()
+        if len(values) < 2 or values[0] != 0:
+            raise ValueError(f"{name} must start at 0 and hold N + 1 >= 2 offsets; got {values[:8]}")
+        if any(b < a for a, b in zip(values, values[1:])):
+            raise ValueError(f"{name} must be non-decreasing; got {values[:8]}{'...' if len(values) > 8 else ''}")
+        if values[-1] != total:
+            raise ValueError(f"{name} must end at the packed length {total}; got {values[-1]}")
+        bounds.append(values)
+    if len(bounds[0]) != len(bounds[1]):
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe as many sequences; got {len(bounds[0]) - 1} and {len(bounds[1]) - 1}")
+    return bounds[0], bounds[1]
 
 
 def new_output(shape, device) -> torch.Tensor:
