@@ -1,13 +1,13 @@
 """Public API: `column_stats`, every column statistic of softmax attention, and `flash_colsum`, its
 0.1.0-compatible shortcut (the mean weight each key receives)."""
 
-from __future__ import annotations
+from typing import Optional
 
 import torch
 
 from . import torch_backend
 from .reference import naive_colsum
-from .utils import Problem, check_mask, check_tensor_arg, make_problem, resolve_rows
+from .utils import Problem, check_mask, check_tensor_arg, make_problem, problem_from_shapes, resolve_rows
 
 __all__ = ["column_stats", "flash_colsum", "naive_colsum"]
 
@@ -46,6 +46,38 @@ def _reduce_columns(query, key, p: Problem, lse, key_keep, row_keep, heads_per_c
         dropped = dropped | ~row_keep[:, None, p.row_start : p.row_end]
     lse = lse.masked_fill(dropped, float("inf"))
     return backend.col_reduce(query, key, lse, p, heads_per_chunk, use_max), computed
+
+
+# The kernels as one PyTorch operator: opaque to torch.compile (no graph break; shapes from the
+# fake implementation below) and safe inside CUDA graph capture (no host synchronization).
+@torch.library.custom_op("flash_colsum::reduce_columns", mutates_args=())
+def reduce_columns_op(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    lse: Optional[torch.Tensor],
+    key_keep: Optional[torch.Tensor],
+    row_keep: Optional[torch.Tensor],
+    scale: float,
+    causal: bool,
+    row_start: int,
+    row_end: int,
+    heads_per_chunk: int,
+    use_max: bool,
+    full_lse: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H // heads_per_chunk, Sk) reduced weights and the computed LSE (empty when ``lse`` was given)."""
+    p = problem_from_shapes(query, key, scale, causal, row_start, row_end, backend)
+    out, computed = _reduce_columns(query, key, p, lse, key_keep, row_keep, heads_per_chunk, use_max, full_lse)
+    return out, computed if computed is not None else query.new_empty((0,), dtype=torch.float32)
+
+
+@reduce_columns_op.register_fake
+def _(query, key, lse, key_keep, row_keep, scale, causal, row_start, row_end, heads_per_chunk, use_max, full_lse, backend):
+    b, h, sq = query.shape[:3]
+    out = query.new_empty((b, h // heads_per_chunk, key.shape[2]), dtype=torch.float32)
+    lse_rows = 0 if lse is not None else sq if full_lse else row_end - row_start
+    return out, query.new_empty((b, h, lse_rows) if lse is None else (0,), dtype=torch.float32)
 
 
 def _visible_row_counts(p: Problem, row_keep, normalize: str, device) -> torch.Tensor:
@@ -169,8 +201,9 @@ def column_stats(
         # Reduce whole GQA groups inside the kernel when the head reduction is the row reduction's kind.
         same_kind = head_op == ("max" if use_max else head_op if head_op in ("sum", "mean") else None)
         heads_per_chunk = p.group if same_kind else 1
-        chunks, computed = _reduce_columns(
-            query, key, p, lse, key_keep, row_keep, heads_per_chunk, use_max, full_lse=return_lse and lse is None
+        chunks, computed = reduce_columns_op(
+            query, key, lse, key_keep, row_keep, p.scale, p.causal, p.row_start, p.row_end,
+            heads_per_chunk, use_max, return_lse and lse is None, p.backend,
         )
         if key_keep is not None:
             chunks = chunks.masked_fill_(~key_keep[:, None, :], 0.0)

@@ -6,6 +6,7 @@ import math
 import numbers
 import os
 import dataclasses
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -20,13 +21,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """True when ``import triton`` works on this machine."""
-    try:
-        import triton  # noqa: F401
-    except Exception:  # pragma: no cover - depends on the platform
-        return False
-    return True
+    """True when Triton is installed (checked once, without importing it)."""
+    return _TRITON_FOUND
 
 
 def triton_can_run(device: torch.device) -> bool:
@@ -164,6 +164,15 @@ def make_problem(query, key, scale, is_causal, backend, allowed_dtypes=SUPPORTED
         batch=b, heads=h, kv_heads=hk, q_len=sq, k_len=sk, head_dim=d,
         scale=resolve_scale(scale, d), causal=is_causal, row_start=0, row_end=sq,
         backend=resolve_backend(backend, query.device, d),
+    )
+
+
+def problem_from_shapes(query, key, scale: float, causal: bool, row_start: int, row_end: int, backend: str) -> Problem:
+    """A Problem for already validated arguments (inside the registered operator)."""
+    b, h, sq, d = query.shape
+    return Problem(
+        batch=b, heads=h, kv_heads=key.shape[1], q_len=sq, k_len=key.shape[2], head_dim=d,
+        scale=scale, causal=causal, row_start=row_start, row_end=row_end, backend=backend,
     )
 
 

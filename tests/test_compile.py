@@ -1,0 +1,59 @@
+"""The operator registration: opcheck, torch.compile(fullgraph=True), CUDA graphs."""
+
+import pytest
+import torch
+
+from flash_colsum import column_stats, flash_colsum
+from flash_colsum.ops import reduce_columns_op
+from helpers import make_qk
+from conftest import TARGETS, HAS_CUDA
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_opcheck(backend, device):
+    q, k = make_qk(2, 4, 2, 20, 36, 16, torch.float32, device)
+    keep = torch.rand(2, 36, device=device) < 0.8
+    rows = torch.rand(2, 20, device=device) < 0.7
+    cases = [
+        (q, k, None, None, None, 0.25, True, 0, 20, 2, False, False, backend),
+        (q, k, None, keep, rows, 0.25, False, 3, 17, 1, True, True, backend),
+        (q, k, torch.randn(2, 4, 20, device=device), None, None, 0.25, True, 5, 20, 2, False, False, backend),
+    ]
+    for args in cases:
+        torch.library.opcheck(reduce_columns_op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_compile_fullgraph(backend, device):
+    torch._dynamo.reset()
+    q, k = make_qk(2, 4, 2, 24, 40, 32, torch.float16, device)
+    keep = torch.ones(2, 40, dtype=torch.bool, device=device)
+    keep[1, 30:] = False
+
+    def stats(q, k, keep):
+        a = column_stats(q, k, is_causal=True, key_padding_mask=keep, heads="kv_mean", rows=slice(-8, None), backend=backend)
+        return a, flash_colsum(q, k, backend=backend)
+
+    compiled = torch.compile(stats, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    for got, want in zip(compiled(q, k, keep), stats(q, k, keep)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_cuda_graph_capture():
+    q, k = make_qk(2, 4, 2, 64, 256, 64, torch.float16, "cuda")
+    run = lambda: column_stats(q, k, is_causal=True, heads="none", reduce="max")  # noqa: E731
+    expected = run()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # warm-up (compilation) outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, run(), rtol=0, atol=0)
+    assert not torch.equal(captured, expected)
