@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up a local virtual environment (CPU build of PyTorch) and run one of the project's jobs.
-#   bash scripts/dev.sh demo   # flash_colsum vs naive_colsum: timings and peak memory on this machine
+#   bash scripts/dev.sh demo   # per-layer token importance of the real MiniLM model, printed and saved as a PNG
 #   bash scripts/dev.sh test   # the full test suite (Triton kernels under the CPU interpreter)
+#   bash scripts/dev.sh bench  # flash_colsum vs naive_colsum: timings and peak memory on this machine
 set -euo pipefail
 cd "$(dirname "$0")/.."
 job="${1:-test}"; shift || true
@@ -29,10 +30,13 @@ case "$job" in
         exec "$PY" -m pytest "$@"
         ;;
     demo)
-        exec "$PY" -m benchmarks.benchmark_colsum --sweep demo "$@"
+        exec "$PY" examples/demo_minilm.py "$@"
+        ;;
+    bench)
+        exec "$PY" -m benchmarks.benchmark_colsum "$@"
         ;;
     *)
-        echo "usage: bash scripts/dev.sh {test|demo} [args...]" >&2
+        echo "usage: bash scripts/dev.sh {test|demo|bench} [args...]" >&2
         exit 2
         ;;
 esac
