@@ -39,12 +39,11 @@ def _reduce_columns(query, key, p: Problem, lse, key_keep, row_keep, heads_per_c
         computed = lse = backend.row_lse(query, key, p, key_keep, lse_rows)
         lse = lse[:, :, p.row_start - lse_rows.start : p.row_end - lse_rows.start]
     else:
+        # Rows that see no key may come as -inf from other kernels; ours use +inf: weight 0.
         lse = lse[:, :, p.row_start : p.row_end]
-    # Dropped rows and rows that see no key (-inf, as some kernels report it) get +inf: weight 0.
-    dropped = torch.isneginf(lse)
-    if row_keep is not None:
-        dropped = dropped | ~row_keep[:, None, p.row_start : p.row_end]
-    lse = lse.masked_fill(dropped, float("inf"))
+        lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
+    if row_keep is not None:  # dropped rows: lse = +inf, so every weight they add is exactly 0
+        lse = lse.masked_fill(~row_keep[:, None, p.row_start : p.row_end], float("inf"))
     return backend.col_reduce(query, key, lse, p, heads_per_chunk, use_max), computed
 
 
@@ -80,8 +79,10 @@ def _(query, key, lse, key_keep, row_keep, scale, causal, row_start, row_end, he
     return out, query.new_empty((b, h, lse_rows) if lse is None else (0,), dtype=torch.float32)
 
 
-def _visible_row_counts(p: Problem, row_keep, normalize: str, device) -> torch.Tensor:
+def _visible_row_counts(p: Problem, row_keep, normalize: str, device):
     """Denominator of a row mean, broadcastable to (B, Sk): selected rows, or those that can see each key."""
+    if row_keep is None and (normalize == "rows" or not p.causal):
+        return p.n_rows  # a plain number: no extra kernels on the common path
     keep = torch.zeros((p.batch, p.q_len), dtype=torch.bool, device=device)
     keep[:, p.row_start : p.row_end] = True
     if row_keep is not None:
@@ -201,16 +202,23 @@ def column_stats(
         # Reduce whole GQA groups inside the kernel when the head reduction is the row reduction's kind.
         same_kind = head_op == ("max" if use_max else head_op if head_op in ("sum", "mean") else None)
         heads_per_chunk = p.group if same_kind else 1
-        chunks, computed = reduce_columns_op(
-            query, key, lse, key_keep, row_keep, p.scale, p.causal, p.row_start, p.row_end,
-            heads_per_chunk, use_max, return_lse and lse is None, p.backend,
-        )
+        full_lse = return_lse and lse is None
+        if torch.compiler.is_compiling():  # the registered operator: opaque to the compiler
+            chunks, computed = reduce_columns_op(
+                query, key, lse, key_keep, row_keep, p.scale, p.causal, p.row_start, p.row_end,
+                heads_per_chunk, use_max, full_lse, p.backend,
+            )
+        else:  # eager: the same code without the dispatcher's per-call overhead
+            chunks, computed = _reduce_columns(query, key, p, lse, key_keep, row_keep, heads_per_chunk, use_max, full_lse)
         if key_keep is not None:
             chunks = chunks.masked_fill_(~key_keep[:, None, :], 0.0)
         stats = _reduce_heads(chunks, p, heads, head_op, kv)
         if reduce == "mean":
             count = _visible_row_counts(p, row_keep, normalize, query.device)
-            stats = stats / (count if stats.dim() == 2 else count[:, None, :])
+            if isinstance(count, int):
+                stats = stats.div_(count)
+            else:
+                stats = stats.div_(count if stats.dim() == 2 else count[:, None, :])
     if accumulate_into is not None:
         stats = accumulate_into.add_(stats)
     if return_lse:
@@ -227,7 +235,7 @@ def _reduce_heads(chunks: torch.Tensor, p: Problem, heads: str, head_op: str, kv
     if head_op == "max":
         return x.amax(dim=dims)
     x = x.sum(dim=dims)
-    return x / (p.group if kv else p.heads) if head_op == "mean" else x
+    return x.div_(p.group if kv else p.heads) if head_op == "mean" else x
 
 
 def _column_stats_varlen(query, key, cu_seqlens_q, cu_seqlens_k, *, lse, return_lse, accumulate_into, conflicts, **kwargs):

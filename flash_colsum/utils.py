@@ -176,6 +176,11 @@ def problem_from_shapes(query, key, scale: float, causal: bool, row_start: int, 
     )
 
 
+def _clamp_index(i: int, n: int) -> int:
+    """A slice bound in Python's convention (negative counts from the end), clamped to [0, n]."""
+    return min(max(i + n if i < 0 else i, 0), n)
+
+
 def resolve_rows(rows, q_len: int, allow_empty: bool = False):
     """(start, stop) of the contiguous query rows ``rows`` selects (a slice or range, Python's convention).
 
@@ -188,9 +193,11 @@ def resolve_rows(rows, q_len: int, allow_empty: bool = False):
     for part in (rows.start, rows.stop, rows.step):
         if part is not None and (isinstance(part, bool) or not isinstance(part, numbers.Integral)):
             raise TypeError(f"rows must have int bounds; got {rows!r}")
-    start, stop, step = slice(rows.start, rows.stop, rows.step).indices(q_len)
-    if step != 1:
+    if rows.step not in (None, 1):
         raise ValueError(f"rows must be contiguous (step 1); got {rows!r}")
+    # slice.indices by hand: torch.compile (dynamo) cannot trace that builtin in every release.
+    start = _clamp_index(0 if rows.start is None else rows.start, q_len)
+    stop = _clamp_index(q_len if rows.stop is None else rows.stop, q_len)
     if stop <= start:
         if allow_empty:
             return None
