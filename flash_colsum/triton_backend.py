@@ -5,10 +5,10 @@ scaled scores over the keys it may see, lse[i] = log(sum_j exp(scale * q_i . k_j
 float32, shape (B, H, n_rows). Rows that see no key get +inf (as FlashAttention does), so that
 every weight exp(s - lse) they would contribute is exactly 0.
 
-Pass 2 (`_col_sum_kernel`, key-centric): each program owns BLOCK_N keys of one key head and
+Pass 2 (`_col_reduce_kernel`, key-centric): each program owns BLOCK_N keys of one key head and
 streams over the selected query rows of a chunk of that key head's query heads. It computes the
 transposed score tile K . Q^T, so the reduction over query rows is a row sum of a register tile,
-and writes its BLOCK_N column sums once: no atomics, bitwise reproducible.
+and writes its BLOCK_N column sums (or maxima) once: no atomics, bitwise reproducible.
 
 Masking convention: query i sees key j iff j <= i + (Sk - Sq) when causal (bottom-right aligned,
 as FlashAttention), every key otherwise.
@@ -17,6 +17,7 @@ as FlashAttention), every key otherwise.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import triton
@@ -31,10 +32,14 @@ _LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
 
 
 @triton.jit
-def _load_tile(base, offs_row, stride_row, offs_d, stride_d, mask_row, mask_d):
-    """Load a [ROWS, BLOCK_D] tile; row offsets in int64 so huge tensors index safely."""
+def _load_tile(base, offs_row, stride_row, mask_row, D, stride_d, D_START: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Load a [ROWS, BLOCK_D] tile of head-dim columns D_START ... D_START + BLOCK_D - 1 (zeros past D).
+
+    Row offsets are int64 so tensors of more than 2**31 elements index safely.
+    """
+    offs_d = D_START + tl.arange(0, BLOCK_D)
     ptrs = base + offs_row.to(tl.int64)[:, None] * stride_row + offs_d[None, :] * stride_d
-    return tl.load(ptrs, mask=mask_row[:, None] & mask_d[None, :], other=0.0)
+    return tl.load(ptrs, mask=mask_row[:, None] & (offs_d[None, :] < D), other=0.0)
 
 
 @triton.jit
@@ -52,38 +57,50 @@ def _row_lse_kernel(
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_keep_b, stride_keep_n,
-    stride_lb, stride_lh, stride_lm,
-    H, GROUP, Sq, Sk, D, row_start, row_end, n_row_blocks, qk_scale,
-    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_ls, stride_lb, stride_lh, stride_lm,
+    BH, H, GROUP, Sq, Sk, D, row_start, row_end, n_row_blocks, keys_per_split, qk_scale,
+    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
-    # 1-D grid (no 65535 limit): row blocks of one (batch, head) are neighbours, sharing K in L2.
+    # 1-D grid (no 65535 limit); fastest to slowest: row block, (batch, head), key split. Row
+    # blocks of one head are neighbours, so they share K in L2.
     pid = tl.program_id(0)
-    bh = pid // n_row_blocks
+    rest = pid // n_row_blocks
+    bh = rest % BH
+    split = rest // BH
     b = bh // H
     h = bh % H
     m0 = row_start + (pid % n_row_blocks) * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < row_end
-    mask_d = offs_d < D
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
-    q = _load_tile(q_base, offs_m, stride_qm, offs_d, stride_qd, mask_m, mask_d)  # [BM, BD]
+    # Head dims that are not a power of two: a power-of-two main part plus a small tail part
+    # (72 = 64 + 16), instead of padding to the next power of two (128).
+    q = _load_tile(q_base, offs_m, stride_qm, mask_m, D, stride_qd, 0, BLOCK_D)  # [BM, BD]
+    if BLOCK_D2 > 0:
+        q_tail = _load_tile(q_base, offs_m, stride_qm, mask_m, D, stride_qd, BLOCK_D, BLOCK_D2)  # [BM, BD2]
+
+    # This program's keys: its split's range, cut at the causal limit of the block's last row.
+    n_lo = split * keys_per_split
+    n_hi = tl.minimum(Sk, n_lo + keys_per_split)
+    if CAUSAL:
+        n_hi = tl.minimum(n_hi, m0 + BLOCK_M + Sk - Sq)  # row m0 + BM - 1 sees keys < m0 + BM + Sk - Sq
 
     # Online log-sum-exp in base 2: scale * log2(e) is folded into qk_scale, so each score costs
     # one multiply and one exp2.
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    n_end = Sk
-    if CAUSAL:
-        # The block's last row, m0 + BLOCK_M - 1, sees keys up to m0 + BLOCK_M - 1 + (Sk - Sq).
-        n_end = tl.minimum(Sk, m0 + BLOCK_M + Sk - Sq)
-    for n0 in range(0, n_end, BLOCK_N):
+    for n0 in range(n_lo, n_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base, offs_n, stride_kn, offs_d, stride_kd, offs_n < Sk, mask_d)  # [BN, BD]
-        s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale  # [BM, BD] @ [BD, BN] -> [BM, BN]
-        visible = offs_n[None, :] < Sk
+        k = _load_tile(k_base, offs_n, stride_kn, offs_n < Sk, D, stride_kd, 0, BLOCK_D)  # [BN, BD]
+        s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT)  # [BM, BD] @ [BD, BN] -> [BM, BN]
+        if BLOCK_D2 > 0:
+            k_tail = _load_tile(k_base, offs_n, stride_kn, offs_n < Sk, D, stride_kd, BLOCK_D, BLOCK_D2)
+            s += _dot(q_tail, tl.trans(k_tail), DOT_PRECISION, UPCAST_DOT)  # [BM, BD2] @ [BD2, BN]
+        s = s * qk_scale
+        visible = offs_n[None, :] < n_hi
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= offs_m[:, None] + (Sk - Sq))
         if HAS_KEY_MASK:  # padded keys (keep == 0) leave the softmax denominator
@@ -97,9 +114,12 @@ def _row_lse_kernel(
         m_i = m_new
 
     seen = l_i > 0
-    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * _LN2, float("inf"))  # base 2 -> natural
-    lse_ptrs = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + (offs_m - row_start) * stride_lm
-    tl.store(lse_ptrs, lse, mask=mask_m)
+    lse = (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * _LN2  # base 2 -> natural
+    # A split's partial for a row that saw none of its keys is -inf (neutral in the combining
+    # log-sum-exp); a final value for a row that sees no key at all is +inf (weight 0 in pass 2).
+    lse = tl.where(seen, lse, float("-inf") if SPLIT else float("inf"))
+    lse_ptrs = LSE + split.to(tl.int64) * stride_ls + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
+    tl.store(lse_ptrs + (offs_m - row_start) * stride_lm, lse, mask=mask_m)
 
 
 @triton.jit
@@ -111,7 +131,7 @@ def _col_reduce_kernel(
     stride_ob, stride_oc, stride_on,
     H, GROUP, HEADS_PER_PROGRAM, Sq, Sk, D, row_start, row_end, n_key_blocks, qk_scale,
     CAUSAL: tl.constexpr, USE_MAX: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
     # 1-D grid: key blocks of one (batch, head chunk) are neighbours, sharing Q and lse in L2.
     pid = tl.program_id(0)
@@ -122,11 +142,11 @@ def _col_reduce_kernel(
     h_first = chunk * HEADS_PER_PROGRAM  # the chunk's heads all read key head h_first // GROUP
     n0 = (pid % n_key_blocks) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < Sk
-    mask_d = offs_d < D
     k_base = K + b.to(tl.int64) * stride_kb + (h_first // GROUP).to(tl.int64) * stride_kh
-    k = _load_tile(k_base, offs_n, stride_kn, offs_d, stride_kd, mask_n, mask_d)  # [BN, BD], loaded once
+    k = _load_tile(k_base, offs_n, stride_kn, mask_n, D, stride_kd, 0, BLOCK_D)  # [BN, BD], loaded once
+    if BLOCK_D2 > 0:
+        k_tail = _load_tile(k_base, offs_n, stride_kn, mask_n, D, stride_kd, BLOCK_D, BLOCK_D2)  # [BN, BD2]
 
     col = tl.zeros([BLOCK_N], tl.float32)  # weights are >= 0, so 0 also starts a max
     m_lo = row_start
@@ -140,10 +160,13 @@ def _col_reduce_kernel(
         for m0 in range(m_lo, row_end, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             mask_m = offs_m < row_end
-            q = _load_tile(q_base, offs_m, stride_qm, offs_d, stride_qd, mask_m, mask_d)  # [BM, BD]
+            q = _load_tile(q_base, offs_m, stride_qm, mask_m, D, stride_qd, 0, BLOCK_D)  # [BM, BD]
+            s = _dot(k, tl.trans(q), DOT_PRECISION, UPCAST_DOT)  # [BN, BD] @ [BD, BM] -> [BN, BM]
+            if BLOCK_D2 > 0:
+                q_tail = _load_tile(q_base, offs_m, stride_qm, mask_m, D, stride_qd, BLOCK_D, BLOCK_D2)
+                s += _dot(k_tail, tl.trans(q_tail), DOT_PRECISION, UPCAST_DOT)  # [BN, BD2] @ [BD2, BM]
             # Rows past row_end load lse = +inf, so their weights are exactly 0: no score mask needed.
             lse2 = tl.load(lse_base + (offs_m - row_start) * stride_lm, mask=mask_m, other=float("inf")) * _LOG2E
-            s = _dot(k, tl.trans(q), DOT_PRECISION, UPCAST_DOT)  # [BN, BD] @ [BD, BM] -> [BN, BM]
             p = tl.exp2(s * qk_scale - lse2[None, :])
             if CAUSAL:
                 p = tl.where(offs_n[:, None] <= offs_m[None, :] + (Sk - Sq), p, 0.0)
@@ -155,48 +178,84 @@ def _col_reduce_kernel(
     tl.store(OUT + b.to(tl.int64) * stride_ob + chunk.to(tl.int64) * stride_oc + offs_n * stride_on, col, mask=mask_n)
 
 
+def _head_dim_blocks(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_D2): a power-of-two main block and a tail block (0: none), each >= 16.
+
+    72 -> (64, 16), 80 -> (64, 16), 96 -> (64, 32), 112 -> (128, 0): the split is used only when
+    it does less work than padding to the next power of two.
+    """
+    padded = max(16, next_power_of_2(head_dim))
+    main = max(16, padded // 2 if padded > head_dim else padded)
+    tail = 0 if main >= head_dim else max(16, next_power_of_2(head_dim - main))
+    return (main, tail) if main + tail < padded else (padded, 0)
+
+
 def _block_sizes(head_dim: int, dtype: torch.dtype) -> dict:
-    """Tile shapes and launch settings, a pure function of D and dtype (reproducible across processes)."""
-    block_d = max(16, next_power_of_2(head_dim))
+    """Pass-2 tiles and launch settings, a pure function of D and dtype (reproducible across processes)."""
+    block_d, block_d2 = _head_dim_blocks(head_dim)
     if interpreting():
         # Small, unequal tiles on the CPU: small test shapes still cross block edges in both directions.
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=1)
-    wide = block_d * (4 if dtype == torch.float32 else 2) > 256  # bytes per row of a tile
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=block_d, BLOCK_D2=block_d2, num_warps=4, num_stages=1)
+    wide = (block_d + block_d2) * (4 if dtype == torch.float32 else 2) > 256  # bytes per row of a tile
     block_n = 64 if wide else 128
-    return dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=8 if block_d >= 128 else 4, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_D2=block_d2,
+                num_warps=8 if block_d >= 128 else 4, num_stages=2)
 
 
 def _lse_block_sizes(head_dim: int, dtype: torch.dtype) -> dict:
     cfg = _block_sizes(head_dim, dtype)
     if not interpreting():
-        cfg.update(BLOCK_M=128 if cfg["BLOCK_D"] <= 128 else 64, BLOCK_N=64)
+        cfg.update(BLOCK_M=128 if cfg["BLOCK_D"] + cfg["BLOCK_D2"] <= 128 else 64, BLOCK_N=64)
     return cfg
 
 
-def row_lse(query, key, p: Problem, key_keep=None, rows=None) -> torch.Tensor:
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _key_splits(p: Problem, n_programs: int, block_n: int, device: torch.device) -> int:
+    """Keys per split for pass 1: split long key ranges until the grid fills the GPU (flash-decoding)."""
+    if interpreting():
+        target, min_blocks = 16, 2  # small enough that the CPU tests take the split path too
+    else:
+        target, min_blocks = 4 * _sm_count(device), 8
+    n_splits = max(1, min(triton.cdiv(target, n_programs), triton.cdiv(p.k_len, block_n * min_blocks)))
+    return triton.cdiv(triton.cdiv(p.k_len, n_splits), block_n) * block_n
+
+
+def row_lse(query, key, p: Problem, key_keep=None, rows=None, config=None) -> torch.Tensor:
     """Pass 1: natural-log LSE, float32 (B, H, len(rows)), of rows (default: the selected ones).
 
     key_keep: optional (B, Sk) bool, False for padded keys. Rows that see no key get +inf.
+    When few programs would cover the rows, the keys are split among several programs whose
+    partial log-sum-exps are combined here (a (splits, B, H, rows) float32 temporary).
     """
     rows = rows or range(p.row_start, p.row_end)
-    lse = utils.new_output((p.batch, p.heads, len(rows)), query.device)
-    cfg = _lse_block_sizes(p.head_dim, query.dtype)
+    cfg = config or _lse_block_sizes(p.head_dim, query.dtype)
     n_row_blocks = triton.cdiv(len(rows), cfg["BLOCK_M"])
+    keys_per_split = _key_splits(p, p.batch * p.heads * n_row_blocks, cfg["BLOCK_N"], query.device)
+    n_splits = triton.cdiv(p.k_len, keys_per_split)
+    lse = utils.new_output((n_splits, p.batch, p.heads, len(rows)), query.device)
     keep = key if key_keep is None else key_keep.view(torch.uint8)  # K is a dummy pointer when unused
     keep_strides = (0, 0) if key_keep is None else keep.stride()
-    grid = (p.batch * p.heads * n_row_blocks,)
+    grid = (n_splits * p.batch * p.heads * n_row_blocks,)
     with _on_device(query):
         _row_lse_kernel[grid](
             query, key, keep, lse,
             *query.stride(), *key.stride(), *keep_strides, *lse.stride(),
-            p.heads, p.group, p.q_len, p.k_len, p.head_dim, rows.start, rows.stop, n_row_blocks,
-            p.scale * LOG2E,
-            CAUSAL=p.causal, HAS_KEY_MASK=key_keep is not None, **_dot_flags(query.dtype), **cfg,
+            p.batch * p.heads, p.heads, p.group, p.q_len, p.k_len, p.head_dim, rows.start, rows.stop,
+            n_row_blocks, keys_per_split, p.scale * LOG2E,
+            CAUSAL=p.causal, HAS_KEY_MASK=key_keep is not None, SPLIT=n_splits > 1,
+            **_dot_flags(query.dtype), **cfg,
         )
-    return lse
+    if n_splits == 1:
+        return lse[0]
+    lse = torch.logsumexp(lse, dim=0)
+    return lse.masked_fill_(torch.isneginf(lse), float("inf"))
 
 
-def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool) -> torch.Tensor:
+def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool, config=None) -> torch.Tensor:
     """Pass 2: sum (or max) of the attention weights over the selected rows, float32.
 
     lse: (B, H, n_rows) for the selected rows; +inf drops a row. Returns (B, H // heads_per_chunk, Sk):
@@ -206,7 +265,7 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool)
     """
     n_chunks = p.heads // heads_per_chunk
     out = utils.new_output((p.batch, n_chunks, p.k_len), query.device)
-    cfg = _block_sizes(p.head_dim, query.dtype)
+    cfg = config or _block_sizes(p.head_dim, query.dtype)
     n_key_blocks = triton.cdiv(p.k_len, cfg["BLOCK_N"])
     grid = (p.batch * n_chunks * n_key_blocks,)
     with _on_device(query):
