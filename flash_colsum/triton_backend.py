@@ -52,6 +52,35 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 
 @triton.jit
+def _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, stride_keep_n,
+                offs_m, n0, n_hi, Sk, Sq, D, qk_scale,
+                MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
+    """Fold one block of BLOCK_N keys into the running (max, sum) of each row, in base 2."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    k = _load_tile(k_base, offs_n, stride_kn, offs_n < Sk, D, stride_kd, 0, BLOCK_D)  # [BN, BD]
+    s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT)  # [BM, BD] @ [BD, BN] -> [BM, BN], unscaled
+    if BLOCK_D2 > 0:
+        k_tail = _load_tile(k_base, offs_n, stride_kn, offs_n < Sk, D, stride_kd, BLOCK_D, BLOCK_D2)
+        s += _dot(q_tail, tl.trans(k_tail), DOT_PRECISION, UPCAST_DOT)  # [BM, BD2] @ [BD2, BN]
+    if MASK:
+        visible = offs_n[None, :] < n_hi
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None] + (Sk - Sq))
+        s = tl.where(visible, s, float("-inf"))
+    if HAS_KEY_MASK:  # padded keys (keep == 0) leave the softmax denominator
+        keep = tl.load(KEEP_ROW + offs_n * stride_keep_n, mask=offs_n < Sk, other=0)
+        s = tl.where(keep[None, :] != 0, s, float("-inf"))
+    # qk_scale > 0, so the max of the raw scores gives the max of the scaled ones.
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+    # A row with nothing visible yet keeps m = -inf; subtract 0 instead to avoid inf - inf.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s * qk_scale - m_safe[:, None]), axis=1)
+    return m_new, l_i
+
+
+@triton.jit
 def _row_lse_kernel(
     Q, K, KEY_KEEP, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -79,8 +108,10 @@ def _row_lse_kernel(
     # Head dims that are not a power of two: a power-of-two main part plus a small tail part
     # (72 = 64 + 16), instead of padding to the next power of two (128).
     q = _load_tile(q_base, offs_m, stride_qm, mask_m, D, stride_qd, 0, BLOCK_D)  # [BM, BD]
+    q_tail = q  # unused unless BLOCK_D2 > 0
     if BLOCK_D2 > 0:
         q_tail = _load_tile(q_base, offs_m, stride_qm, mask_m, D, stride_qd, BLOCK_D, BLOCK_D2)  # [BM, BD2]
+    KEY_KEEP = KEY_KEEP + b.to(tl.int64) * stride_keep_b
 
     # This program's keys: its split's range, cut at the causal limit of the block's last row.
     n_lo = split * keys_per_split
@@ -89,29 +120,22 @@ def _row_lse_kernel(
         n_hi = tl.minimum(n_hi, m0 + BLOCK_M + Sk - Sq)  # row m0 + BM - 1 sees keys < m0 + BM + Sk - Sq
 
     # Online log-sum-exp in base 2: scale * log2(e) is folded into qk_scale, so each score costs
-    # one multiply and one exp2.
+    # one fused multiply-add and one exp2. Blocks that every row of the block sees in full (all but
+    # the tail and the causal diagonal) skip the masking, an ALU op per score fewer.
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    for n0 in range(n_lo, n_hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base, offs_n, stride_kn, offs_n < Sk, D, stride_kd, 0, BLOCK_D)  # [BN, BD]
-        s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT)  # [BM, BD] @ [BD, BN] -> [BM, BN]
-        if BLOCK_D2 > 0:
-            k_tail = _load_tile(k_base, offs_n, stride_kn, offs_n < Sk, D, stride_kd, BLOCK_D, BLOCK_D2)
-            s += _dot(q_tail, tl.trans(k_tail), DOT_PRECISION, UPCAST_DOT)  # [BM, BD2] @ [BD2, BN]
-        s = s * qk_scale
-        visible = offs_n[None, :] < n_hi
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None] + (Sk - Sq))
-        if HAS_KEY_MASK:  # padded keys (keep == 0) leave the softmax denominator
-            keep = tl.load(KEY_KEEP + b.to(tl.int64) * stride_keep_b + offs_n * stride_keep_n, mask=offs_n < Sk, other=0)
-            visible = visible & (keep[None, :] != 0)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # A row with nothing visible yet keeps m = -inf; subtract 0 instead to avoid inf - inf.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
-        m_i = m_new
+    n_full = n_hi
+    if CAUSAL:
+        n_full = tl.minimum(n_full, m0 + 1 + Sk - Sq)  # the block's first row sees keys < m0 + 1 + Sk - Sq
+    n_full = n_lo + tl.maximum(n_full - n_lo, 0) // BLOCK_N * BLOCK_N
+    for n0 in range(n_lo, n_full, BLOCK_N):
+        m_i, l_i = _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEY_KEEP, stride_keep_n,
+                               offs_m, n0, n_hi, Sk, Sq, D, qk_scale, False, CAUSAL, HAS_KEY_MASK,
+                               DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2)
+    for n0 in range(n_full, n_hi, BLOCK_N):
+        m_i, l_i = _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEY_KEEP, stride_keep_n,
+                               offs_m, n0, n_hi, Sk, Sq, D, qk_scale, True, CAUSAL, HAS_KEY_MASK,
+                               DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2)
 
     seen = l_i > 0
     lse = (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * _LN2  # base 2 -> natural
@@ -120,6 +144,30 @@ def _row_lse_kernel(
     lse = tl.where(seen, lse, float("-inf") if SPLIT else float("inf"))
     lse_ptrs = LSE + split.to(tl.int64) * stride_ls + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
     tl.store(lse_ptrs + (offs_m - row_start) * stride_lm, lse, mask=mask_m)
+
+
+@triton.jit
+def _col_update(col, k, k_tail, q_base, stride_qm, stride_qd, lse_base, stride_lm, offs_n, m0,
+                row_start, row_end, Sk, Sq, D, qk_scale,
+                CAUSAL_MASK: tl.constexpr, USE_MAX: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
+    """Fold the weights of BLOCK_M query rows into the block's column sums (or maxima)."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < row_end
+    q = _load_tile(q_base, offs_m, stride_qm, mask_m, D, stride_qd, 0, BLOCK_D)  # [BM, BD]
+    s = _dot(k, tl.trans(q), DOT_PRECISION, UPCAST_DOT)  # [BN, BD] @ [BD, BM] -> [BN, BM]
+    if BLOCK_D2 > 0:
+        q_tail = _load_tile(q_base, offs_m, stride_qm, mask_m, D, stride_qd, BLOCK_D, BLOCK_D2)
+        s += _dot(k_tail, tl.trans(q_tail), DOT_PRECISION, UPCAST_DOT)  # [BN, BD2] @ [BD2, BM]
+    # Rows past row_end load lse = +inf, so their weights are exactly 0: no score mask needed.
+    lse2 = tl.load(lse_base + (offs_m - row_start) * stride_lm, mask=mask_m, other=float("inf")) * _LOG2E
+    p = tl.exp2(s * qk_scale - lse2[None, :])
+    if CAUSAL_MASK:
+        p = tl.where(offs_n[:, None] <= offs_m[None, :] + (Sk - Sq), p, 0.0)
+    if USE_MAX:
+        return tl.maximum(col, tl.max(p, axis=1))
+    return col + tl.sum(p, axis=1)
 
 
 @triton.jit
@@ -145,35 +193,32 @@ def _col_reduce_kernel(
     mask_n = offs_n < Sk
     k_base = K + b.to(tl.int64) * stride_kb + (h_first // GROUP).to(tl.int64) * stride_kh
     k = _load_tile(k_base, offs_n, stride_kn, mask_n, D, stride_kd, 0, BLOCK_D)  # [BN, BD], loaded once
+    k_tail = k  # unused unless BLOCK_D2 > 0
     if BLOCK_D2 > 0:
         k_tail = _load_tile(k_base, offs_n, stride_kn, mask_n, D, stride_kd, BLOCK_D, BLOCK_D2)  # [BN, BD2]
 
     col = tl.zeros([BLOCK_N], tl.float32)  # weights are >= 0, so 0 also starts a max
     m_lo = row_start
+    m_unmasked = row_start  # rows from here on see every key of the block: no causal mask
     if CAUSAL:
-        # Rows before n0 - (Sk - Sq) see none of this block's keys: skip them.
+        # Rows before n0 - (Sk - Sq) see none of this block's keys: skip them. Rows from
+        # n0 + BLOCK_N - 1 - (Sk - Sq) on see all of them; only the diagonal band between is masked.
         m_lo = tl.maximum(row_start, n0 - (Sk - Sq))
+        m_diag = tl.minimum(tl.maximum(m_lo, n0 + BLOCK_N - 1 - (Sk - Sq)), row_end)
+        m_unmasked = m_lo + tl.cdiv(m_diag - m_lo, BLOCK_M) * BLOCK_M
     for hh in range(HEADS_PER_PROGRAM):
         h = h_first + hh
         q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         lse_base = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
-        for m0 in range(m_lo, row_end, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            mask_m = offs_m < row_end
-            q = _load_tile(q_base, offs_m, stride_qm, mask_m, D, stride_qd, 0, BLOCK_D)  # [BM, BD]
-            s = _dot(k, tl.trans(q), DOT_PRECISION, UPCAST_DOT)  # [BN, BD] @ [BD, BM] -> [BN, BM]
-            if BLOCK_D2 > 0:
-                q_tail = _load_tile(q_base, offs_m, stride_qm, mask_m, D, stride_qd, BLOCK_D, BLOCK_D2)
-                s += _dot(k_tail, tl.trans(q_tail), DOT_PRECISION, UPCAST_DOT)  # [BN, BD2] @ [BD2, BM]
-            # Rows past row_end load lse = +inf, so their weights are exactly 0: no score mask needed.
-            lse2 = tl.load(lse_base + (offs_m - row_start) * stride_lm, mask=mask_m, other=float("inf")) * _LOG2E
-            p = tl.exp2(s * qk_scale - lse2[None, :])
-            if CAUSAL:
-                p = tl.where(offs_n[:, None] <= offs_m[None, :] + (Sk - Sq), p, 0.0)
-            if USE_MAX:
-                col = tl.maximum(col, tl.max(p, axis=1))
-            else:
-                col += tl.sum(p, axis=1)
+        if CAUSAL:
+            for m0 in range(m_lo, m_unmasked, BLOCK_M):
+                col = _col_update(col, k, k_tail, q_base, stride_qm, stride_qd, lse_base, stride_lm, offs_n, m0,
+                                  row_start, row_end, Sk, Sq, D, qk_scale, True, USE_MAX,
+                                  DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_D, BLOCK_D2)
+        for m0 in range(m_unmasked, row_end, BLOCK_M):
+            col = _col_update(col, k, k_tail, q_base, stride_qm, stride_qd, lse_base, stride_lm, offs_n, m0,
+                              row_start, row_end, Sk, Sq, D, qk_scale, False, USE_MAX,
+                              DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_D, BLOCK_D2)
     # Keys past Sk computed garbage from zero-filled K rows; the store mask drops them.
     tl.store(OUT + b.to(tl.int64) * stride_ob + chunk.to(tl.int64) * stride_oc + offs_n * stride_on, col, mask=mask_n)
 
@@ -191,22 +236,31 @@ def _head_dim_blocks(head_dim: int) -> tuple[int, int]:
 
 
 def _block_sizes(head_dim: int, dtype: torch.dtype) -> dict:
-    """Pass-2 tiles and launch settings, a pure function of D and dtype (reproducible across processes)."""
+    """Pass-2 tiles and launch settings, a pure function of D and dtype (reproducible across processes).
+
+    Chosen from `python -m benchmarks.tune` on an H100 (benchmarks/NOTES.md).
+    """
     block_d, block_d2 = _head_dim_blocks(head_dim)
     if interpreting():
         # Small, unequal tiles on the CPU: small test shapes still cross block edges in both directions.
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=block_d, BLOCK_D2=block_d2, num_warps=4, num_stages=1)
-    wide = (block_d + block_d2) * (4 if dtype == torch.float32 else 2) > 256  # bytes per row of a tile
-    block_n = 64 if wide else 128
-    return dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_D2=block_d2,
-                num_warps=8 if block_d >= 128 else 4, num_stages=2)
+    row_bytes = (block_d + block_d2) * (4 if dtype == torch.float32 else 2)
+    if row_bytes <= 192:  # D <= 96 in fp16/bf16
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=block_d, BLOCK_D2=block_d2, num_warps=4, num_stages=3)
+    if row_bytes <= 256:
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_D=block_d, BLOCK_D2=block_d2, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, BLOCK_D2=block_d2, num_warps=8, num_stages=2)
 
 
 def _lse_block_sizes(head_dim: int, dtype: torch.dtype) -> dict:
+    """Pass-1 tiles (rows stay in registers, keys stream)."""
     cfg = _block_sizes(head_dim, dtype)
-    if not interpreting():
-        cfg.update(BLOCK_M=128 if cfg["BLOCK_D"] + cfg["BLOCK_D2"] <= 128 else 64, BLOCK_N=64)
-    return cfg
+    if interpreting():
+        return cfg
+    row_bytes = (cfg["BLOCK_D"] + cfg["BLOCK_D2"]) * (4 if dtype == torch.float32 else 2)
+    if row_bytes <= 256:
+        return dict(cfg, BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3 if row_bytes <= 192 else 2)
+    return dict(cfg, BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
 
 
 @functools.lru_cache(maxsize=None)
