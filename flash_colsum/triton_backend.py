@@ -10,8 +10,8 @@ streams over the selected query rows of a chunk of that key head's query heads. 
 transposed score tile K . Q^T, so the reduction over query rows is a row sum of a register tile,
 and writes its BLOCK_N column sums (or maxima) once: no atomics, bitwise reproducible.
 
-Masking convention: query i sees key j iff j <= i + (Sk - Sq) when causal (bottom-right aligned,
-as FlashAttention), every key otherwise.
+Masking convention: query i sees key j iff j <= i + causal_offset when causal; the offset is
+Sk - Sq (bottom-right aligned, as FlashAttention) unless a caller (context parallelism) sets it.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 @triton.jit
 def _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, stride_keep_n,
-                offs_m, n0, n_hi, Sk, Sq, D, qk_scale,
+                offs_m, n0, n_hi, Sk, causal_offset, D, qk_scale,
                 MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
@@ -67,7 +67,7 @@ def _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, str
     if MASK:
         visible = offs_n[None, :] < n_hi
         if CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None] + (Sk - Sq))
+            visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
         s = tl.where(visible, s, float("-inf"))
     if HAS_KEY_MASK:  # padded keys (keep == 0) leave the softmax denominator
         keep = tl.load(KEEP_ROW + offs_n * stride_keep_n, mask=offs_n < Sk, other=0)
@@ -87,7 +87,7 @@ def _row_lse_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_keep_b, stride_keep_n,
     stride_ls, stride_lb, stride_lh, stride_lm,
-    BH, H, GROUP, Sq, Sk, D, row_start, row_end, n_row_blocks, keys_per_split, qk_scale,
+    BH, H, GROUP, causal_offset, Sk, D, row_start, row_end, n_row_blocks, keys_per_split, qk_scale,
     CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
@@ -117,7 +117,7 @@ def _row_lse_kernel(
     n_lo = split * keys_per_split
     n_hi = tl.minimum(Sk, n_lo + keys_per_split)
     if CAUSAL:
-        n_hi = tl.minimum(n_hi, m0 + BLOCK_M + Sk - Sq)  # row m0 + BM - 1 sees keys < m0 + BM + Sk - Sq
+        n_hi = tl.minimum(n_hi, m0 + BLOCK_M + causal_offset)  # row m0 + BM - 1 sees keys < m0 + BM + offset
 
     # Online log-sum-exp in base 2: scale * log2(e) is folded into qk_scale, so each score costs
     # one fused multiply-add and one exp2. Blocks that every row of the block sees in full (all but
@@ -126,15 +126,15 @@ def _row_lse_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     n_full = n_hi
     if CAUSAL:
-        n_full = tl.minimum(n_full, m0 + 1 + Sk - Sq)  # the block's first row sees keys < m0 + 1 + Sk - Sq
+        n_full = tl.minimum(n_full, m0 + 1 + causal_offset)  # the block's first row sees keys < m0 + 1 + offset
     n_full = n_lo + tl.maximum(n_full - n_lo, 0) // BLOCK_N * BLOCK_N
     for n0 in range(n_lo, n_full, BLOCK_N):
         m_i, l_i = _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEY_KEEP, stride_keep_n,
-                               offs_m, n0, n_hi, Sk, Sq, D, qk_scale, False, CAUSAL, HAS_KEY_MASK,
+                               offs_m, n0, n_hi, Sk, causal_offset, D, qk_scale, False, CAUSAL, HAS_KEY_MASK,
                                DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2)
     for n0 in range(n_full, n_hi, BLOCK_N):
         m_i, l_i = _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEY_KEEP, stride_keep_n,
-                               offs_m, n0, n_hi, Sk, Sq, D, qk_scale, True, CAUSAL, HAS_KEY_MASK,
+                               offs_m, n0, n_hi, Sk, causal_offset, D, qk_scale, True, CAUSAL, HAS_KEY_MASK,
                                DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2)
 
     seen = l_i > 0
@@ -148,7 +148,7 @@ def _row_lse_kernel(
 
 @triton.jit
 def _col_update(col, k, k_tail, q_base, stride_qm, stride_qd, lse_base, stride_lm, offs_n, m0,
-                row_start, row_end, Sk, Sq, D, qk_scale,
+                row_start, row_end, Sk, causal_offset, D, qk_scale,
                 CAUSAL_MASK: tl.constexpr, USE_MAX: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
@@ -164,7 +164,7 @@ def _col_update(col, k, k_tail, q_base, stride_qm, stride_qd, lse_base, stride_l
     lse2 = tl.load(lse_base + (offs_m - row_start) * stride_lm, mask=mask_m, other=float("inf")) * _LOG2E
     p = tl.exp2(s * qk_scale - lse2[None, :])
     if CAUSAL_MASK:
-        p = tl.where(offs_n[:, None] <= offs_m[None, :] + (Sk - Sq), p, 0.0)
+        p = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, p, 0.0)
     if USE_MAX:
         return tl.maximum(col, tl.max(p, axis=1))
     return col + tl.sum(p, axis=1)
@@ -177,7 +177,7 @@ def _col_reduce_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_lb, stride_lh, stride_lm,
     stride_ob, stride_oc, stride_on,
-    H, GROUP, HEADS_PER_PROGRAM, Sq, Sk, D, row_start, row_end, n_key_blocks, qk_scale,
+    H, GROUP, HEADS_PER_PROGRAM, causal_offset, Sk, D, row_start, row_end, n_key_blocks, qk_scale,
     CAUSAL: tl.constexpr, USE_MAX: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
@@ -201,10 +201,10 @@ def _col_reduce_kernel(
     m_lo = row_start
     m_unmasked = row_start  # rows from here on see every key of the block: no causal mask
     if CAUSAL:
-        # Rows before n0 - (Sk - Sq) see none of this block's keys: skip them. Rows from
-        # n0 + BLOCK_N - 1 - (Sk - Sq) on see all of them; only the diagonal band between is masked.
-        m_lo = tl.maximum(row_start, n0 - (Sk - Sq))
-        m_diag = tl.minimum(tl.maximum(m_lo, n0 + BLOCK_N - 1 - (Sk - Sq)), row_end)
+        # Rows before n0 - causal_offset see none of this block's keys: skip them. Rows from
+        # n0 + BLOCK_N - 1 - causal_offset on see all of them; only the diagonal band between is masked.
+        m_lo = tl.maximum(row_start, n0 - causal_offset)
+        m_diag = tl.minimum(tl.maximum(m_lo, n0 + BLOCK_N - 1 - causal_offset), row_end)
         m_unmasked = m_lo + tl.cdiv(m_diag - m_lo, BLOCK_M) * BLOCK_M
     for hh in range(HEADS_PER_PROGRAM):
         h = h_first + hh
@@ -213,11 +213,11 @@ def _col_reduce_kernel(
         if CAUSAL:
             for m0 in range(m_lo, m_unmasked, BLOCK_M):
                 col = _col_update(col, k, k_tail, q_base, stride_qm, stride_qd, lse_base, stride_lm, offs_n, m0,
-                                  row_start, row_end, Sk, Sq, D, qk_scale, True, USE_MAX,
+                                  row_start, row_end, Sk, causal_offset, D, qk_scale, True, USE_MAX,
                                   DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_D, BLOCK_D2)
         for m0 in range(m_unmasked, row_end, BLOCK_M):
             col = _col_update(col, k, k_tail, q_base, stride_qm, stride_qd, lse_base, stride_lm, offs_n, m0,
-                              row_start, row_end, Sk, Sq, D, qk_scale, False, USE_MAX,
+                              row_start, row_end, Sk, causal_offset, D, qk_scale, False, USE_MAX,
                               DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_D, BLOCK_D2)
     # Keys past Sk computed garbage from zero-filled K rows; the store mask drops them.
     tl.store(OUT + b.to(tl.int64) * stride_ob + chunk.to(tl.int64) * stride_oc + offs_n * stride_on, col, mask=mask_n)
@@ -298,7 +298,7 @@ def row_lse(query, key, p: Problem, key_keep=None, rows=None, config=None) -> to
         _row_lse_kernel[grid](
             query, key, keep, lse,
             *query.stride(), *key.stride(), *keep_strides, *lse.stride(),
-            p.batch * p.heads, p.heads, p.group, p.q_len, p.k_len, p.head_dim, rows.start, rows.stop,
+            p.batch * p.heads, p.heads, p.group, p.causal_offset, p.k_len, p.head_dim, rows.start, rows.stop,
             n_row_blocks, keys_per_split, p.scale * LOG2E,
             CAUSAL=p.causal, HAS_KEY_MASK=key_keep is not None, SPLIT=n_splits > 1,
             **_dot_flags(query.dtype), **cfg,
@@ -326,7 +326,7 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
         _col_reduce_kernel[grid](
             query, key, lse, out,
             *query.stride(), *key.stride(), *lse.stride(), *out.stride(),
-            p.heads, p.group, heads_per_chunk, p.q_len, p.k_len, p.head_dim, p.row_start, p.row_end,
+            p.heads, p.group, heads_per_chunk, p.causal_offset, p.k_len, p.head_dim, p.row_start, p.row_end,
             n_key_blocks, p.scale * LOG2E,
             CAUSAL=p.causal, USE_MAX=use_max, **_dot_flags(query.dtype), **cfg,
         )

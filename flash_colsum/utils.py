@@ -56,6 +56,7 @@ class Problem:
     row_start: int  # first selected query row
     row_end: int  # one past the last selected query row
     backend: str  # "triton" or "torch" after resolving "auto"
+    causal_offset: int = 0  # causal: query i sees keys j <= i + causal_offset (Sk - Sq: bottom-right)
 
     def with_rows(self, row_start: int, row_end: int) -> "Problem":
         return dataclasses.replace(self, row_start=row_start, row_end=row_end)
@@ -68,11 +69,6 @@ class Problem:
     @property
     def n_rows(self) -> int:
         return self.row_end - self.row_start
-
-    @property
-    def causal_offset(self) -> int:
-        """Bottom-right alignment: query i sees keys j <= i + causal_offset."""
-        return self.k_len - self.q_len
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -163,16 +159,19 @@ def make_problem(query, key, scale, is_causal, backend, allowed_dtypes=SUPPORTED
     return Problem(
         batch=b, heads=h, kv_heads=hk, q_len=sq, k_len=sk, head_dim=d,
         scale=resolve_scale(scale, d), causal=is_causal, row_start=0, row_end=sq,
-        backend=resolve_backend(backend, query.device, d),
+        backend=resolve_backend(backend, query.device, d), causal_offset=sk - sq,
     )
 
 
-def problem_from_shapes(query, key, scale: float, causal: bool, row_start: int, row_end: int, backend: str) -> Problem:
-    """A Problem for already validated arguments (inside the registered operator)."""
+def problem_from_shapes(query, key, scale: float, causal: bool, row_start: int, row_end: int, backend: str,
+                        causal_offset=None) -> Problem:
+    """A Problem for already validated arguments (the registered operator, context parallelism)."""
     b, h, sq, d = query.shape
+    sk = key.shape[2]
     return Problem(
-        batch=b, heads=h, kv_heads=key.shape[1], q_len=sq, k_len=key.shape[2], head_dim=d,
+        batch=b, heads=h, kv_heads=key.shape[1], q_len=sq, k_len=sk, head_dim=d,
         scale=scale, causal=causal, row_start=row_start, row_end=row_end, backend=backend,
+        causal_offset=sk - sq if causal_offset is None else causal_offset,
     )
 
 
