@@ -199,9 +199,7 @@ def column_stats(
         stats = torch.zeros(out_shape, device=query.device, dtype=torch.float32)
         computed = torch.full((b, p.heads, sq), float("inf"), device=query.device) if return_lse else None
     else:
-        # Reduce whole GQA groups inside the kernel when the head reduction is the row reduction's kind.
-        same_kind = head_op == ("max" if use_max else head_op if head_op in ("sum", "mean") else None)
-        heads_per_chunk = p.group if same_kind else 1
+        heads_per_chunk = heads_per_program(head_op, heads, use_max, p.group)
         full_lse = return_lse and lse is None
         if torch.compiler.is_compiling():  # the registered operator: opaque to the compiler
             chunks, computed = reduce_columns_op(
@@ -224,6 +222,13 @@ def column_stats(
     if return_lse:
         return stats, (lse[:, :, :sq] if lse is not None else computed)
     return stats
+
+
+def heads_per_program(head_op: str, heads: str, use_max: bool, group: int) -> int:
+    """Query heads a kernel program reduces together: a whole GQA group when the head reduction is
+    of the row reduction's kind (sums with sums, maxima with maxima), else one."""
+    same_kind = heads != "none" and head_op == ("max" if use_max else head_op if head_op in ("sum", "mean") else None)
+    return group if same_kind else 1
 
 
 def _reduce_heads(chunks: torch.Tensor, p: Problem, heads: str, head_op: str, kv: bool) -> torch.Tensor:
