@@ -1,0 +1,66 @@
+"""The benchmark driver: its floor formula always; a whole demo run when FLASH_COLSUM_RUN_BENCH=1."""
+
+import csv
+import os
+import sys
+
+import pytest
+import torch
+
+from benchmarks.baselines import ALIASES, DEFAULT_WHEEL_DIR, load_baselines
+from benchmarks.benchmark_colsum import Point, chunked_naive, main
+from benchmarks.ceilings import floor_ms, visible_fraction
+from flash_colsum import naive_colsum
+
+
+def test_visible_fraction():
+    assert visible_fraction(2, 3, causal=True) == 5 / 6  # row 0 sees keys 0-1, row 1 keys 0-2
+    assert visible_fraction(3, 2, causal=True) == 3 / 6  # Sq > Sk: row 0 sees nothing
+    assert visible_fraction(4, 4, causal=True) == 10 / 16
+    assert visible_fraction(3, 5, causal=False) == 1.0
+
+
+def test_floor_is_the_slowest_of_exp_matmul_and_memory():
+    pt = Point(b=2, h=4, sq=8, sk=16, d=32, hk=2)  # float16
+    scores = 2 * 4 * 8 * 16
+    qk_bytes = 2 * 2 * 32 * (4 * 8 + 2 * 16)
+    exp_bound = dict(exp2_per_s=1.0, matmul_flops=1e30, copy_bytes_per_s=1e30)
+    assert floor_ms(pt, exp_bound) == pytest.approx(2 * scores * 1e3)
+    assert floor_ms(pt, exp_bound, lse_given=True) == pytest.approx(scores * 1e3)
+    matmul_bound = dict(exp2_per_s=1e30, matmul_flops=1.0, copy_bytes_per_s=1e30)
+    assert floor_ms(pt, matmul_bound) == pytest.approx(2 * 2 * scores * 32 * 1e3)
+    copy_bound = dict(exp2_per_s=1e30, matmul_flops=1e30, copy_bytes_per_s=1.0)
+    assert floor_ms(pt, copy_bound) == pytest.approx(2 * qk_bytes * 1e3)
+    causal = Point(b=1, h=1, sq=2, sk=3, d=8, causal=True)
+    assert floor_ms(causal, exp_bound) == pytest.approx(2 * 5 * 1e3)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_chunked_naive_matches_naive(causal):
+    q = torch.randn(2, 4, 7, 16)
+    k = torch.randn(2, 2, 5, 16)  # GQA, and Sq > Sk: causal rows that see no key
+    want = naive_colsum(q, k, is_causal=causal, dtype=torch.float64).float()
+    got = chunked_naive(q, k, causal, budget_bytes=4 * 2 * 4 * 5 * 3)  # 3 rows per chunk
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not list(DEFAULT_WHEEL_DIR.glob("*.whl")), reason="no baseline wheels in .whl/")
+def test_baselines_import_under_their_aliases():
+    baselines = load_baselines(DEFAULT_WHEEL_DIR)
+    assert set(baselines) == {"flash_colsum_0.1.0", "flash_colreduce_0.2.2"}
+    for alias in ALIASES.values():
+        assert alias in sys.modules
+    assert hasattr(sys.modules["flash_colsum_v010"], "flash_colsum")
+    assert sys.modules["flash_colsum"].__file__ != sys.modules["flash_colsum_v010"].__file__
+
+
+@pytest.mark.skipif(os.environ.get("FLASH_COLSUM_RUN_BENCH") != "1", reason="set FLASH_COLSUM_RUN_BENCH=1")
+def test_demo_run(tmp_path):
+    rows = main(["--sweep", "demo", "--out", str(tmp_path)])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for name in (f"demo_{device}.csv", f"bench_demo_{device}.csv", f"bench_demo_{device}.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    with (tmp_path / f"bench_demo_{device}.csv").open() as f:
+        flash = [r for r in csv.DictReader(f) if r["method"] == "flash_colsum"]
+    assert flash and all(float(r["ms"]) > 0 for r in flash)
+    assert len(rows) >= 2 * len(flash)
