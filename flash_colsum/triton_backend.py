@@ -334,8 +334,10 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
 
 
 def _on_device(t: torch.Tensor):
-    """Launch on the tensor's GPU (not the current one)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Launch on the tensor's GPU, switching devices only when it is not the current one."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def _dot_flags(dtype: torch.dtype) -> dict:
