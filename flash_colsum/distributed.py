@@ -149,8 +149,22 @@ def _seq_to_heads(x: torch.Tensor, group, world: int, lens: list[int]) -> torch.
     x = torch.nn.functional.pad(x, (0, 0, 0, longest - n_local))
     send = [x[:, r * per_rank : (r + 1) * per_rank].contiguous() for r in range(world)]
     recv = [x.new_empty((b, per_rank, longest, d)) for _ in lens]
-    dist.all_to_all(recv, send, group=group)
+    _all_to_all(recv, send, group, world)
     return torch.cat([part[:, :, :n] for part, n in zip(recv, lens)], dim=2)
+
+
+def _all_to_all(recv: list, send: list, group, world: int) -> None:
+    """dist.all_to_all, or the same exchange as point-to-point messages on gloo, whose all-to-all
+    is missing from some PyTorch releases (2.11 among them)."""
+    if dist.get_backend(group) != "gloo":
+        dist.all_to_all(recv, send, group=group)
+        return
+    rank = dist.get_rank(group)
+    recv[rank].copy_(send[rank])
+    p2p = [dist.P2POp(dist.isend, send[r], _peer(group, r), group) for r in range(world) if r != rank]
+    p2p += [dist.P2POp(dist.irecv, recv[r], _peer(group, r), group) for r in range(world) if r != rank]
+    for request in dist.batch_isend_irecv(p2p):
+        request.wait()
 
 
 def _ring(query, key, group, world, rank, q_lens, k_lens, stats: dict) -> torch.Tensor:
