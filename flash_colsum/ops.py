@@ -188,12 +188,8 @@ def column_stats(
     kv = heads.startswith("kv_")
     head_op = heads[3:] if kv else heads
     use_max = reduce == "max"
-    shapes = {"none": (b, p.heads, sk)}
-    out_shape = shapes.get(heads, (b, p.kv_heads, sk) if kv else (b, sk))
-    if accumulate_into is not None:
-        check_tensor_arg("accumulate_into", accumulate_into, torch.float32, query.device)
-        if tuple(accumulate_into.shape) != out_shape:
-            raise ValueError(f"accumulate_into must have the result's shape {out_shape}; got {tuple(accumulate_into.shape)}")
+    out_shape = (b, *_head_rows(heads, p.heads, p.kv_heads), sk)
+    _check_accumulator(accumulate_into, out_shape, query.device)
 
     if b == 0 or sk == 0:
         stats = torch.zeros(out_shape, device=query.device, dtype=torch.float32)
@@ -231,6 +227,21 @@ def heads_per_program(head_op: str, heads: str, use_max: bool, group: int) -> in
     return group if same_kind else 1
 
 
+def _head_rows(heads: str, n_heads: int, n_kv_heads: int) -> tuple:
+    """The head axis a result keeps: () when heads are reduced away, (H,) or (Hk,) otherwise."""
+    if heads == "none":
+        return (n_heads,)
+    return (n_kv_heads,) if heads.startswith("kv_") else ()
+
+
+def _check_accumulator(buffer, shape: tuple, device) -> None:
+    if buffer is None:
+        return
+    check_tensor_arg("accumulate_into", buffer, torch.float32, device)
+    if tuple(buffer.shape) != shape:
+        raise ValueError(f"accumulate_into must have the result's shape {shape}; got {tuple(buffer.shape)}")
+
+
 def _reduce_heads(chunks: torch.Tensor, p: Problem, heads: str, head_op: str, kv: bool) -> torch.Tensor:
     """(B, C, Sk) per head chunk -> the requested head reduction."""
     if heads == "none":
@@ -253,12 +264,8 @@ def _column_stats_varlen(query, key, cu_seqlens_q, cu_seqlens_k, *, lse, return_
         check_tensor_arg("lse", lse, torch.float32, query.device)
         if tuple(lse.shape) != (heads, query.shape[0]):
             raise ValueError(f"with cu_seqlens, lse must be (H, total_q) = ({heads}, {query.shape[0]}); got {tuple(lse.shape)}")
-    head_rows = {"none": heads}.get(kwargs["heads"], kv_heads if kwargs["heads"].startswith("kv_") else None)
-    out_shape = (total_k,) if head_rows is None else (head_rows, total_k)
-    if accumulate_into is not None:
-        check_tensor_arg("accumulate_into", accumulate_into, torch.float32, query.device)
-        if tuple(accumulate_into.shape) != out_shape:
-            raise ValueError(f"accumulate_into must have the result's shape {out_shape}; got {tuple(accumulate_into.shape)}")
+    out_shape = (*_head_rows(kwargs["heads"], heads, kv_heads), total_k)
+    _check_accumulator(accumulate_into, out_shape, query.device)
     stats = torch.zeros(out_shape, device=query.device, dtype=torch.float32)
     lse_out = torch.full((heads, query.shape[0]), float("inf"), device=query.device) if return_lse else None
     for (q0, q1), (k0, k1) in zip(zip(bounds_q, bounds_q[1:]), zip(bounds_k, bounds_k[1:])):
