@@ -87,7 +87,7 @@ def _row_lse_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_keep_b, stride_keep_n,
     stride_ls, stride_lb, stride_lh, stride_lm,
-    BH, H, GROUP, causal_offset, Sk, D, row_start, row_end, n_row_blocks, keys_per_split, qk_scale,
+    BH, H, GROUP, causal_offset, Sk, D: tl.constexpr, row_start, row_end, n_row_blocks, keys_per_split, qk_scale,
     CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
@@ -106,7 +106,8 @@ def _row_lse_kernel(
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
     # Head dims that are not a power of two: a power-of-two main part plus a small tail part
-    # (72 = 64 + 16), instead of padding to the next power of two (128).
+    # (72 = 64 + 16), instead of padding to the next power of two (128). D is a compile-time
+    # constant so the tail's mask is static and its loads stay vectorized (D=72 is not 16-aligned).
     q = _load_tile(q_base, offs_m, stride_qm, mask_m, D, stride_qd, 0, BLOCK_D)  # [BM, BD]
     q_tail = q  # unused unless BLOCK_D2 > 0
     if BLOCK_D2 > 0:
@@ -177,7 +178,7 @@ def _col_reduce_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_lb, stride_lh, stride_lm,
     stride_ob, stride_oc, stride_on,
-    H, GROUP, HEADS_PER_PROGRAM, causal_offset, Sk, D, row_start, row_end, n_key_blocks, qk_scale,
+    H, GROUP, HEADS_PER_PROGRAM, causal_offset, Sk, D: tl.constexpr, row_start, row_end, n_key_blocks, qk_scale,
     CAUSAL: tl.constexpr, USE_MAX: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
