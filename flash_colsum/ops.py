@@ -223,7 +223,9 @@ def column_stats(
 def heads_per_program(head_op: str, heads: str, use_max: bool, group: int) -> int:
     """Query heads a kernel program reduces together: a whole GQA group when the head reduction is
     of the row reduction's kind (sums with sums, maxima with maxima), else one."""
-    same_kind = heads != "none" and head_op == ("max" if use_max else head_op if head_op in ("sum", "mean") else None)
+    if heads == "none":
+        return 1
+    same_kind = head_op == "max" if use_max else head_op in ("sum", "mean")
     return group if same_kind else 1
 
 
