@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from . import ops
-from .ops import HEAD_MODES, NORMALIZATIONS, ROW_REDUCTIONS, heads_per_program
+from .ops import HEAD_MODES, NORMALIZATIONS, ROW_REDUCTIONS, divide_by_counts, head_plan
 from .utils import make_problem, resolve_rows
 
 STRATEGIES = ("auto", "heads", "ring")
@@ -98,8 +98,8 @@ def _agree(query, key, group, world: int, args: dict) -> list[tuple[int, int]]:
     """Validate locally, then compare every rank's shapes and arguments; all ranks raise alike."""
     error = None
     try:
-        for name in ("reduce", "normalize", "heads", "strategy"):
-            allowed = {"reduce": ROW_REDUCTIONS, "normalize": NORMALIZATIONS, "heads": HEAD_MODES, "strategy": STRATEGIES}[name]
+        choices = dict(reduce=ROW_REDUCTIONS, normalize=NORMALIZATIONS, heads=HEAD_MODES, strategy=STRATEGIES)
+        for name, allowed in choices.items():
             if args[name] not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}; got {args[name]!r}")
         make_problem(query, key, args["scale"], args["is_causal"], args["backend"])
@@ -176,10 +176,8 @@ def _ring(query, key, group, world, rank, q_lens, k_lens, stats: dict) -> torch.
     offset = sk - sq  # global bottom-right alignment: row i sees keys j <= i + offset
     base = make_problem(query, key, stats["scale"], stats["is_causal"], stats["backend"])
     backend = ops._backend_module(base)
-    kv, heads = stats["heads"].startswith("kv_"), stats["heads"]
-    head_op = heads[3:] if kv else heads
-    use_max = stats["reduce"] == "max"
-    per_program = heads_per_program(head_op, heads, use_max, base.group)
+    heads = stats["heads"]
+    head_op, kv, use_max, per_program = head_plan(heads, stats["reduce"], base.group)
 
     def local_problem(q_rank: int, k_rank: int):
         """The (q shard, k shard) block as a single-device problem, or None if it has no work."""
@@ -222,9 +220,8 @@ def _ring(query, key, group, world, rank, q_lens, k_lens, stats: dict) -> torch.
         glob = dataclasses.replace(base, q_len=sq, k_len=sk, row_start=row_start, row_end=row_end, causal_offset=offset)
         count = ops._visible_row_counts(glob, None, stats["normalize"], query.device)
         if not isinstance(count, int):
-            count = count[:, k_starts[rank] : k_starts[rank] + k_lens[rank]]
-            count = count if result.dim() == 2 else count[:, None, :]
-        result = result.div_(count)
+            count = count[:, k_starts[rank] : k_starts[rank] + k_lens[rank]]  # this rank's keys
+        result = divide_by_counts(result, count)
     return result
 
 

@@ -185,9 +185,7 @@ def column_stats(
         if lse.dim() != 3 or tuple(lse.shape[:2]) != (b, p.heads) or lse.shape[2] < sq:
             raise ValueError(f"lse must be (B, H, Sq) = ({b}, {p.heads}, {sq}) (extra trailing rows allowed); got {tuple(lse.shape)}")
 
-    kv = heads.startswith("kv_")
-    head_op = heads[3:] if kv else heads
-    use_max = reduce == "max"
+    head_op, kv, use_max, heads_per_chunk = head_plan(heads, reduce, p.group)
     out_shape = (b, *_head_rows(heads, p.heads, p.kv_heads), sk)
     _check_accumulator(accumulate_into, out_shape, query.device)
 
@@ -195,7 +193,6 @@ def column_stats(
         stats = torch.zeros(out_shape, device=query.device, dtype=torch.float32)
         computed = torch.full((b, p.heads, sq), float("inf"), device=query.device) if return_lse else None
     else:
-        heads_per_chunk = heads_per_program(head_op, heads, use_max, p.group)
         full_lse = return_lse and lse is None
         if torch.compiler.is_compiling():  # the registered operator: opaque to the compiler
             chunks, computed = reduce_columns_op(
@@ -208,11 +205,7 @@ def column_stats(
             chunks = chunks.masked_fill_(~key_keep[:, None, :], 0.0)
         stats = _reduce_heads(chunks, p, heads, head_op, kv)
         if reduce == "mean":
-            count = _visible_row_counts(p, row_keep, normalize, query.device)
-            if isinstance(count, int):
-                stats = stats.div_(count)
-            else:
-                stats = stats.div_(count if stats.dim() == 2 else count[:, None, :])
+            stats = divide_by_counts(stats, _visible_row_counts(p, row_keep, normalize, query.device))
     if accumulate_into is not None:
         stats = accumulate_into.add_(stats)
     if return_lse:
@@ -220,13 +213,24 @@ def column_stats(
     return stats
 
 
-def heads_per_program(head_op: str, heads: str, use_max: bool, group: int) -> int:
-    """Query heads a kernel program reduces together: a whole GQA group when the head reduction is
-    of the row reduction's kind (sums with sums, maxima with maxima), else one."""
-    if heads == "none":
-        return 1
-    same_kind = head_op == "max" if use_max else head_op in ("sum", "mean")
-    return group if same_kind else 1
+def head_plan(heads: str, reduce: str, group: int) -> tuple:
+    """(head_op, per-KV-head?, row max?, query heads a kernel program reduces together).
+
+    A program reduces a whole GQA group when the head reduction is of the row reduction's kind
+    (sums with sums, maxima with maxima), else one head.
+    """
+    kv = heads.startswith("kv_")
+    head_op = heads[3:] if kv else heads
+    use_max = reduce == "max"
+    same_kind = heads != "none" and (head_op == "max" if use_max else head_op in ("sum", "mean"))
+    return head_op, kv, use_max, group if same_kind else 1
+
+
+def divide_by_counts(stats: torch.Tensor, count) -> torch.Tensor:
+    """A row mean: stats (B, [heads,] Sk) over a row count (a number, or (B, Sk)), in place."""
+    if isinstance(count, int):
+        return stats.div_(count)
+    return stats.div_(count if stats.dim() == 2 else count[:, None, :])
 
 
 def _head_rows(heads: str, n_heads: int, n_kv_heads: int) -> tuple:

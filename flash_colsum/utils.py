@@ -163,15 +163,14 @@ def make_problem(query, key, scale, is_causal, backend, allowed_dtypes=SUPPORTED
     )
 
 
-def problem_from_shapes(query, key, scale: float, causal: bool, row_start: int, row_end: int, backend: str,
-                        causal_offset=None) -> Problem:
-    """A Problem for already validated arguments (the registered operator, context parallelism)."""
+def problem_from_shapes(query, key, scale: float, causal: bool, row_start: int, row_end: int, backend: str) -> Problem:
+    """A Problem for already validated arguments (inside the registered operator)."""
     b, h, sq, d = query.shape
     sk = key.shape[2]
     return Problem(
         batch=b, heads=h, kv_heads=key.shape[1], q_len=sq, k_len=sk, head_dim=d,
         scale=scale, causal=causal, row_start=row_start, row_end=row_end, backend=backend,
-        causal_offset=sk - sq if causal_offset is None else causal_offset,
+        causal_offset=sk - sq,
     )
 
 
