@@ -91,7 +91,7 @@ def main():
                 k = torch.randn(b, h, s, d, device=device, dtype=dtype)
                 reference = column_stats(q, k, is_causal=causal)[:, shard]
                 timing = dtype == torch.float16
-                single_ms = timed(lambda: column_stats(q, k, is_causal=causal), device, 3) if timing else None
+                single_ms = timed(lambda: column_stats(q, k, is_causal=causal), device, args.repeats) if timing else None
                 q_local, k_local = q[:, :, shard].contiguous(), k[:, :, shard].contiguous()
                 del q, k
                 for strategy in ("heads", "ring"):
@@ -99,17 +99,27 @@ def main():
                     err = ((run() - reference).norm() / reference.norm()).item()
                     ms = timed(run, device, args.repeats) if timing else None
                     comm_ms = timed(lambda: comm_only(strategy, q_local, k_local, world, rank, lens), device, args.repeats) if timing else None
+                    sent = bytes_sent(strategy, b, h, h, s, d, world)
                     rows.append(dict(
                         seq=s, causal=causal, dtype=str(dtype).replace("torch.", ""), strategy=strategy, world=world,
-                        rel_l2=err, ms=ms, single_device_ms=single_ms, comm_ms=comm_ms,
-                        comm_share=None if not timing else comm_ms / ms,
-                        mib_sent_per_rank=bytes_sent(strategy, b, h, h, s, d, world) / 2**20,
+                        rel_l2=err, ms=ms, single_device_ms=single_ms,
+                        speedup=None if not timing else single_ms / ms, comm_ms=comm_ms,
+                        comm_share=None if not timing else comm_ms / ms,  # transfers alone over the whole call
+                        mib_sent_per_rank=sent / 2**20,
+                        comm_gb_per_s=None if not timing else sent / comm_ms / 1e6,
                     ))
                     if rank == 0:
                         print(rows[-1], flush=True)
                 if device == "cuda":
                     torch.cuda.empty_cache()
     if rank == 0:
+        print(f"\n{'S':>7} {'causal':>6} {'dtype':>8} {'strategy':>8} {'rel_l2':>8} {'1 GPU ms':>9} "
+              f"{f'{world} GPUs ms':>10} {'speedup':>7} {'comm ms':>8} {'share':>6} {'MiB sent':>9}")
+        for r in rows:
+            t = r["ms"] is not None
+            print(f"{r['seq']:>7} {str(r['causal']):>6} {r['dtype']:>8} {r['strategy']:>8} {r['rel_l2']:>8.1e} "
+                  + (f"{r['single_device_ms']:>9.1f} {r['ms']:>10.1f} {r['speedup']:>7.2f} {r['comm_ms']:>8.1f} "
+                     f"{r['comm_share']:>6.1%}" if t else " " * 46) + f" {r['mib_sent_per_rank']:>9.1f}")
         args.out.mkdir(parents=True, exist_ok=True)
         with open(args.out / f"distributed_{world}.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))

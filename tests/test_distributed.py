@@ -1,5 +1,7 @@
-"""Context parallelism on the CPU: gloo process groups of 2 and 4 ranks, spawned by the tests."""
+"""Context parallelism: gloo process groups of 2 and 4 ranks on the CPU, spawned by the tests, and
+NCCL groups of one rank per GPU where a machine has two or more."""
 
+import functools
 import os
 import socket
 import traceback
@@ -11,12 +13,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import flash_colsum.utils as fc_utils
 from flash_colsum import column_stats
 from flash_colsum.distributed import context_parallel_column_stats
 
 TIMEOUT_S = 240
 # The ranks hold CPU tensors (gloo): Triton runs them only under the interpreter (CPU machines).
 BACKENDS = ("torch", "triton") if os.environ.get("TRITON_INTERPRET") == "1" else ("torch",)
+N_GPUS = torch.cuda.device_count()
 
 
 def _free_port() -> int:
@@ -32,7 +36,8 @@ def _shard(total: int, world: int, rank: int) -> slice:
     return slice(start, start + base + (rank < extra))
 
 
-def _check_cases(rank, world):
+def _check_cases(rank, world, device="cpu", dtypes=(torch.float32,), backends=BACKENDS, tolerance=1e-6):
+    """Every strategy on this rank's shards against the single-device result on the whole sequence."""
     cases = []
     for h, hk in ((2 * world, world), (6, 3)):
         for causal in (False, True):
@@ -42,26 +47,26 @@ def _check_cases(rank, world):
                 dict(heads="none", reduce="sum", rows=slice(-5, None)),
                 dict(heads="kv_mean", normalize="visible", rows=slice(2, 17)),
             ):
-                cases.append((h, hk, causal, kwargs))
-    for h, hk, causal, kwargs in cases:
+                cases += [(h, hk, causal, kwargs, dtype) for dtype in dtypes]
+    for h, hk, causal, kwargs, dtype in cases:
         torch.manual_seed(zlib.crc32(repr((h, hk, causal, kwargs)).encode()))  # the same on every rank
         sq, sk = 4 * world + 5, 4 * world + 8  # Sq != Sk: the global causal offset matters
-        q = torch.randn(2, h, sq, 16)
-        k = torch.randn(2, hk, sk, 16)
-        expected = column_stats(q, k, is_causal=causal, backend="torch", **kwargs)
+        q = torch.randn(2, h, sq, 16).to(device, dtype)
+        k = torch.randn(2, hk, sk, 16).to(device, dtype)
         qs, ks = _shard(sq, world, rank), _shard(sk, world, rank)
         strategies = ["ring", "auto"] + (["heads"] if h % world == 0 and hk % world == 0 else [])
-        for strategy in strategies:
-            for backend in BACKENDS if not kwargs else ("torch",):  # interpreter time
+        for backend in backends if not kwargs or device != "cpu" else ("torch",):  # interpreter time
+            expected = column_stats(q, k, is_causal=causal, backend=backend, **kwargs)
+            for strategy in strategies:
                 got = context_parallel_column_stats(
                     q[:, :, qs], k[:, :, ks], strategy=strategy, is_causal=causal, backend=backend, **kwargs
                 )
                 want = expected[..., ks]
                 err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
                 assert got.shape == want.shape, (strategy, got.shape, want.shape)
-                assert err <= 1e-6, f"{strategy} {backend} H={h} Hk={hk} causal={causal} {kwargs}: {err:.2e}"
+                assert err <= tolerance, f"{strategy} {backend} {dtype} H={h} Hk={hk} causal={causal} {kwargs}: {err:.2e}"
         full = context_parallel_column_stats(q[:, :, qs], k[:, :, ks], is_causal=causal, gather_result=True, **kwargs)
-        assert ((full - expected).norm() / expected.norm()).item() <= 1e-6
+        assert ((full - expected).norm() / expected.norm()).item() <= tolerance
 
 
 def _check_errors(rank, world):
@@ -82,10 +87,17 @@ def _check_errors(rank, world):
         context_parallel_column_stats(q, k, reduce="median")
 
 
-def _worker(rank, world, port, check, env):
+def _poisoned(shape, device):
+    return torch.full(shape, float("nan"), device=device, dtype=torch.float32)
+
+
+def _worker(rank, world, port, check, env, backend):
     os.environ.update(env)
+    fc_utils.new_output = _poisoned  # conftest's NaN poisoning does not reach spawned ranks
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
     )
     try:
         check(rank, world)
@@ -96,9 +108,12 @@ def _worker(rank, world, port, check, env):
         dist.destroy_process_group()
 
 
-def _spawn(world, check):
+def _spawn(world, check, backend="gloo"):
     env = {"TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "0")}
-    context = mp.start_processes(_worker, args=(world, _free_port(), check, env), nprocs=world, join=False, start_method="spawn")
+    if backend == "nccl":  # NVLink multicast must stay off on the lent machines
+        env.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+    args = (world, _free_port(), check, env, backend)
+    context = mp.start_processes(_worker, args=args, nprocs=world, join=False, start_method="spawn")
     deadline = TIMEOUT_S
     while not context.join(timeout=5):
         deadline -= 5
@@ -116,6 +131,16 @@ def test_matches_single_process(world):
 @pytest.mark.parametrize("world", [2, 4])
 def test_bad_input_raises_on_every_rank(world):
     _spawn(world, _check_errors)
+
+
+@pytest.mark.skipif(N_GPUS < 2, reason="needs two or more GPUs")
+@pytest.mark.parametrize("world", sorted({2, N_GPUS}))
+def test_nccl_matches_single_gpu(world):
+    """One rank per GPU over NCCL, Triton and torch back ends, fp16 and bf16: within 1e-5 of one GPU."""
+    check = functools.partial(
+        _check_cases, device="cuda", dtypes=(torch.float16, torch.bfloat16), backends=("triton", "torch"), tolerance=1e-5
+    )
+    _spawn(world, check, backend="nccl")
 
 
 def _check_single_rank(rank, world):
