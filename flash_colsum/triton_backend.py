@@ -1,14 +1,17 @@
 """Triton back end: two passes that never build the Sq x Sk attention matrix.
 
-Pass 1 (`_row_lse_kernel`, row-centric): for each selected query row i, the log-sum-exp of its
-scaled scores over the keys it may see, lse[i] = log(sum_j exp(scale * q_i . k_j)), natural log,
-float32, shape (B, H, n_rows). Rows that see no key get +inf (as FlashAttention does), so that
-every weight exp(s - lse) they would contribute is exactly 0.
+Pass 1 (`_row_block_kernel` in LSE mode, row-stationary): for each selected query row i, the
+log-sum-exp of its scaled scores over the keys it may see, lse[i] = log(sum_j exp(scale * q_i . k_j)),
+natural log, float32, shape (B, H, n_rows). Rows that see no key get +inf (as FlashAttention does),
+so that every weight exp(s - lse) they would contribute is exactly 0.
 
 Pass 2 (`_col_reduce_kernel`, key-centric): each program owns BLOCK_N keys of one key head and
 streams over the selected query rows of a chunk of that key head's query heads. It computes the
 transposed score tile K . Q^T, so the reduction over query rows is a row sum of a register tile,
-and writes its BLOCK_N column sums (or maxima) once: no atomics, bitwise reproducible.
+and writes its BLOCK_N column sums (or maxima) once: no atomics, bitwise reproducible. When the
+selected rows are few (at most ROW_STATIONARY_MAX_ROW_BLOCKS row blocks), pass 2 instead runs the
+row-stationary kernel in COLUMNS mode: keys stream past the rows in registers, as in pass 1, and
+each row block writes its own partial column sums, added here.
 
 Masking convention: query i sees key j iff j <= i + causal_offset when causal; the offset is
 Sk - Sq (bottom-right aligned, as FlashAttention) unless a caller (context parallelism) sets it.
@@ -81,17 +84,45 @@ def _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, str
 
 
 @triton.jit
-def _row_lse_kernel(
-    Q, K, KEY_KEEP, LSE,
+def _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, n0, Sk, causal_offset, D, qk_scale,
+               MASK: tl.constexpr, USE_MAX: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
+    """Store the column sums (or maxima) of one block of BLOCK_N keys over the block's rows."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    k = _load_tile(k_base, offs_n, stride_kn, offs_n < Sk, D, stride_kd, 0, BLOCK_D)  # [BN, BD]
+    s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT)  # [BM, BD] @ [BD, BN] -> [BM, BN], unscaled
+    if BLOCK_D2 > 0:
+        k_tail = _load_tile(k_base, offs_n, stride_kn, offs_n < Sk, D, stride_kd, BLOCK_D, BLOCK_D2)
+        s += _dot(q_tail, tl.trans(k_tail), DOT_PRECISION, UPCAST_DOT)  # [BM, BD2] @ [BD2, BN]
+    # Rows past the selection carry lse = +inf: their weights are exactly 0 without a row mask.
+    p = tl.exp2(s * qk_scale - lse2[:, None])
+    if MASK:  # the causal diagonal
+        p = tl.where(offs_n[None, :] <= offs_m[:, None] + causal_offset, p, 0.0)
+    col = tl.max(p, axis=0) if USE_MAX else tl.sum(p, axis=0)
+    tl.store(out_ptrs + n0, col, mask=offs_n < Sk)
+
+
+@triton.jit
+def _row_block_kernel(
+    Q, K, KEY_KEEP, LSE, OUT,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_keep_b, stride_keep_n,
     stride_ls, stride_lb, stride_lh, stride_lm,
+    stride_or, stride_ob, stride_oh, stride_on,
     BH, H, GROUP, causal_offset, Sk, D: tl.constexpr, row_start, row_end, n_row_blocks, keys_per_split, qk_scale,
-    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SPLIT: tl.constexpr,
+    COLUMNS: tl.constexpr, USE_MAX: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SPLIT: tl.constexpr, ROW_ALIGN: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
+    """Row-stationary: a block of BLOCK_M query rows of one head stays in registers while a range of
+    keys streams past (the keys split among programs when rows are few, as in flash-decoding).
+
+    COLUMNS=False (pass 1): the rows' log-sum-exp over the range, into LSE[split, b, h, row].
+    COLUMNS=True (pass 2 for few rows): with the rows' final LSE given, each key block's column sums
+    (maxima) over the block's rows, into OUT[row block, b, h, key]; keys no row of the block sees get 0.
+    """
     # 1-D grid (no 65535 limit); fastest to slowest: row block, (batch, head), key split. Row
     # blocks of one head are neighbours, so they share K in L2.
     pid = tl.program_id(0)
@@ -100,51 +131,73 @@ def _row_lse_kernel(
     split = rest // BH
     b = bh // H
     h = bh % H
-    m0 = row_start + (pid % n_row_blocks) * BLOCK_M
+    row_block = pid % n_row_blocks
+    m0 = row_start + row_block * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     mask_m = offs_m < row_end
+    if ROW_ALIGN > 1:  # every row starts 16-byte aligned (D=72: stride 72): lets the loads vectorize
+        stride_qm = tl.multiple_of(stride_qm, ROW_ALIGN)
+        stride_kn = tl.multiple_of(stride_kn, ROW_ALIGN)
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
     # Head dims that are not a power of two: a power-of-two main part plus a small tail part
     # (72 = 64 + 16), instead of padding to the next power of two (128). D is a compile-time
-    # constant so the tail's mask is static and its loads stay vectorized (D=72 is not 16-aligned).
+    # constant so the tail's mask is static.
     q = _load_tile(q_base, offs_m, stride_qm, mask_m, D, stride_qd, 0, BLOCK_D)  # [BM, BD]
     q_tail = q  # unused unless BLOCK_D2 > 0
     if BLOCK_D2 > 0:
         q_tail = _load_tile(q_base, offs_m, stride_qm, mask_m, D, stride_qd, BLOCK_D, BLOCK_D2)  # [BM, BD2]
     KEY_KEEP = KEY_KEEP + b.to(tl.int64) * stride_keep_b
+    lse_ptrs = LSE + split.to(tl.int64) * stride_ls + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
+    lse_ptrs += (offs_m - row_start) * stride_lm
 
     # This program's keys: its split's range, cut at the causal limit of the block's last row.
     n_lo = split * keys_per_split
-    n_hi = tl.minimum(Sk, n_lo + keys_per_split)
+    n_end = tl.minimum(Sk, n_lo + keys_per_split)
+    n_hi = n_end
     if CAUSAL:
         n_hi = tl.minimum(n_hi, m0 + BLOCK_M + causal_offset)  # row m0 + BM - 1 sees keys < m0 + BM + offset
-
-    # Online log-sum-exp in base 2: scale * log2(e) is folded into qk_scale, so each score costs
-    # one fused multiply-add and one exp2. Blocks that every row of the block sees in full (all but
-    # the tail and the causal diagonal) skip the masking, an ALU op per score fewer.
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+        n_hi = tl.maximum(n_hi, n_lo)
+    # Blocks that every row of the block sees in full (all but the tail and the causal diagonal)
+    # skip the masking, an ALU op per score fewer.
     n_full = n_hi
     if CAUSAL:
         n_full = tl.minimum(n_full, m0 + 1 + causal_offset)  # the block's first row sees keys < m0 + 1 + offset
     n_full = n_lo + tl.maximum(n_full - n_lo, 0) // BLOCK_N * BLOCK_N
-    for n0 in range(n_lo, n_full, BLOCK_N):
-        m_i, l_i = _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEY_KEEP, stride_keep_n,
-                               offs_m, n0, n_hi, Sk, causal_offset, D, qk_scale, False, CAUSAL, HAS_KEY_MASK,
-                               DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2)
-    for n0 in range(n_full, n_hi, BLOCK_N):
-        m_i, l_i = _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEY_KEEP, stride_keep_n,
-                               offs_m, n0, n_hi, Sk, causal_offset, D, qk_scale, True, CAUSAL, HAS_KEY_MASK,
-                               DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2)
 
-    seen = l_i > 0
-    lse = (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * _LN2  # base 2 -> natural
-    # A split's partial for a row that saw none of its keys is -inf (neutral in the combining
-    # log-sum-exp); a final value for a row that sees no key at all is +inf (weight 0 in pass 2).
-    lse = tl.where(seen, lse, float("-inf") if SPLIT else float("inf"))
-    lse_ptrs = LSE + split.to(tl.int64) * stride_ls + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
-    tl.store(lse_ptrs + (offs_m - row_start) * stride_lm, lse, mask=mask_m)
+    if COLUMNS:
+        lse2 = tl.load(lse_ptrs, mask=mask_m, other=float("inf")) * _LOG2E  # [BM], base 2
+        out_ptrs = OUT + row_block.to(tl.int64) * stride_or + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+        out_ptrs += tl.arange(0, BLOCK_N) * stride_on
+        for n0 in range(n_lo, n_full, BLOCK_N):
+            _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, n0, Sk, causal_offset, D,
+                       qk_scale, False, USE_MAX, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2)
+        for n0 in range(n_full, n_hi, BLOCK_N):
+            _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, n0, Sk, causal_offset, D,
+                       qk_scale, CAUSAL, USE_MAX, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2)
+        # Keys past the causal limit of every row of the block: weight 0 (the output is not pre-zeroed).
+        n_seen = n_lo + tl.cdiv(n_hi - n_lo, BLOCK_N) * BLOCK_N
+        for n0 in range(n_seen, n_end, BLOCK_N):
+            tl.store(out_ptrs + n0, tl.zeros([BLOCK_N], tl.float32), mask=n0 + tl.arange(0, BLOCK_N) < n_end)
+    else:
+        # Online log-sum-exp in base 2: scale * log2(e) is folded into qk_scale, so each score costs
+        # one fused multiply-add and one exp2.
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        for n0 in range(n_lo, n_full, BLOCK_N):
+            m_i, l_i = _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEY_KEEP, stride_keep_n,
+                                   offs_m, n0, n_hi, Sk, causal_offset, D, qk_scale, False, CAUSAL, HAS_KEY_MASK,
+                                   DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2)
+        for n0 in range(n_full, n_hi, BLOCK_N):
+            m_i, l_i = _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEY_KEEP, stride_keep_n,
+                                   offs_m, n0, n_hi, Sk, causal_offset, D, qk_scale, True, CAUSAL, HAS_KEY_MASK,
+                                   DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2)
+        seen = l_i > 0
+        lse = (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * _LN2  # base 2 -> natural
+        # A split's partial for a row that saw none of its keys is -inf (neutral in the combining
+        # log-sum-exp); a final value for a row that sees no key at all is +inf (weight 0 in pass 2).
+        lse = tl.where(seen, lse, float("-inf") if SPLIT else float("inf"))
+        tl.store(lse_ptrs, lse, mask=mask_m)
 
 
 @triton.jit
@@ -179,7 +232,8 @@ def _col_reduce_kernel(
     stride_lb, stride_lh, stride_lm,
     stride_ob, stride_oc, stride_on,
     H, GROUP, HEADS_PER_PROGRAM, causal_offset, Sk, D: tl.constexpr, row_start, row_end, n_key_blocks, qk_scale,
-    CAUSAL: tl.constexpr, USE_MAX: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    CAUSAL: tl.constexpr, USE_MAX: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
     # 1-D grid: key blocks of one (batch, head chunk) are neighbours, sharing Q and lse in L2.
@@ -192,6 +246,9 @@ def _col_reduce_kernel(
     n0 = (pid % n_key_blocks) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < Sk
+    if ROW_ALIGN > 1:  # every row starts 16-byte aligned: lets the loads vectorize
+        stride_qm = tl.multiple_of(stride_qm, ROW_ALIGN)
+        stride_kn = tl.multiple_of(stride_kn, ROW_ALIGN)
     k_base = K + b.to(tl.int64) * stride_kb + (h_first // GROUP).to(tl.int64) * stride_kh
     k = _load_tile(k_base, offs_n, stride_kn, mask_n, D, stride_kd, 0, BLOCK_D)  # [BN, BD], loaded once
     k_tail = k  # unused unless BLOCK_D2 > 0
@@ -279,6 +336,41 @@ def _key_splits(p: Problem, n_programs: int, block_n: int, device: torch.device)
     return triton.cdiv(triton.cdiv(p.k_len, n_splits), block_n) * block_n
 
 
+def _row_align(*tensors: torch.Tensor) -> int:
+    """ROW_ALIGN for the kernels: 16 // element size when every row of every tensor starts 16-byte
+    aligned and is contiguous (Triton's own hints miss strides like 72 that are not multiples of 16), else 1."""
+    size = tensors[0].element_size()
+    aligned = all(
+        t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in t.stride()[:-1])
+        for t in tensors
+    )
+    return 16 // size if aligned else 1
+
+
+def _launch_row_blocks(query, key, p: Problem, rows: range, cfg: dict, lse, out, key_keep=None, use_max=False):
+    """Launch the row-stationary kernel over the rows (LSE mode when ``out`` is None)."""
+    n_row_blocks = triton.cdiv(len(rows), cfg["BLOCK_M"])
+    keys_per_split = _key_splits(p, p.batch * p.heads * n_row_blocks, cfg["BLOCK_N"], query.device)
+    n_splits = triton.cdiv(p.k_len, keys_per_split)
+    if out is None:
+        lse = utils.new_output((n_splits, p.batch, p.heads, len(rows)), query.device)
+    lse_strides = lse.stride() if out is None else (0, *lse.stride())
+    keep = key if key_keep is None else key_keep.view(torch.uint8)  # K is a dummy pointer when unused
+    keep_strides = (0, 0) if key_keep is None else keep.stride()
+    out_arg, out_strides = (lse, (0, 0, 0, 0)) if out is None else (out, out.stride())
+    grid = (n_splits * p.batch * p.heads * n_row_blocks,)
+    with _on_device(query):
+        _row_block_kernel[grid](
+            query, key, keep, lse, out_arg,
+            *query.stride(), *key.stride(), *keep_strides, *lse_strides, *out_strides,
+            p.batch * p.heads, p.heads, p.group, p.causal_offset, p.k_len, p.head_dim, rows.start, rows.stop,
+            n_row_blocks, keys_per_split, p.scale * LOG2E,
+            COLUMNS=out is not None, USE_MAX=use_max, CAUSAL=p.causal, HAS_KEY_MASK=key_keep is not None,
+            SPLIT=n_splits > 1, ROW_ALIGN=_row_align(query, key), **_dot_flags(query.dtype), **cfg,
+        )
+    return lse
+
+
 def row_lse(query, key, p: Problem, key_keep=None, rows=None, config=None) -> torch.Tensor:
     """Pass 1: natural-log LSE, float32 (B, H, len(rows)), of rows (default: the selected ones).
 
@@ -288,26 +380,17 @@ def row_lse(query, key, p: Problem, key_keep=None, rows=None, config=None) -> to
     """
     rows = rows or range(p.row_start, p.row_end)
     cfg = config or _lse_block_sizes(p.head_dim, query.dtype)
-    n_row_blocks = triton.cdiv(len(rows), cfg["BLOCK_M"])
-    keys_per_split = _key_splits(p, p.batch * p.heads * n_row_blocks, cfg["BLOCK_N"], query.device)
-    n_splits = triton.cdiv(p.k_len, keys_per_split)
-    lse = utils.new_output((n_splits, p.batch, p.heads, len(rows)), query.device)
-    keep = key if key_keep is None else key_keep.view(torch.uint8)  # K is a dummy pointer when unused
-    keep_strides = (0, 0) if key_keep is None else keep.stride()
-    grid = (n_splits * p.batch * p.heads * n_row_blocks,)
-    with _on_device(query):
-        _row_lse_kernel[grid](
-            query, key, keep, lse,
-            *query.stride(), *key.stride(), *keep_strides, *lse.stride(),
-            p.batch * p.heads, p.heads, p.group, p.causal_offset, p.k_len, p.head_dim, rows.start, rows.stop,
-            n_row_blocks, keys_per_split, p.scale * LOG2E,
-            CAUSAL=p.causal, HAS_KEY_MASK=key_keep is not None, SPLIT=n_splits > 1,
-            **_dot_flags(query.dtype), **cfg,
-        )
-    if n_splits == 1:
+    lse = _launch_row_blocks(query, key, p, rows, cfg, None, None, key_keep)
+    if lse.shape[0] == 1:
         return lse[0]
     lse = torch.logsumexp(lse, dim=0)
     return lse.masked_fill_(torch.isneginf(lse), float("inf"))
+
+
+# Pass 2 runs row-stationary (rows in registers, keys streaming, one partial per row block) when
+# the selected rows fill at most this many row blocks: few rows (decoding windows, CLS tokens,
+# SnapKV's observation window) leave the key-centric kernel too little work per program.
+ROW_STATIONARY_MAX_ROW_BLOCKS = 4
 
 
 def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool, config=None) -> torch.Tensor:
@@ -319,6 +402,16 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
     Weights of padded keys are not masked here: the caller zeroes those columns.
     """
     n_chunks = p.heads // heads_per_chunk
+    row_cfg = config or _lse_block_sizes(p.head_dim, query.dtype)
+    n_row_blocks = triton.cdiv(p.n_rows, row_cfg["BLOCK_M"])
+    if n_row_blocks <= ROW_STATIONARY_MAX_ROW_BLOCKS:
+        # One partial per row block and query head, reduced here (a few (B, H, Sk) float32 planes).
+        parts = utils.new_output((n_row_blocks, p.batch, p.heads, p.k_len), query.device)
+        _launch_row_blocks(query, key, p, range(p.row_start, p.row_end), row_cfg, lse, parts, use_max=use_max)
+        if n_row_blocks == 1 and heads_per_chunk == 1:
+            return parts[0]
+        parts = parts.view(n_row_blocks, p.batch, n_chunks, heads_per_chunk, p.k_len)
+        return parts.amax(dim=(0, 3)) if use_max else parts.sum(dim=(0, 3))
     out = utils.new_output((p.batch, n_chunks, p.k_len), query.device)
     cfg = config or _block_sizes(p.head_dim, query.dtype)
     n_key_blocks = triton.cdiv(p.k_len, cfg["BLOCK_N"])
@@ -329,7 +422,7 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
             *query.stride(), *key.stride(), *lse.stride(), *out.stride(),
             p.heads, p.group, heads_per_chunk, p.causal_offset, p.k_len, p.head_dim, p.row_start, p.row_end,
             n_key_blocks, p.scale * LOG2E,
-            CAUSAL=p.causal, USE_MAX=use_max, **_dot_flags(query.dtype), **cfg,
+            CAUSAL=p.causal, USE_MAX=use_max, ROW_ALIGN=_row_align(query, key), **_dot_flags(query.dtype), **cfg,
         )
     return out
 

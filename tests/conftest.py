@@ -39,3 +39,12 @@ def poison_kernel_outputs(monkeypatch):
 def fresh_seed(request):
     """A different, reproducible seed for every test."""
     torch.manual_seed(abs(hash(request.node.nodeid)) % 2**31)
+
+
+@pytest.fixture(params=["key_centric", "row_stationary"])
+def pass2_layout(request, monkeypatch):
+    """Force the Triton pass 2 onto one kernel: key-centric, or row-stationary for any row count."""
+    import flash_colsum.triton_backend as tb
+
+    monkeypatch.setattr(tb, "ROW_STATIONARY_MAX_ROW_BLOCKS", 0 if request.param == "key_centric" else 10**6)
+    return request.param

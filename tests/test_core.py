@@ -35,6 +35,17 @@ def test_matches_reference(backend, device, b, h, hk, sq, sk, d, causal, cls_len
     assert err <= TOLERANCE[dtype], f"relative L2 error {err:.3e}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("b,h,hk,sq,sk,d,causal,cls_len,seq_major", CASES)
+def test_pass2_layouts_match_reference(pass2_layout, b, h, hk, sq, sk, d, causal, cls_len, seq_major, dtype):
+    """Both Triton pass-2 kernels (key-centric, row-stationary) on every case, whatever the row count."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k = make_qk(b, h, hk, sq, sk, d, dtype, device, seq_major)
+    out = flash_colsum(q, k, is_causal=causal, cls_len=cls_len, backend="triton")
+    err = rel_l2(out, reference(q, k, is_causal=causal, cls_len=cls_len))
+    assert err <= TOLERANCE[dtype], f"{pass2_layout}: relative L2 error {err:.3e}"
+
+
 @pytest.mark.parametrize("d", [1, 3, 16, 64, 72, 80, 128, 256])
 @pytest.mark.parametrize("backend,device", TARGETS)
 def test_any_head_dim(backend, device, d):
@@ -124,7 +135,7 @@ def test_memory_budget_validation(bad):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("backend,device", TARGETS)
-def test_long_keys_few_rows(backend, device, causal):
+def test_long_keys_few_rows(backend, device, causal, pass2_layout):
     """Few query rows over many keys: the Triton LSE pass splits the keys (flash-decoding style),
     and with causal masking some splits see none of a row's keys."""
     for sq, sk in ((8, 300), (200, 300), (3, 2000)):

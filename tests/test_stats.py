@@ -26,7 +26,7 @@ def check(q, k, backend, dtype=torch.float32, **kwargs):
 @pytest.mark.parametrize("heads", HEADS)
 @pytest.mark.parametrize("reduce", ["sum", "mean", "max"])
 @pytest.mark.parametrize("backend,device", TARGETS)
-def test_reductions(backend, device, reduce, heads):
+def test_reductions(backend, device, reduce, heads, pass2_layout):
     q, k = make_qk(2, 4, 2, 24, 40, 32, torch.float16, device)
     check(q, k, backend, torch.float16, is_causal=True, reduce=reduce, heads=heads)
 
