@@ -1,0 +1,90 @@
+"""A/B timings of the Triton back end's switches, in one process (same GPU, same run).
+
+    python -m benchmarks.ab [--out DIR]
+
+For each point, times `flash_colsum` and each pass with a switch on and off (medians of
+`triton.testing.do_bench`), and checks that both give the same result to 1e-6:
+  align:     ROW_ALIGN hints (16-byte aligned rows; matters for D=72) vs none;
+  row_stat:  row-stationary pass 2 for few rows vs the key-centric kernel.
+"""
+
+import argparse
+import contextlib
+import csv
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench
+
+from flash_colsum import flash_colsum
+from flash_colsum import triton_backend as tb
+from flash_colsum.utils import make_problem
+
+POINTS = [  # (B, H, Sq, Sk, D, causal, switch)
+    (1, 16, 16384, 16384, 64, False, "align"),
+    (1, 16, 16384, 16384, 72, False, "align"),
+    (1, 16, 16384, 16384, 80, False, "align"),
+    (1, 16, 16384, 16384, 96, False, "align"),
+    (1, 16, 16384, 16384, 128, False, "align"),
+    (8, 16, 1024, 1024, 64, False, "align"),
+    (1, 32, 128, 65536, 128, True, "row_stat"),
+    (1, 32, 128, 262144, 128, True, "row_stat"),
+    (1, 32, 512, 65536, 128, True, "row_stat"),
+    (1, 32, 32, 262144, 128, False, "row_stat"),
+]
+
+
+@contextlib.contextmanager
+def switched_off(switch: str):
+    saved = tb._row_align, tb.ROW_STATIONARY_MAX_ROW_BLOCKS
+    if switch == "align":
+        tb._row_align = lambda *tensors: 1
+    else:
+        tb.ROW_STATIONARY_MAX_ROW_BLOCKS = 0
+    try:
+        yield
+    finally:
+        tb._row_align, tb.ROW_STATIONARY_MAX_ROW_BLOCKS = saved
+
+
+def bench(fn) -> float:
+    return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    args = parser.parse_args()
+    rows = []
+    for b, h, sq, sk, d, causal, switch in POINTS:
+        q = torch.randn(b, h, sq, d, device="cuda", dtype=torch.float16)
+        k = torch.randn(b, h, sk, d, device="cuda", dtype=torch.float16)
+        p = make_problem(q, k, None, causal, "triton")
+        lse = tb.row_lse(q, k, p)
+        result = {}
+        for state in ("on", "off"):
+            with contextlib.nullcontext() if state == "on" else switched_off(switch):
+                out = flash_colsum(q, k, is_causal=causal)
+                result[state] = out
+                rows.append(dict(
+                    point=f"B={b} H={h} Sq={sq} Sk={sk} D={d}{' causal' if causal else ''}", switch=switch, state=state,
+                    total_ms=bench(lambda: flash_colsum(q, k, is_causal=causal)),
+                    pass1_ms=bench(lambda: tb.row_lse(q, k, p)),
+                    pass2_ms=bench(lambda: tb.col_reduce(q, k, lse, p, 1, False)),
+                ))
+        diff = ((result["on"] - result["off"]).norm() / result["off"].norm()).item()
+        for r in rows[-2:]:
+            r["rel_diff"] = diff
+        for r in rows[-2:]:
+            print(f"{r['point']:<42} {switch:>8} {r['state']:>3}: total {r['total_ms']:.3f} ms  "
+                  f"pass 1 {r['pass1_ms']:.3f}  pass 2 {r['pass2_ms']:.3f}  (on vs off {diff:.1e})", flush=True)
+        del q, k, lse
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "ab.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
