@@ -3,7 +3,7 @@
     python -m benchmarks.tune [--out DIR] [--shapes 0 4 ...]
 
 A tuning aid for choosing the heuristics in flash_colsum/triton_backend.py (`_block_sizes`,
-`_lse_block_sizes`), not part of the library: the shipped configuration is a pure function of
+`_row_block_sizes`), not part of the library: the shipped configuration is a pure function of
 the head dim and dtype, so results are reproducible across processes.
 """
 
@@ -62,7 +62,7 @@ def main():
                 rows.append(dict(shape=f"{b}x{h}x{sq}x{sk}x{d}{'c' if causal else ''}", pass_=name, ms=ms, **cfg))
                 if best is None or ms < best[0]:
                     best = (ms, cfg)
-            default = (tb._lse_block_sizes if lse_pass else tb._block_sizes)(d, q.dtype)
+            default = tb._row_block_sizes(d, q.dtype, sq, columns=False) if lse_pass else "library's choice"
             fn = (lambda: tb.row_lse(q, k, p)) if lse_pass else (lambda: tb.col_reduce(q, k, lse, p, 1, False))
             print(f"{b}x{h}x{sq}x{sk}x{d} causal={causal} {name}: best {best[0]:.3f} ms {best[1]}; "
                   f"default {do_bench(fn, warmup=10, rep=40, return_mode='median'):.3f} ms {default}", flush=True)

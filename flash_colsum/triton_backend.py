@@ -9,7 +9,7 @@ Pass 2 (`_col_reduce_kernel`, key-centric): each program owns BLOCK_N keys of on
 streams over the selected query rows of a chunk of that key head's query heads. It computes the
 transposed score tile K . Q^T, so the reduction over query rows is a row sum of a register tile,
 and writes its BLOCK_N column sums (or maxima) once: no atomics, bitwise reproducible. When the
-selected rows are few (at most ROW_STATIONARY_MAX_ROW_BLOCKS row blocks), pass 2 instead runs the
+selected rows are few (`_use_row_stationary`: one row block), pass 2 instead runs the
 row-stationary kernel in COLUMNS mode: keys stream past the rows in registers, as in pass 1, and
 each row block writes its own partial column sums, added here.
 
@@ -35,14 +35,38 @@ _LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
 
 
 @triton.jit
-def _load_tile(base, offs_row, stride_row, mask_row, D, stride_d, D_START: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Load a [ROWS, BLOCK_D] tile of head-dim columns D_START ... D_START + BLOCK_D - 1 (zeros past D).
+def _load_tile(base, offs_row, stride_row, mask_row, stride_d,
+               D_START: tl.constexpr, BLOCK_D: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr):
+    """Load a [ROWS, BLOCK_D] tile of head-dim columns D_START ... D_START + BLOCK_D - 1, zero outside
+    [D_LO, D_HI). The head-dim mask is emitted only where the bounds cut the tile (compile-time).
 
     Row offsets are int64 so tensors of more than 2**31 elements index safely.
     """
     offs_d = D_START + tl.arange(0, BLOCK_D)
+    mask = mask_row[:, None]
+    if D_LO > D_START:
+        mask = mask & (offs_d[None, :] >= D_LO)
+    if D_HI < D_START + BLOCK_D:
+        mask = mask & (offs_d[None, :] < D_HI)
     ptrs = base + offs_row.to(tl.int64)[:, None] * stride_row + offs_d[None, :] * stride_d
-    return tl.load(ptrs, mask=mask_row[:, None] & (offs_d[None, :] < D), other=0.0)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+# Head dims that are not a power of two run as a power-of-two main block [0, BLOCK_D) plus a tail
+# block of BLOCK_D2 columns ending at D (72 = 64 + 16: columns 56...71). The streaming operand
+# (loaded every iteration) reads its tail unmasked; the stationary operand (loaded once) zeroes
+# the columns the two blocks share, so each product counts once. A masked streaming tail (64...79
+# cut at 72) ran D=72 at 1.5x the time of D=80.
+@triton.jit
+def _load_main(base, offs_row, stride_row, mask_row, stride_d, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    return _load_tile(base, offs_row, stride_row, mask_row, stride_d, 0, BLOCK_D, 0, D)
+
+
+@triton.jit
+def _load_tail(base, offs_row, stride_row, mask_row, stride_d, D: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_D2: tl.constexpr, STATIONARY: tl.constexpr):
+    d_lo: tl.constexpr = BLOCK_D if STATIONARY else D - BLOCK_D2
+    return _load_tile(base, offs_row, stride_row, mask_row, stride_d, D - BLOCK_D2, BLOCK_D2, d_lo, D)
 
 
 @triton.jit
@@ -56,16 +80,16 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 @triton.jit
 def _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, stride_keep_n,
-                offs_m, n0, n_hi, Sk, causal_offset, D, qk_scale,
+                offs_m, n0, n_hi, Sk, causal_offset, D: tl.constexpr, qk_scale,
                 MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
     """Fold one block of BLOCK_N keys into the running (max, sum) of each row, in base 2."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    k = _load_tile(k_base, offs_n, stride_kn, offs_n < Sk, D, stride_kd, 0, BLOCK_D)  # [BN, BD]
+    k = _load_main(k_base, offs_n, stride_kn, offs_n < Sk, stride_kd, D, BLOCK_D)  # [BN, BD]
     s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT)  # [BM, BD] @ [BD, BN] -> [BM, BN], unscaled
     if BLOCK_D2 > 0:
-        k_tail = _load_tile(k_base, offs_n, stride_kn, offs_n < Sk, D, stride_kd, BLOCK_D, BLOCK_D2)
+        k_tail = _load_tail(k_base, offs_n, stride_kn, offs_n < Sk, stride_kd, D, BLOCK_D, BLOCK_D2, False)
         s += _dot(q_tail, tl.trans(k_tail), DOT_PRECISION, UPCAST_DOT)  # [BM, BD2] @ [BD2, BN]
     if MASK:
         visible = offs_n[None, :] < n_hi
@@ -84,15 +108,15 @@ def _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, str
 
 
 @triton.jit
-def _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, n0, Sk, causal_offset, D, qk_scale,
+def _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, n0, Sk, causal_offset, D: tl.constexpr, qk_scale,
                MASK: tl.constexpr, USE_MAX: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
     """Store the column sums (or maxima) of one block of BLOCK_N keys over the block's rows."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    k = _load_tile(k_base, offs_n, stride_kn, offs_n < Sk, D, stride_kd, 0, BLOCK_D)  # [BN, BD]
+    k = _load_main(k_base, offs_n, stride_kn, offs_n < Sk, stride_kd, D, BLOCK_D)  # [BN, BD]
     s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT)  # [BM, BD] @ [BD, BN] -> [BM, BN], unscaled
     if BLOCK_D2 > 0:
-        k_tail = _load_tile(k_base, offs_n, stride_kn, offs_n < Sk, D, stride_kd, BLOCK_D, BLOCK_D2)
+        k_tail = _load_tail(k_base, offs_n, stride_kn, offs_n < Sk, stride_kd, D, BLOCK_D, BLOCK_D2, False)
         s += _dot(q_tail, tl.trans(k_tail), DOT_PRECISION, UPCAST_DOT)  # [BM, BD2] @ [BD2, BN]
     # Rows past the selection carry lse = +inf: their weights are exactly 0 without a row mask.
     p = tl.exp2(s * qk_scale - lse2[:, None])
@@ -112,7 +136,7 @@ def _row_block_kernel(
     stride_or, stride_ob, stride_oh, stride_on,
     BH, H, GROUP, causal_offset, Sk, D: tl.constexpr, row_start, row_end, n_row_blocks, keys_per_split, qk_scale,
     COLUMNS: tl.constexpr, USE_MAX: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SPLIT: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
@@ -135,18 +159,13 @@ def _row_block_kernel(
     m0 = row_start + row_block * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     mask_m = offs_m < row_end
-    if ROW_ALIGN > 1:  # every row starts 16-byte aligned (D=72: stride 72): lets the loads vectorize
-        stride_qm = tl.multiple_of(stride_qm, ROW_ALIGN)
-        stride_kn = tl.multiple_of(stride_kn, ROW_ALIGN)
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
-    # Head dims that are not a power of two: a power-of-two main part plus a small tail part
-    # (72 = 64 + 16), instead of padding to the next power of two (128). D is a compile-time
-    # constant so the tail's mask is static.
-    q = _load_tile(q_base, offs_m, stride_qm, mask_m, D, stride_qd, 0, BLOCK_D)  # [BM, BD]
+    # Q is the stationary operand here: its tail block zeroes the columns the main block has.
+    q = _load_main(q_base, offs_m, stride_qm, mask_m, stride_qd, D, BLOCK_D)  # [BM, BD]
     q_tail = q  # unused unless BLOCK_D2 > 0
     if BLOCK_D2 > 0:
-        q_tail = _load_tile(q_base, offs_m, stride_qm, mask_m, D, stride_qd, BLOCK_D, BLOCK_D2)  # [BM, BD2]
+        q_tail = _load_tail(q_base, offs_m, stride_qm, mask_m, stride_qd, D, BLOCK_D, BLOCK_D2, True)  # [BM, BD2]
     KEY_KEEP = KEY_KEEP + b.to(tl.int64) * stride_keep_b
     lse_ptrs = LSE + split.to(tl.int64) * stride_ls + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
     lse_ptrs += (offs_m - row_start) * stride_lm
@@ -202,17 +221,17 @@ def _row_block_kernel(
 
 @triton.jit
 def _col_update(col, k, k_tail, q_base, stride_qm, stride_qd, lse_base, stride_lm, offs_n, m0,
-                row_start, row_end, Sk, causal_offset, D, qk_scale,
+                row_start, row_end, Sk, causal_offset, D: tl.constexpr, qk_scale,
                 CAUSAL_MASK: tl.constexpr, USE_MAX: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
     """Fold the weights of BLOCK_M query rows into the block's column sums (or maxima)."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     mask_m = offs_m < row_end
-    q = _load_tile(q_base, offs_m, stride_qm, mask_m, D, stride_qd, 0, BLOCK_D)  # [BM, BD]
+    q = _load_main(q_base, offs_m, stride_qm, mask_m, stride_qd, D, BLOCK_D)  # [BM, BD]
     s = _dot(k, tl.trans(q), DOT_PRECISION, UPCAST_DOT)  # [BN, BD] @ [BD, BM] -> [BN, BM]
     if BLOCK_D2 > 0:
-        q_tail = _load_tile(q_base, offs_m, stride_qm, mask_m, D, stride_qd, BLOCK_D, BLOCK_D2)
+        q_tail = _load_tail(q_base, offs_m, stride_qm, mask_m, stride_qd, D, BLOCK_D, BLOCK_D2, False)
         s += _dot(k_tail, tl.trans(q_tail), DOT_PRECISION, UPCAST_DOT)  # [BN, BD2] @ [BD2, BM]
     # Rows past row_end load lse = +inf, so their weights are exactly 0: no score mask needed.
     lse2 = tl.load(lse_base + (offs_m - row_start) * stride_lm, mask=mask_m, other=float("inf")) * _LOG2E
@@ -232,8 +251,7 @@ def _col_reduce_kernel(
     stride_lb, stride_lh, stride_lm,
     stride_ob, stride_oc, stride_on,
     H, GROUP, HEADS_PER_PROGRAM, causal_offset, Sk, D: tl.constexpr, row_start, row_end, n_key_blocks, qk_scale,
-    CAUSAL: tl.constexpr, USE_MAX: tl.constexpr, ROW_ALIGN: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    CAUSAL: tl.constexpr, USE_MAX: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
     # 1-D grid: key blocks of one (batch, head chunk) are neighbours, sharing Q and lse in L2.
@@ -246,14 +264,11 @@ def _col_reduce_kernel(
     n0 = (pid % n_key_blocks) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < Sk
-    if ROW_ALIGN > 1:  # every row starts 16-byte aligned: lets the loads vectorize
-        stride_qm = tl.multiple_of(stride_qm, ROW_ALIGN)
-        stride_kn = tl.multiple_of(stride_kn, ROW_ALIGN)
     k_base = K + b.to(tl.int64) * stride_kb + (h_first // GROUP).to(tl.int64) * stride_kh
-    k = _load_tile(k_base, offs_n, stride_kn, mask_n, D, stride_kd, 0, BLOCK_D)  # [BN, BD], loaded once
+    k = _load_main(k_base, offs_n, stride_kn, mask_n, stride_kd, D, BLOCK_D)  # [BN, BD], loaded once
     k_tail = k  # unused unless BLOCK_D2 > 0
     if BLOCK_D2 > 0:
-        k_tail = _load_tile(k_base, offs_n, stride_kn, mask_n, D, stride_kd, BLOCK_D, BLOCK_D2)  # [BN, BD2]
+        k_tail = _load_tail(k_base, offs_n, stride_kn, mask_n, stride_kd, D, BLOCK_D, BLOCK_D2, True)  # [BN, BD2]
 
     col = tl.zeros([BLOCK_N], tl.float32)  # weights are >= 0, so 0 also starts a max
     m_lo = row_start
@@ -310,14 +325,23 @@ def _block_sizes(head_dim: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, BLOCK_D2=block_d2, num_warps=8, num_stages=2)
 
 
-def _lse_block_sizes(head_dim: int, dtype: torch.dtype) -> dict:
-    """Pass-1 tiles (rows stay in registers, keys stream)."""
+def _row_block_sizes(head_dim: int, dtype: torch.dtype, n_rows: int, columns: bool) -> dict:
+    """Row-stationary tiles (rows stay in registers, keys stream): pass 1, or pass 2 for few rows (columns).
+
+    D in (96, 128] in fp16/bf16 tuned at causal Sq=128, Sk=262144 (benchmarks/results/tune_h100_v5_causal.csv).
+    """
     cfg = _block_sizes(head_dim, dtype)
     if interpreting():
         return cfg
     row_bytes = (cfg["BLOCK_D"] + cfg["BLOCK_D2"]) * (4 if dtype == torch.float32 else 2)
+    if row_bytes <= 192:
+        return dict(cfg, BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3)
     if row_bytes <= 256:
-        return dict(cfg, BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3 if row_bytes <= 192 else 2)
+        if columns:
+            return dict(cfg, BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+        if n_rows <= 128:
+            return dict(cfg, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+        return dict(cfg, BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2)
     return dict(cfg, BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
 
 
@@ -334,17 +358,6 @@ def _key_splits(p: Problem, n_programs: int, block_n: int, device: torch.device)
         target, min_blocks = 4 * _sm_count(device), 8
     n_splits = max(1, min(triton.cdiv(target, n_programs), triton.cdiv(p.k_len, block_n * min_blocks)))
     return triton.cdiv(triton.cdiv(p.k_len, n_splits), block_n) * block_n
-
-
-def _row_align(*tensors: torch.Tensor) -> int:
-    """ROW_ALIGN for the kernels: 16 // element size when every row of every tensor starts 16-byte
-    aligned and is contiguous (Triton's own hints miss strides like 72 that are not multiples of 16), else 1."""
-    size = tensors[0].element_size()
-    aligned = all(
-        t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in t.stride()[:-1])
-        for t in tensors
-    )
-    return 16 // size if aligned else 1
 
 
 def _launch_row_blocks(query, key, p: Problem, rows: range, cfg: dict, lse, out, key_keep=None, use_max=False):
@@ -366,7 +379,7 @@ def _launch_row_blocks(query, key, p: Problem, rows: range, cfg: dict, lse, out,
             p.batch * p.heads, p.heads, p.group, p.causal_offset, p.k_len, p.head_dim, rows.start, rows.stop,
             n_row_blocks, keys_per_split, p.scale * LOG2E,
             COLUMNS=out is not None, USE_MAX=use_max, CAUSAL=p.causal, HAS_KEY_MASK=key_keep is not None,
-            SPLIT=n_splits > 1, ROW_ALIGN=_row_align(query, key), **_dot_flags(query.dtype), **cfg,
+            SPLIT=n_splits > 1, **_dot_flags(query.dtype), **cfg,
         )
     return lse
 
@@ -379,7 +392,7 @@ def row_lse(query, key, p: Problem, key_keep=None, rows=None, config=None) -> to
     partial log-sum-exps are combined here (a (splits, B, H, rows) float32 temporary).
     """
     rows = rows or range(p.row_start, p.row_end)
-    cfg = config or _lse_block_sizes(p.head_dim, query.dtype)
+    cfg = config or _row_block_sizes(p.head_dim, query.dtype, len(rows), columns=False)
     lse = _launch_row_blocks(query, key, p, rows, cfg, None, None, key_keep)
     if lse.shape[0] == 1:
         return lse[0]
@@ -387,10 +400,11 @@ def row_lse(query, key, p: Problem, key_keep=None, rows=None, config=None) -> to
     return lse.masked_fill_(torch.isneginf(lse), float("inf"))
 
 
-# Pass 2 runs row-stationary (rows in registers, keys streaming, one partial per row block) when
-# the selected rows fill at most this many row blocks: few rows (decoding windows, CLS tokens,
-# SnapKV's observation window) leave the key-centric kernel too little work per program.
-ROW_STATIONARY_MAX_ROW_BLOCKS = 4
+def _use_row_stationary(n_rows: int, block_m: int) -> bool:
+    """Pass 2 row-stationary when the selected rows fill one row block at least half: few rows (decoding
+    windows, SnapKV's observation window) leave the key-centric kernel too little work per program,
+    while a mostly empty row block wastes the row-stationary one's matmuls (H100, v5 in NOTES.md)."""
+    return block_m // 2 < n_rows <= block_m
 
 
 def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool, config=None) -> torch.Tensor:
@@ -402,10 +416,12 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
     Weights of padded keys are not masked here: the caller zeroes those columns.
     """
     n_chunks = p.heads // heads_per_chunk
-    row_cfg = config or _lse_block_sizes(p.head_dim, query.dtype)
-    n_row_blocks = triton.cdiv(p.n_rows, row_cfg["BLOCK_M"])
-    if n_row_blocks <= ROW_STATIONARY_MAX_ROW_BLOCKS:
-        # One partial per row block and query head, reduced here (a few (B, H, Sk) float32 planes).
+    row_cfg = _row_block_sizes(p.head_dim, query.dtype, p.n_rows, columns=True)
+    if _use_row_stationary(p.n_rows, row_cfg["BLOCK_M"]):
+        # One partial per row block and query head, reduced here (one (B, H, Sk) float32 plane
+        # with the default tiles).
+        row_cfg = config or row_cfg
+        n_row_blocks = triton.cdiv(p.n_rows, row_cfg["BLOCK_M"])
         parts = utils.new_output((n_row_blocks, p.batch, p.heads, p.k_len), query.device)
         _launch_row_blocks(query, key, p, range(p.row_start, p.row_end), row_cfg, lse, parts, use_max=use_max)
         if n_row_blocks == 1 and heads_per_chunk == 1:
@@ -422,7 +438,7 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
             *query.stride(), *key.stride(), *lse.stride(), *out.stride(),
             p.heads, p.group, heads_per_chunk, p.causal_offset, p.k_len, p.head_dim, p.row_start, p.row_end,
             n_key_blocks, p.scale * LOG2E,
-            CAUSAL=p.causal, USE_MAX=use_max, ROW_ALIGN=_row_align(query, key), **_dot_flags(query.dtype), **cfg,
+            CAUSAL=p.causal, USE_MAX=use_max, **_dot_flags(query.dtype), **cfg,
         )
     return out
 

@@ -46,5 +46,5 @@ def pass2_layout(request, monkeypatch):
     """Force the Triton pass 2 onto one kernel: key-centric, or row-stationary for any row count."""
     import flash_colsum.triton_backend as tb
 
-    monkeypatch.setattr(tb, "ROW_STATIONARY_MAX_ROW_BLOCKS", 0 if request.param == "key_centric" else 10**6)
+    monkeypatch.setattr(tb, "_use_row_stationary", lambda n_rows, block_m: request.param == "row_stationary")
     return request.param
