@@ -54,9 +54,8 @@ def _load_tile(base, offs_row, stride_row, mask_row, stride_d,
 
 # Head dims that are not a power of two run as a power-of-two main block [0, BLOCK_D) plus a tail
 # block of BLOCK_D2 columns ending at D (72 = 64 + 16: columns 56...71). The streaming operand
-# (loaded every iteration) reads its tail unmasked; the stationary operand (loaded once) zeroes
-# the columns the two blocks share, so each product counts once. A masked streaming tail (64...79
-# cut at 72) ran D=72 at 1.5x the time of D=80.
+# (loaded every iteration) reads its tail with no head-dim mask; the stationary operand (loaded
+# once) zeroes the columns the two blocks share, so each product counts once.
 @triton.jit
 def _load_main(base, offs_row, stride_row, mask_row, stride_d, D: tl.constexpr, BLOCK_D: tl.constexpr):
     return _load_tile(base, offs_row, stride_row, mask_row, stride_d, 0, BLOCK_D, 0, D)
@@ -136,7 +135,7 @@ def _row_block_kernel(
     stride_or, stride_ob, stride_oh, stride_on,
     BH, H, GROUP, causal_offset, Sk, D: tl.constexpr, row_start, row_end, n_row_blocks, keys_per_split, qk_scale,
     COLUMNS: tl.constexpr, USE_MAX: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SPLIT: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SPLIT: tl.constexpr, STRIDE_UNIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
@@ -159,6 +158,8 @@ def _row_block_kernel(
     m0 = row_start + row_block * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     mask_m = offs_m < row_end
+    stride_qb, stride_qh, stride_qm = stride_qb * STRIDE_UNIT, stride_qh * STRIDE_UNIT, stride_qm * STRIDE_UNIT
+    stride_kb, stride_kh, stride_kn = stride_kb * STRIDE_UNIT, stride_kh * STRIDE_UNIT, stride_kn * STRIDE_UNIT
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
     # Q is the stationary operand here: its tail block zeroes the columns the main block has.
@@ -251,7 +252,7 @@ def _col_reduce_kernel(
     stride_lb, stride_lh, stride_lm,
     stride_ob, stride_oc, stride_on,
     H, GROUP, HEADS_PER_PROGRAM, causal_offset, Sk, D: tl.constexpr, row_start, row_end, n_key_blocks, qk_scale,
-    CAUSAL: tl.constexpr, USE_MAX: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    CAUSAL: tl.constexpr, USE_MAX: tl.constexpr, STRIDE_UNIT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
     # 1-D grid: key blocks of one (batch, head chunk) are neighbours, sharing Q and lse in L2.
@@ -264,6 +265,8 @@ def _col_reduce_kernel(
     n0 = (pid % n_key_blocks) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < Sk
+    stride_qb, stride_qh, stride_qm = stride_qb * STRIDE_UNIT, stride_qh * STRIDE_UNIT, stride_qm * STRIDE_UNIT
+    stride_kb, stride_kh, stride_kn = stride_kb * STRIDE_UNIT, stride_kh * STRIDE_UNIT, stride_kn * STRIDE_UNIT
     k_base = K + b.to(tl.int64) * stride_kb + (h_first // GROUP).to(tl.int64) * stride_kh
     k = _load_main(k_base, offs_n, stride_kn, mask_n, stride_kd, D, BLOCK_D)  # [BN, BD], loaded once
     k_tail = k  # unused unless BLOCK_D2 > 0
@@ -360,6 +363,24 @@ def _key_splits(p: Problem, n_programs: int, block_n: int, device: torch.device)
     return triton.cdiv(triton.cdiv(p.k_len, n_splits), block_n) * block_n
 
 
+def _qk_strides(query: torch.Tensor, key: torch.Tensor) -> tuple[list, int]:
+    """Q's and K's strides for the kernels, and STRIDE_UNIT: the batch, head and row strides come in
+    units of 16 bytes when they all are multiples of 16 bytes, else of one element.
+
+    The kernels multiply them back by the compile-time unit, which tells Triton that every row
+    starts 16-byte aligned, so loads vectorize and pipeline. Its own specialization marks only
+    strides divisible by 16 elements: a contiguous D=72 tensor (row stride 72) got scalar loads
+    and ran at 1.5x the time of D=80.
+    """
+    unit = 16 // query.element_size()
+    outer = (*query.stride()[:3], *key.stride()[:3])
+    if any(s % unit for s in outer):
+        unit = 1
+    q_strides = [s // unit for s in query.stride()[:3]] + [query.stride(3)]
+    k_strides = [s // unit for s in key.stride()[:3]] + [key.stride(3)]
+    return q_strides + k_strides, unit
+
+
 def _launch_row_blocks(query, key, p: Problem, rows: range, cfg: dict, lse, out, key_keep=None, use_max=False):
     """Launch the row-stationary kernel over the rows (LSE mode when ``out`` is None)."""
     n_row_blocks = triton.cdiv(len(rows), cfg["BLOCK_M"])
@@ -371,15 +392,16 @@ def _launch_row_blocks(query, key, p: Problem, rows: range, cfg: dict, lse, out,
     keep = key if key_keep is None else key_keep.view(torch.uint8)  # K is a dummy pointer when unused
     keep_strides = (0, 0) if key_keep is None else keep.stride()
     out_arg, out_strides = (lse, (0, 0, 0, 0)) if out is None else (out, out.stride())
+    qk_strides, unit = _qk_strides(query, key)
     grid = (n_splits * p.batch * p.heads * n_row_blocks,)
     with _on_device(query):
         _row_block_kernel[grid](
             query, key, keep, lse, out_arg,
-            *query.stride(), *key.stride(), *keep_strides, *lse_strides, *out_strides,
+            *qk_strides, *keep_strides, *lse_strides, *out_strides,
             p.batch * p.heads, p.heads, p.group, p.causal_offset, p.k_len, p.head_dim, rows.start, rows.stop,
             n_row_blocks, keys_per_split, p.scale * LOG2E,
             COLUMNS=out is not None, USE_MAX=use_max, CAUSAL=p.causal, HAS_KEY_MASK=key_keep is not None,
-            SPLIT=n_splits > 1, **_dot_flags(query.dtype), **cfg,
+            SPLIT=n_splits > 1, STRIDE_UNIT=unit, **_dot_flags(query.dtype), **cfg,
         )
     return lse
 
@@ -431,14 +453,15 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
     out = utils.new_output((p.batch, n_chunks, p.k_len), query.device)
     cfg = config or _block_sizes(p.head_dim, query.dtype)
     n_key_blocks = triton.cdiv(p.k_len, cfg["BLOCK_N"])
+    qk_strides, unit = _qk_strides(query, key)
     grid = (p.batch * n_chunks * n_key_blocks,)
     with _on_device(query):
         _col_reduce_kernel[grid](
             query, key, lse, out,
-            *query.stride(), *key.stride(), *lse.stride(), *out.stride(),
+            *qk_strides, *lse.stride(), *out.stride(),
             p.heads, p.group, heads_per_chunk, p.causal_offset, p.k_len, p.head_dim, p.row_start, p.row_end,
             n_key_blocks, p.scale * LOG2E,
-            CAUSAL=p.causal, USE_MAX=use_max, **_dot_flags(query.dtype), **cfg,
+            CAUSAL=p.causal, USE_MAX=use_max, STRIDE_UNIT=unit, **_dot_flags(query.dtype), **cfg,
         )
     return out
 
