@@ -110,18 +110,22 @@ def _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, str
 def _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, n0, Sk, causal_offset, D: tl.constexpr, qk_scale,
                MASK: tl.constexpr, USE_MAX: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
-    """Store the column sums (or maxima) of one block of BLOCK_N keys over the block's rows."""
+    """Store the column sums (or maxima) of one block of BLOCK_N keys over the block's rows.
+
+    The score tile is computed transposed, K . Q^T, so the sum over rows runs along a tile row,
+    inside each warp, rather than across warps through shared memory.
+    """
     offs_n = n0 + tl.arange(0, BLOCK_N)
     k = _load_main(k_base, offs_n, stride_kn, offs_n < Sk, stride_kd, D, BLOCK_D)  # [BN, BD]
-    s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT)  # [BM, BD] @ [BD, BN] -> [BM, BN], unscaled
+    s = _dot(k, tl.trans(q), DOT_PRECISION, UPCAST_DOT)  # [BN, BD] @ [BD, BM] -> [BN, BM], unscaled
     if BLOCK_D2 > 0:
         k_tail = _load_tail(k_base, offs_n, stride_kn, offs_n < Sk, stride_kd, D, BLOCK_D, BLOCK_D2, False)
-        s += _dot(q_tail, tl.trans(k_tail), DOT_PRECISION, UPCAST_DOT)  # [BM, BD2] @ [BD2, BN]
+        s += _dot(k_tail, tl.trans(q_tail), DOT_PRECISION, UPCAST_DOT)  # [BN, BD2] @ [BD2, BM]
     # Rows past the selection carry lse = +inf: their weights are exactly 0 without a row mask.
-    p = tl.exp2(s * qk_scale - lse2[:, None])
+    p = tl.exp2(s * qk_scale - lse2[None, :])
     if MASK:  # the causal diagonal
-        p = tl.where(offs_n[None, :] <= offs_m[:, None] + causal_offset, p, 0.0)
-    col = tl.max(p, axis=0) if USE_MAX else tl.sum(p, axis=0)
+        p = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, p, 0.0)
+    col = tl.max(p, axis=1) if USE_MAX else tl.sum(p, axis=1)
     tl.store(out_ptrs + n0, col, mask=offs_n < Sk)
 
 
