@@ -9,7 +9,7 @@ Pass 2 (`_col_reduce_kernel`, key-centric): each program owns BLOCK_N keys of on
 streams over the selected query rows of a chunk of that key head's query heads. It computes the
 transposed score tile K . Q^T, so the reduction over query rows is a row sum of a register tile,
 and writes its BLOCK_N column sums (or maxima) once: no atomics, bitwise reproducible. When the
-selected rows are few (`_use_row_stationary`: one row block), pass 2 instead runs the
+selected rows are few (`_use_row_stationary`: up to four row blocks), pass 2 instead runs the
 row-stationary kernel in COLUMNS mode: keys stream past the rows in registers, as in pass 1, and
 each row block writes its own partial column sums, added here.
 
@@ -427,10 +427,11 @@ def row_lse(query, key, p: Problem, key_keep=None, rows=None, config=None) -> to
 
 
 def _use_row_stationary(n_rows: int, block_m: int) -> bool:
-    """Pass 2 row-stationary when the selected rows fill one row block at least half: few rows (decoding
-    windows, SnapKV's observation window) leave the key-centric kernel too little work per program,
-    while a mostly empty row block wastes the row-stationary one's matmuls (H100, v5 in NOTES.md)."""
-    return block_m // 2 < n_rows <= block_m
+    """Pass 2 row-stationary for up to four row blocks of selected rows (512 at the GPU tiles): few
+    rows (decoding windows, CLS tokens, SnapKV's observation window) leave the key-centric kernel
+    too little work per program. Measured faster on the H100 from 32 to 512 rows (v8 in NOTES.md);
+    its partial sums cost one (B, H, Sk) float32 plane per row block."""
+    return n_rows <= 4 * block_m
 
 
 def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool, config=None) -> torch.Tensor:
@@ -444,8 +445,7 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
     n_chunks = p.heads // heads_per_chunk
     row_cfg = _row_block_sizes(p.head_dim, query.dtype, p.n_rows, columns=True)
     if _use_row_stationary(p.n_rows, row_cfg["BLOCK_M"]):
-        # One partial per row block and query head, reduced here (one (B, H, Sk) float32 plane
-        # with the default tiles).
+        # One partial per row block and query head, reduced here.
         row_cfg = config or row_cfg
         n_row_blocks = triton.cdiv(p.n_rows, row_cfg["BLOCK_M"])
         parts = utils.new_output((n_row_blocks, p.batch, p.heads, p.k_len), query.device)
