@@ -142,3 +142,20 @@ def test_long_keys_few_rows(backend, device, causal, pass2_layout):
         q, k = make_qk(1, 1, 1, sq, sk, 32, torch.float32, device)
         out = flash_colsum(q, k, is_causal=causal, backend=backend)
         assert rel_l2(out, reference(q, k, is_causal=causal)) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("row_width", [72, 73, 76], ids=["aligned", "odd", "8-byte"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_strides_in_16_byte_units(dtype, row_width):
+    """D=72 rows inside wider rows: 16-byte multiples travel in 16-byte units, other strides as they are."""
+    from flash_colsum.triton_backend import _qk_strides
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q = torch.randn(2, 3, 40, row_width, dtype=dtype, device=device)[..., :72]
+    k = torch.randn(2, 3, 50, row_width, dtype=dtype, device=device)[..., :72]
+    strides, unit = _qk_strides(q, k)
+    aligned = row_width * q.element_size() % 16 == 0
+    assert unit == (16 // q.element_size() if aligned else 1)
+    assert [s * unit for s in strides[:3]] == list(q.stride()[:3]) and strides[3] == 1
+    out = flash_colsum(q, k, is_causal=True, backend="triton")
+    assert rel_l2(out, reference(q, k, is_causal=True)) <= TOLERANCE[dtype]
