@@ -9,12 +9,12 @@ a point names a switch, with it on and off, checking that both give the same res
 
 import argparse
 import contextlib
-import csv
 from pathlib import Path
 
 import torch
 from triton.testing import do_bench
 
+from benchmarks.benchmark_colsum import write_csv
 from flash_colsum import flash_colsum
 from flash_colsum import triton_backend as tb
 from flash_colsum.utils import make_problem
@@ -82,11 +82,7 @@ def main():
             print(f"{r['point']:<42} {switch or '':>8} {r['state']:>6}: total {r['total_ms']:.3f} ms  "
                   f"pass 1 {r['pass1_ms']:.3f}  pass 2 {r['pass2_ms']:.3f}  (largest difference between states {diff:.1e})", flush=True)
         del q, k, lse
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "ab.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, args.out / "ab.csv")
 
 
 if __name__ == "__main__":

@@ -8,13 +8,13 @@ the head dim and dtype, so results are reproducible across processes.
 """
 
 import argparse
-import csv
 import itertools
 from pathlib import Path
 
 import torch
 from triton.testing import do_bench
 
+from benchmarks.benchmark_colsum import write_csv
 from flash_colsum import triton_backend as tb
 from flash_colsum.utils import make_problem
 
@@ -66,11 +66,7 @@ def main():
             fn = (lambda: tb.row_lse(q, k, p)) if lse_pass else (lambda: tb.col_reduce(q, k, lse, p, 1, False))
             print(f"{b}x{h}x{sq}x{sk}x{d} causal={causal} {name}: best {best[0]:.3f} ms {best[1]}; "
                   f"default {do_bench(fn, warmup=10, rep=40, return_mode='median'):.3f} ms {default}", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "tune.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, args.out / "tune.csv")
 
 
 if __name__ == "__main__":

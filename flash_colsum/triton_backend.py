@@ -78,6 +78,26 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 
 @triton.jit
+def _key_block_scores(q, q_tail, k_base, stride_kn, stride_kd, offs_n, Sk, D: tl.constexpr, TRANSPOSED: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
+    """Unscaled scores of the rows held in registers (q, q_tail) against the keys offs_n:
+    [BM, BN] = Q . K^T, or [BN, BM] = K . Q^T when TRANSPOSED."""
+    k = _load_main(k_base, offs_n, stride_kn, offs_n < Sk, stride_kd, D, BLOCK_D)  # [BN, BD]
+    if TRANSPOSED:
+        s = _dot(k, tl.trans(q), DOT_PRECISION, UPCAST_DOT)  # [BN, BD] @ [BD, BM] -> [BN, BM]
+    else:
+        s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT)  # [BM, BD] @ [BD, BN] -> [BM, BN]
+    if BLOCK_D2 > 0:
+        k_tail = _load_tail(k_base, offs_n, stride_kn, offs_n < Sk, stride_kd, D, BLOCK_D, BLOCK_D2, False)
+        if TRANSPOSED:
+            s += _dot(k_tail, tl.trans(q_tail), DOT_PRECISION, UPCAST_DOT)  # [BN, BD2] @ [BD2, BM]
+        else:
+            s += _dot(q_tail, tl.trans(k_tail), DOT_PRECISION, UPCAST_DOT)  # [BM, BD2] @ [BD2, BN]
+    return s
+
+
+@triton.jit
 def _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, stride_keep_n,
                 offs_m, n0, n_hi, Sk, causal_offset, D: tl.constexpr, qk_scale,
                 MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
@@ -85,11 +105,8 @@ def _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, str
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
     """Fold one block of BLOCK_N keys into the running (max, sum) of each row, in base 2."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    k = _load_main(k_base, offs_n, stride_kn, offs_n < Sk, stride_kd, D, BLOCK_D)  # [BN, BD]
-    s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT)  # [BM, BD] @ [BD, BN] -> [BM, BN], unscaled
-    if BLOCK_D2 > 0:
-        k_tail = _load_tail(k_base, offs_n, stride_kn, offs_n < Sk, stride_kd, D, BLOCK_D, BLOCK_D2, False)
-        s += _dot(q_tail, tl.trans(k_tail), DOT_PRECISION, UPCAST_DOT)  # [BM, BD2] @ [BD2, BN]
+    s = _key_block_scores(q, q_tail, k_base, stride_kn, stride_kd, offs_n, Sk, D, False,
+                          DOT_PRECISION, UPCAST_DOT, BLOCK_D, BLOCK_D2)  # [BM, BN]
     if MASK:
         visible = offs_n[None, :] < n_hi
         if CAUSAL:
@@ -107,8 +124,8 @@ def _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, str
 
 
 @triton.jit
-def _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, n0, Sk, causal_offset, D: tl.constexpr, qk_scale,
-               MASK: tl.constexpr, USE_MAX: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+def _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, n0, Sk, causal_offset,
+               D: tl.constexpr, qk_scale, MASK: tl.constexpr, USE_MAX: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
     """Store the column sums (or maxima) of one block of BLOCK_N keys over the block's rows.
 
@@ -116,11 +133,8 @@ def _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, 
     inside each warp, rather than across warps through shared memory.
     """
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    k = _load_main(k_base, offs_n, stride_kn, offs_n < Sk, stride_kd, D, BLOCK_D)  # [BN, BD]
-    s = _dot(k, tl.trans(q), DOT_PRECISION, UPCAST_DOT)  # [BN, BD] @ [BD, BM] -> [BN, BM], unscaled
-    if BLOCK_D2 > 0:
-        k_tail = _load_tail(k_base, offs_n, stride_kn, offs_n < Sk, stride_kd, D, BLOCK_D, BLOCK_D2, False)
-        s += _dot(k_tail, tl.trans(q_tail), DOT_PRECISION, UPCAST_DOT)  # [BN, BD2] @ [BD2, BM]
+    s = _key_block_scores(q, q_tail, k_base, stride_kn, stride_kd, offs_n, Sk, D, True,
+                          DOT_PRECISION, UPCAST_DOT, BLOCK_D, BLOCK_D2)  # [BN, BM]
     # Rows past the selection carry lse = +inf: their weights are exactly 0 without a row mask.
     p = tl.exp2(s * qk_scale - lse2[None, :])
     if MASK:  # the causal diagonal
