@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from . import utils
-from .utils import Problem, interpreting, next_power_of_2
+from .utils import Problem, cdiv, interpreting, next_power_of_2
 
 LOG2E = 1.4426950408889634  # log2(e)
 _LOG2E = tl.constexpr(LOG2E)  # the same, usable inside kernels
@@ -329,6 +329,7 @@ def _head_dim_blocks(head_dim: int) -> tuple[int, int]:
     return (main, tail) if main + tail < padded else (padded, 0)
 
 
+@functools.lru_cache(maxsize=None)
 def _block_sizes(head_dim: int, dtype: torch.dtype) -> dict:
     """Pass-2 tiles and launch settings, a pure function of D and dtype (reproducible across processes).
 
@@ -346,6 +347,7 @@ def _block_sizes(head_dim: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, BLOCK_D2=block_d2, num_warps=8, num_stages=2)
 
 
+@functools.lru_cache(maxsize=1024)
 def _row_block_sizes(head_dim: int, dtype: torch.dtype, n_rows: int, columns: bool) -> dict:
     """Row-stationary tiles (rows stay in registers, keys stream): pass 1, or pass 2 for few rows (columns).
 
@@ -377,8 +379,8 @@ def _key_splits(p: Problem, n_programs: int, block_n: int, device: torch.device)
         target, min_blocks = 16, 2  # small enough that the CPU tests take the split path too
     else:
         target, min_blocks = 4 * _sm_count(device), 8
-    n_splits = max(1, min(triton.cdiv(target, n_programs), triton.cdiv(p.k_len, block_n * min_blocks)))
-    return triton.cdiv(triton.cdiv(p.k_len, n_splits), block_n) * block_n
+    n_splits = max(1, min(cdiv(target, n_programs), cdiv(p.k_len, block_n * min_blocks)))
+    return cdiv(cdiv(p.k_len, n_splits), block_n) * block_n
 
 
 def _qk_strides(query: torch.Tensor, key: torch.Tensor) -> tuple[list, int]:
@@ -391,19 +393,20 @@ def _qk_strides(query: torch.Tensor, key: torch.Tensor) -> tuple[list, int]:
     and ran at 1.5x the time of D=80.
     """
     unit = 16 // query.element_size()
-    outer = (*query.stride()[:3], *key.stride()[:3])
+    q_strides, k_strides = query.stride(), key.stride()
+    outer = q_strides[:3] + k_strides[:3]
     if any(s % unit for s in outer):
         unit = 1
-    q_strides = [s // unit for s in query.stride()[:3]] + [query.stride(3)]
-    k_strides = [s // unit for s in key.stride()[:3]] + [key.stride(3)]
+    q_strides = [s // unit for s in q_strides[:3]] + [q_strides[3]]
+    k_strides = [s // unit for s in k_strides[:3]] + [k_strides[3]]
     return q_strides + k_strides, unit
 
 
 def _launch_row_blocks(query, key, p: Problem, rows: range, cfg: dict, lse, out, key_keep=None, use_max=False):
     """Launch the row-stationary kernel over the rows (LSE mode when ``out`` is None)."""
-    n_row_blocks = triton.cdiv(len(rows), cfg["BLOCK_M"])
+    n_row_blocks = cdiv(len(rows), cfg["BLOCK_M"])
     keys_per_split = _key_splits(p, p.batch * p.heads * n_row_blocks, cfg["BLOCK_N"], query.device)
-    n_splits = triton.cdiv(p.k_len, keys_per_split)
+    n_splits = cdiv(p.k_len, keys_per_split)
     if out is None:
         lse = utils.new_output((n_splits, p.batch, p.heads, len(rows)), query.device)
     lse_strides = lse.stride() if out is None else (0, *lse.stride())
@@ -461,7 +464,7 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
     if _use_row_stationary(p.n_rows, row_cfg["BLOCK_M"]):
         # One partial per row block and query head, reduced here.
         row_cfg = config or row_cfg
-        n_row_blocks = triton.cdiv(p.n_rows, row_cfg["BLOCK_M"])
+        n_row_blocks = cdiv(p.n_rows, row_cfg["BLOCK_M"])
         parts = utils.new_output((n_row_blocks, p.batch, p.heads, p.k_len), query.device)
         _launch_row_blocks(query, key, p, range(p.row_start, p.row_end), row_cfg, lse, parts, use_max=use_max)
         if n_row_blocks == 1 and heads_per_chunk == 1:
@@ -470,7 +473,7 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
         return parts.amax(dim=(0, 3)) if use_max else parts.sum(dim=(0, 3))
     out = utils.new_output((p.batch, n_chunks, p.k_len), query.device)
     cfg = config or _block_sizes(p.head_dim, query.dtype)
-    n_key_blocks = triton.cdiv(p.k_len, cfg["BLOCK_N"])
+    n_key_blocks = cdiv(p.k_len, cfg["BLOCK_N"])
     qk_strides, unit = _qk_strides(query, key)
     grid = (p.batch * n_chunks * n_key_blocks,)
     with _on_device(query):

@@ -262,5 +262,10 @@ def new_output(shape, device) -> torch.Tensor:
     return torch.empty(shape, device=device, dtype=torch.float32)
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division for launch arithmetic (triton.cdiv is a JIT function: ~5 us per host call)."""
+    return -(-a // b)
+
+
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
