@@ -78,8 +78,8 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 
 @triton.jit
-def _key_block_scores(q, q_tail, k_base, stride_kn, stride_kd, offs_n, Sk, D: tl.constexpr, TRANSPOSED: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+def _key_block_scores(q, q_tail, k_base, stride_kn, stride_kd, offs_n, Sk,
+                      D: tl.constexpr, TRANSPOSED: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
     """Unscaled scores of the rows held in registers (q, q_tail) against the keys offs_n:
     [BM, BN] = Q . K^T, or [BN, BM] = K . Q^T when TRANSPOSED."""
@@ -125,7 +125,8 @@ def _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, str
 
 @triton.jit
 def _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, n0, Sk, causal_offset,
-               D: tl.constexpr, qk_scale, MASK: tl.constexpr, USE_MAX: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+               D: tl.constexpr, qk_scale, MASK: tl.constexpr, USE_MAX: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
     """Store the column sums (or maxima) of one block of BLOCK_N keys over the block's rows.
 
@@ -270,7 +271,8 @@ def _col_reduce_kernel(
     stride_lb, stride_lh, stride_lm,
     stride_ob, stride_oc, stride_on,
     H, GROUP, HEADS_PER_PROGRAM, causal_offset, Sk, D: tl.constexpr, row_start, row_end, n_key_blocks, qk_scale,
-    CAUSAL: tl.constexpr, USE_MAX: tl.constexpr, STRIDE_UNIT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    CAUSAL: tl.constexpr, USE_MAX: tl.constexpr, STRIDE_UNIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
     # 1-D grid: key blocks of one (batch, head chunk) are neighbours, sharing Q and lse in L2.
