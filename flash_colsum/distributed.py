@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from . import ops
-from .ops import HEAD_MODES, NORMALIZATIONS, ROW_REDUCTIONS, divide_by_counts, head_plan
+from .ops import HEAD_MODES, NORMALIZATIONS, ROW_REDUCTIONS, head_plan
 from .utils import make_problem, resolve_rows
 
 STRATEGIES = ("auto", "heads", "ring")
@@ -215,14 +215,13 @@ def _ring(query, key, group, world, rank, q_lens, k_lens, stats: dict) -> torch.
     if out is None:
         out = key.new_zeros((base.batch, base.heads // per_program, key.shape[2]), dtype=torch.float32)
 
-    result = ops._reduce_heads(out, dataclasses.replace(base, k_len=key.shape[2]), heads, head_op, kv)
+    count = 1
     if stats["reduce"] == "mean":
         glob = dataclasses.replace(base, q_len=sq, k_len=sk, row_start=row_start, row_end=row_end, causal_offset=offset)
         count = ops._visible_row_counts(glob, None, stats["normalize"], query.device)
         if not isinstance(count, int):
             count = count[:, k_starts[rank] : k_starts[rank] + k_lens[rank]]  # this rank's keys
-        result = divide_by_counts(result, count)
-    return result
+    return ops._reduce_heads(out, dataclasses.replace(base, k_len=key.shape[2]), heads, head_op, kv, count)
 
 
 def _peer(group, group_rank: int) -> int:

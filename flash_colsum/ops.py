@@ -204,10 +204,7 @@ def column_stats(
         if key_keep is not None:
             chunks = chunks.masked_fill_(~key_keep[:, None, :], 0.0)
         count = _visible_row_counts(p, row_keep, normalize, query.device) if reduce == "mean" else 1
-        # A plain row count joins the head mean's division: one kernel launch fewer for small calls.
-        stats = _reduce_heads(chunks, p, heads, head_op, kv, count if isinstance(count, int) else 1)
-        if not isinstance(count, int):
-            stats = divide_by_counts(stats, count)
+        stats = _reduce_heads(chunks, p, heads, head_op, kv, count)
     if accumulate_into is not None:
         stats = accumulate_into.add_(stats)
     if return_lse:
@@ -228,10 +225,8 @@ def head_plan(heads: str, reduce: str, group: int) -> tuple:
     return head_op, kv, use_max, group if same_kind else 1
 
 
-def divide_by_counts(stats: torch.Tensor, count) -> torch.Tensor:
-    """A row mean: stats (B, [heads,] Sk) over a row count (a number, or (B, Sk)), in place."""
-    if isinstance(count, int):
-        return stats.div_(count)
+def divide_by_counts(stats: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """A row mean: stats (B, [heads,] Sk) over per-key row counts (B, Sk), in place."""
     return stats.div_(count if stats.dim() == 2 else count[:, None, :])
 
 
@@ -250,19 +245,23 @@ def _check_accumulator(buffer, shape: tuple, device) -> None:
         raise ValueError(f"accumulate_into must have the result's shape {shape}; got {tuple(buffer.shape)}")
 
 
-def _reduce_heads(chunks: torch.Tensor, p: Problem, heads: str, head_op: str, kv: bool, divisor: int = 1) -> torch.Tensor:
-    """(B, C, Sk) per head chunk -> the requested head reduction, divided by ``divisor`` (a row count)."""
+def _reduce_heads(chunks: torch.Tensor, p: Problem, heads: str, head_op: str, kv: bool, count=1) -> torch.Tensor:
+    """(B, C, Sk) per head chunk -> the requested head reduction, divided by a row mean's ``count``
+    (a number, or (B, Sk)). A number joins the head mean's division: one kernel launch fewer."""
+    divisor = count if isinstance(count, int) else 1
     if heads == "none":
-        return chunks.div_(divisor) if divisor != 1 else chunks
-    x = chunks.view(p.batch, p.kv_heads, -1, p.k_len)
-    dims = (2,) if kv else (1, 2)
-    if head_op == "max":
-        x = x.amax(dim=dims)
-        return x.div_(divisor) if divisor != 1 else x
-    if head_op == "mean":
-        divisor *= p.group if kv else p.heads
-    x = x.sum(dim=dims)
-    return x.div_(divisor) if divisor != 1 else x
+        x = chunks
+    else:
+        x = chunks.view(p.batch, p.kv_heads, -1, p.k_len)
+        dims = (2,) if kv else (1, 2)
+        if head_op == "max":
+            x = x.amax(dim=dims)
+        else:
+            divisor *= (p.group if kv else p.heads) if head_op == "mean" else 1
+            x = x.sum(dim=dims)
+    if divisor != 1:
+        x = x.div_(divisor)
+    return x if isinstance(count, int) else divide_by_counts(x, count)
 
 
 def _column_stats_varlen(query, key, cu_seqlens_q, cu_seqlens_k, *, lse, return_lse, accumulate_into, conflicts, **kwargs):
