@@ -5,6 +5,7 @@
 For each point, times `flash_colsum` and each pass (medians of `triton.testing.do_bench`); where
 a point names a switch, with it on and off, checking that both give the same result:
   row_stat:  pass 2 as the library chooses ("on"), key-centric ("off") and row-stationary ("forced").
+  fast:      the Hopper Gluon kernels where they apply ("on") or the portable kernels only ("off").
 """
 
 import argparse
@@ -20,12 +21,14 @@ from flash_colsum import triton_backend as tb
 from flash_colsum.utils import make_problem
 
 POINTS = [  # (B, H, Sq, Sk, D, causal, switch)
-    (1, 16, 16384, 16384, 64, False, None),
-    (1, 16, 16384, 16384, 72, False, None),
-    (1, 16, 16384, 16384, 80, False, None),
-    (1, 16, 16384, 16384, 96, False, None),
-    (1, 16, 16384, 16384, 128, False, None),
-    (8, 16, 1024, 1024, 64, False, None),
+    (1, 16, 16384, 16384, 64, False, "fast"),
+    (1, 16, 65536, 65536, 64, False, "fast"),
+    (1, 16, 16384, 16384, 72, False, "fast"),
+    (1, 16, 16384, 16384, 80, False, "fast"),
+    (1, 16, 16384, 16384, 96, False, "fast"),
+    (1, 16, 16384, 16384, 128, False, "fast"),
+    (8, 16, 1024, 1024, 64, False, "fast"),
+    (64, 16, 1024, 1024, 64, False, "fast"),
     (1, 32, 128, 65536, 128, True, "row_stat"),
     (1, 32, 128, 262144, 128, True, "row_stat"),
     (1, 32, 512, 65536, 128, True, "row_stat"),
@@ -36,15 +39,21 @@ POINTS = [  # (B, H, Sq, Sk, D, causal, switch)
 ]
 
 
+STATES = {"row_stat": ("on", "off", "forced"), "fast": ("on", "off")}
+
+
 @contextlib.contextmanager
-def switched(state: str):
-    saved = tb._use_row_stationary
-    if state != "on":
+def switched(switch: str, state: str):
+    name = "_use_row_stationary" if switch == "row_stat" else "_fast_path"
+    saved = getattr(tb, name)
+    if state != "on" and switch == "row_stat":
         tb._use_row_stationary = lambda n_rows, block_m: state == "forced"
+    elif state != "on":
+        tb._fast_path = lambda *args, **kwargs: None
     try:
         yield
     finally:
-        tb._use_row_stationary = saved
+        setattr(tb, name, saved)
 
 
 def bench(fn) -> float:
@@ -63,12 +72,12 @@ def main():
         q = torch.randn(b, h, sq, d, device="cuda", dtype=torch.float16)
         k = torch.randn(b, h, sk, d, device="cuda", dtype=torch.float16)
         p = make_problem(q, k, None, causal, "triton")
-        lse = tb.row_lse(q, k, p)
         result = {}
-        for state in ("on", "off", "forced") if switch else ("on",):
-            with switched(state):
+        for state in STATES[switch] if switch else ("on",):
+            with switched(switch, state):
                 out = flash_colsum(q, k, is_causal=causal)
                 result[state] = out
+                lse = tb.row_lse(q, k, p)
                 rows.append(dict(
                     point=f"B={b} H={h} Sq={sq} Sk={sk} D={d}{' causal' if causal else ''}", switch=switch, state=state,
                     total_ms=bench(lambda: flash_colsum(q, k, is_causal=causal)),

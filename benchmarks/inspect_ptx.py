@@ -2,6 +2,11 @@
 count its global loads: scalar `ld.global.b16`, vector `ld.global.v4`, or pipelined `cp.async`.
 
     python -m benchmarks.inspect_ptx --d 72 [--unit 8] [--columns]
+    python -m benchmarks.inspect_ptx --gluon --d 64 [--columns]
+
+--gluon compiles the Hopper kernel (flash_colsum.hopper) instead and prints what ptxas (shipped with
+Triton) reports: registers, spills, and warning C7514 if it serialized the asynchronous wgmmas
+(then each HGMMA waits for the previous one, and the tensor cores no longer overlap the exponentials).
 
 Device time is scarce; this answers "do the loads vectorize?" for free (v6 in NOTES.md: a D=72
 row stride kept every load scalar until the strides came in 16-byte units).
@@ -9,13 +14,17 @@ row stride kept every load scalar until the strides came in 16-byte units).
 
 import argparse
 import re
+import subprocess
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from flash_colsum import triton_backend as tb
+from flash_colsum.utils import head_dim_blocks
 
 POINTERS = {"Q": "*fp16", "K": "*fp16", "KEY_KEEP": "*fp16", "LSE": "*fp32", "OUT": "*fp32"}
 
@@ -23,7 +32,7 @@ POINTERS = {"Q": "*fp16", "K": "*fp16", "KEY_KEEP": "*fp16", "LSE": "*fp32", "OU
 def compile_row_blocks(d: int, unit: int, columns: bool):
     kernel = tb._row_block_kernel
     names = kernel.arg_names
-    block_d, block_d2 = tb._head_dim_blocks(d)
+    block_d, block_d2 = head_dim_blocks(d)
     values = dict(D=d, stride_qd=1, stride_kd=1, COLUMNS=columns, USE_MAX=False, CAUSAL=False, HAS_KEY_MASK=False,
                   SPLIT=False, STRIDE_UNIT=unit, DOT_PRECISION="tf32", UPCAST_DOT=False,
                   BLOCK_M=128, BLOCK_N=128, BLOCK_D=block_d, BLOCK_D2=block_d2)
@@ -42,12 +51,56 @@ def compile_row_blocks(d: int, unit: int, columns: bool):
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
 
 
+def compile_gluon(d: int, columns: bool):
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from flash_colsum import hopper
+
+    kernel = hopper._stream_kernel
+    names = kernel.arg_names
+    block_b, stages = hopper._config(d, columns)
+    block_d, block_d2 = head_dim_blocks(d)
+    tiles = dict(a_desc=(hopper.BLOCK_ROWS, block_d), a2_desc=(hopper.BLOCK_ROWS, block_d2 or block_d),
+                 b_desc=(block_b, block_d), b2_desc=(block_b, block_d2 or block_d))
+    values = dict(COLUMNS=columns, USE_MAX=False, STAGES=stages, HAS_TAIL=block_d2 > 0, num_warps=4)
+    signature = {}
+    for name in names:
+        if name in values:
+            signature[name] = "constexpr"
+        elif name in tiles:
+            layout = gl.NVMMASharedLayout.get_default_for(list(tiles[name]), gl.float16)
+            signature[name] = f"tensordesc<fp16[{tiles[name][0]}, {tiles[name][1]}],{layout!r}>"
+        else:
+            signature[name] = POINTERS.get(name, "fp32" if name == "qk_scale" else "i32")
+    source = GluonASTSource(fn=kernel, signature=signature,
+                            constexprs={(names.index(n),): v for n, v in values.items()},
+                            attrs={(names.index(n),): [["tt.divisibility", 16]] for n in ("LSE", "OUT")})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+
+
+def ptxas_report(ptx: str) -> str:
+    """ptxas -v on the PTX for sm_90a: the lines about registers, spills and serialized wgmmas."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(90).path  # the one Triton itself runs for sm_90 (it changed in Triton 3.7)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "k.ptx").write_text(ptx)
+        result = subprocess.run([ptxas, "-v", "-arch=sm_90a", "k.ptx", "-o", "k.cubin"], cwd=tmp,
+                                capture_output=True, text=True, check=True)
+    return "\n".join(line for line in result.stderr.splitlines() if re.search(r"registers|spill|C75\d\d", line))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--d", type=int, default=72)
     parser.add_argument("--unit", type=int, default=8, help="STRIDE_UNIT (8: 16-byte rows in fp16, 1: none)")
     parser.add_argument("--columns", action="store_true", help="pass-2 (COLUMNS) mode instead of pass 1")
+    parser.add_argument("--gluon", action="store_true", help="the Hopper Gluon kernel; print ptxas's report")
     args = parser.parse_args()
+    if args.gluon:
+        print(ptxas_report(compile_gluon(args.d, args.columns).asm["ptx"]))
+        return
     ptx = compile_row_blocks(args.d, args.unit, args.columns).asm["ptx"]
     print(dict(Counter(re.findall(r"ld\.global[\w.]*|cp\.async\.[\w.]*", ptx))))
 

@@ -16,7 +16,7 @@ from triton.testing import do_bench
 
 from benchmarks.benchmark_colsum import write_csv
 from flash_colsum import triton_backend as tb
-from flash_colsum.utils import make_problem
+from flash_colsum.utils import head_dim_blocks, make_problem
 
 SHAPES = [  # (B, H, Sq, Sk, D, causal)
     (1, 16, 16384, 16384, 64, False),
@@ -48,7 +48,7 @@ def main():
         k = torch.randn(b, h, sk, d, device="cuda", dtype=torch.float16)
         p = make_problem(q, k, None, causal, "triton")
         lse = tb.row_lse(q, k, p)
-        block_d, block_d2 = tb._head_dim_blocks(d)
+        block_d, block_d2 = head_dim_blocks(d)
         for name, lse_pass in (("lse", True), ("col", False)):
             best = None
             for cfg in configs(block_d, block_d2, lse_pass):

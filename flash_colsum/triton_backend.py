@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from . import utils
-from .utils import Problem, cdiv, interpreting, next_power_of_2
+from .utils import Problem, cdiv, head_dim_blocks, interpreting
 
 LOG2E = 1.4426950408889634  # log2(e)
 _LOG2E = tl.constexpr(LOG2E)  # the same, usable inside kernels
@@ -319,25 +320,13 @@ def _col_reduce_kernel(
     tl.store(OUT + b.to(tl.int64) * stride_ob + chunk.to(tl.int64) * stride_oc + offs_n * stride_on, col, mask=mask_n)
 
 
-def _head_dim_blocks(head_dim: int) -> tuple[int, int]:
-    """(BLOCK_D, BLOCK_D2): a power-of-two main block and a tail block (0: none), each >= 16.
-
-    72 -> (64, 16), 80 -> (64, 16), 96 -> (64, 32), 112 -> (128, 0): the split is used only when
-    it does less work than padding to the next power of two.
-    """
-    padded = max(16, next_power_of_2(head_dim))
-    main = max(16, padded // 2 if padded > head_dim else padded)
-    tail = 0 if main >= head_dim else max(16, next_power_of_2(head_dim - main))
-    return (main, tail) if main + tail < padded else (padded, 0)
-
-
 @functools.lru_cache(maxsize=None)
 def _block_sizes(head_dim: int, dtype: torch.dtype) -> dict:
     """Pass-2 tiles and launch settings, a pure function of D and dtype (reproducible across processes).
 
     Chosen from `python -m benchmarks.tune` on an H100 (benchmarks/NOTES.md).
     """
-    block_d, block_d2 = _head_dim_blocks(head_dim)
+    block_d, block_d2 = head_dim_blocks(head_dim)
     if interpreting():
         # Small, unequal tiles on the CPU: small test shapes still cross block edges in both directions.
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=block_d, BLOCK_D2=block_d2, num_warps=4, num_stages=1)
@@ -429,6 +418,23 @@ def _launch_row_blocks(query, key, p: Problem, rows: range, cfg: dict, lse, out,
     return lse
 
 
+def _fast_path(query, key, p: Problem, rows: range, key_keep=None):
+    """The Hopper kernels (`flash_colsum.hopper`) when they cover this call, else None.
+
+    They take non-causal fp16/bf16 problems with D in {64, 128}, contiguous Q and K and no key
+    mask, on a CUDA capability 9.0 GPU, over all selected rows. FLASH_COLSUM_FAST_PATHS=0 turns
+    them off (the portable kernels then run everywhere, as on the CPU interpreter).
+    """
+    if (interpreting() or not query.is_cuda or key_keep is not None or rows != range(p.row_start, p.row_end)
+            or os.environ.get("FLASH_COLSUM_FAST_PATHS", "1") == "0"):
+        return None
+    try:
+        from . import hopper
+    except ImportError:  # a Triton without Gluon's Hopper API
+        return None
+    return hopper if hopper.supports(query, key, p) else None
+
+
 def row_lse(query, key, p: Problem, key_keep=None, rows=None, config=None) -> torch.Tensor:
     """Pass 1: natural-log LSE, float32 (B, H, len(rows)), of rows (default: the selected ones).
 
@@ -437,6 +443,10 @@ def row_lse(query, key, p: Problem, key_keep=None, rows=None, config=None) -> to
     partial log-sum-exps are combined here (a (splits, B, H, rows) float32 temporary).
     """
     rows = rows or range(p.row_start, p.row_end)
+    fast = None if config else _fast_path(query, key, p, rows, key_keep)
+    # The fast path does not split keys: it needs a row block per SM at least.
+    if fast and p.batch * p.heads * cdiv(len(rows), fast.BLOCK_ROWS) >= _sm_count(query.device):
+        return fast.row_lse(query, key, p)
     cfg = config or _row_block_sizes(p.head_dim, query.dtype, len(rows), columns=False)
     lse = _launch_row_blocks(query, key, p, rows, cfg, None, None, key_keep)
     if lse.shape[0] == 1:
@@ -473,6 +483,9 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
             return parts[0]
         parts = parts.view(n_row_blocks, p.batch, n_chunks, heads_per_chunk, p.k_len)
         return parts.amax(dim=(0, 3)) if use_max else parts.sum(dim=(0, 3))
+    fast = None if config else _fast_path(query, key, p, range(p.row_start, p.row_end))
+    if fast:
+        return fast.col_reduce(query, key, lse, p, heads_per_chunk, use_max)
     out = utils.new_output((p.batch, n_chunks, p.k_len), query.device)
     cfg = config or _block_sizes(p.head_dim, query.dtype)
     n_key_blocks = cdiv(p.k_len, cfg["BLOCK_N"])

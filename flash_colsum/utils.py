@@ -269,3 +269,15 @@ def cdiv(a: int, b: int) -> int:
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def head_dim_blocks(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_D2): a power-of-two main block and a tail block (0: none), each >= 16.
+
+    72 -> (64, 16), 80 -> (64, 16), 96 -> (64, 32), 112 -> (128, 0): the split is used only when
+    it does less work than padding to the next power of two.
+    """
+    padded = max(16, next_power_of_2(head_dim))
+    main = max(16, padded // 2 if padded > head_dim else padded)
+    tail = 0 if main >= head_dim else max(16, next_power_of_2(head_dim - main))
+    return (main, tail) if main + tail < padded else (padded, 0)

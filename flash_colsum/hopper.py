@@ -1,0 +1,340 @@
+"""Hopper (sm_90) fast path for both passes: a Gluon kernel whose tensor-core work overlaps its exponentials.
+
+The portable Triton kernels (triton_backend) issue each score tile's matmul and wait for it before
+the exponentials start, so an SM alternates between tensor-core and MUFU work (v1-v9 in
+benchmarks/NOTES.md: ~2.4e12 scores/s at D=64, the sum of the two times). Here the two overlap, as
+in FlashAttention-3's intra-warpgroup pipelining: tile t+1's wgmma is issued asynchronously before
+the exponentials of tile t, so the tensor cores compute the next scores while the warps exponentiate.
+TMA streams the tiles into a ring of STAGES shared-memory buffers, each with an mbarrier.
+
+One kernel serves both passes. A block of BLOCK_A "stationary" rows stays in shared memory while
+BLOCK_B-row tiles of the "streaming" operand pass; S = A . B^T is [BLOCK_A, BLOCK_B]:
+- pass 1 (COLUMNS=False): A = query rows, B = keys; the online log-sum-exp of each row (base 2
+  inside, natural log out), float32 (B, H, n_rows), as triton_backend's pass 1.
+- pass 2 (COLUMNS=True): A = keys, B = selected query rows of the chunk's heads, with their LSE;
+  each key's sum (or max) of exp(scale * s - lse) over those rows, float32 (B, n_chunks, Sk).
+
+Scope (`supports`): CUDA capability 9.0, fp16/bf16, D in {64, 128}, no causal mask, no key padding
+mask, Q and K contiguous (they are read as 2-D (rows, D) TMA views). Everything else, and every
+CPU/interpreter run, takes the portable kernels, against which the GPU suite checks this path.
+Gluon does not run in the interpreter: this module imports lazily and only on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from . import utils
+from .utils import Problem, cdiv, head_dim_blocks
+
+# TMA's global-to-shared copy: async_load from Triton 3.7 on (the old name raises there), the old name before.
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+LOG2E = 1.4426950408889634
+_LN2 = gl.constexpr(0.6931471805599453)
+_LOG2E = gl.constexpr(LOG2E)
+
+
+@gluon.jit
+def _lse_tile(s, m_i, l_i, n0, n_valid, qk_scale, BLOCK_B: gl.constexpr, layout: gl.constexpr):
+    """Fold one [BLOCK_A, BLOCK_B] tile of raw scores into the rows' running (max, sum), base 2."""
+    if n0 + BLOCK_B > n_valid:  # the last tile: the rows past the key range belong to the next head
+        offs_n = n0 + gl.arange(0, BLOCK_B, layout=gl.SliceLayout(0, layout))
+        s = gl.where(offs_n[None, :] < n_valid, s, float("-inf"))
+    # qk_scale > 0, so the max of the raw scores gives the max of the scaled ones; every row sees a
+    # key in its first tile, so m_new is finite from then on.
+    m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+    l_i = l_i * gl.exp2(m_i - m_new) + gl.sum(gl.exp2(s * qk_scale - m_new[:, None]), axis=1)
+    return m_new, l_i
+
+
+@gluon.jit
+def _col_tile(s, col, lse2, qk_scale, USE_MAX: gl.constexpr):
+    """Fold one [keys, rows] tile into the keys' column sums (maxima); lse2 is the rows' base-2 LSE."""
+    p = gl.exp2(s * qk_scale - lse2[None, :])  # rows past the selection carry +inf: weight 0
+    if USE_MAX:
+        return gl.maximum(col, gl.max(p, axis=1))
+    return col + gl.sum(p, axis=1)
+
+
+@gluon.jit
+def _fold_tile(s, m_i, l_i, col, lse2, t, Sk, qk_scale, COLUMNS: gl.constexpr, USE_MAX: gl.constexpr,
+               BLOCK_B: gl.constexpr, layout: gl.constexpr):
+    """Fold tile t's scores into the pass's state: (m_i, l_i) for pass 1, col for pass 2."""
+    if COLUMNS:
+        col = _col_tile(s, col, lse2, qk_scale, USE_MAX)
+    else:
+        m_i, l_i = _lse_tile(s, m_i, l_i, t * BLOCK_B, Sk, qk_scale, BLOCK_B, layout)
+    return m_i, l_i, col
+
+
+@gluon.jit
+def _issue(a_half, a2_half, b_smem, b2_smem, ready, t, zero, WAIT: gl.constexpr, STAGES: gl.constexpr,
+           HAS_TAIL: gl.constexpr):
+    """Start one half's scores against tile t, [64, D] @ [D, BB] -> [64, BB] (after tile t lands, if WAIT):
+    one wgmma over the main head-dim block, and a second accumulating the tail block, if any."""
+    if WAIT:
+        mbarrier.wait(ready.index(t % STAGES), (t // STAGES) & 1)
+    acc = warpgroup_mma(a_half, b_smem.index(t % STAGES).permute((1, 0)), zero, use_acc=False, is_async=True)
+    if HAS_TAIL:
+        acc = warpgroup_mma(a2_half, b2_smem.index(t % STAGES).permute((1, 0)), acc, is_async=True)
+    return acc
+
+
+@gluon.jit
+def _load_rows(desc, desc2, row, bar, smem, smem2, pred, HAS_TAIL: gl.constexpr):
+    """TMA the rows starting at row into smem (head-dim columns [0, BLOCK_D)) and smem2 (the tail
+    block after them, zero-filled past D), completing on bar."""
+    if HAS_TAIL:
+        mbarrier.expect(bar, desc.block_type.nbytes + desc2.block_type.nbytes, pred=pred)
+        _tma_load(desc, [row, 0], bar, smem, pred=pred)
+        _tma_load(desc2, [row, desc.block_type.shape[1]], bar, smem2, pred=pred)
+    else:
+        mbarrier.expect(bar, desc.block_type.nbytes, pred=pred)
+        _tma_load(desc, [row, 0], bar, smem, pred=pred)
+
+
+@gluon.jit
+def _tile_row(t, b_row0, n_row_tiles, b_head_rows, BLOCK_B: gl.constexpr, COLUMNS: gl.constexpr):
+    """Row of the 2-D streaming view where tile t starts. Pass 2 streams the row tiles of one head,
+    then of the next head of the chunk; pass 1 streams one head's keys."""
+    if COLUMNS:
+        return b_row0 + (t // n_row_tiles) * b_head_rows + (t % n_row_tiles) * BLOCK_B
+    return b_row0 + t * BLOCK_B
+
+
+@gluon.jit
+def _tile_lse2(lse_base, t, n_row_tiles, stride_lh, stride_lm, offs_b, row_start, row_end,
+               BLOCK_B: gl.constexpr):
+    """Pass 2: the base-2 LSE of tile t's query rows; +inf past the selection (weight 0)."""
+    offs_m = (t % n_row_tiles) * BLOCK_B + offs_b
+    lse = gl.load(lse_base + (t // n_row_tiles) * stride_lh + offs_m * stride_lm,
+                  mask=row_start + offs_m < row_end, other=float("inf"))
+    return lse * _LOG2E
+
+
+@gluon.jit
+def _stream_kernel(
+    a_desc, a2_desc, b_desc, b2_desc, LSE, OUT,
+    stride_lb, stride_lh, stride_lm, stride_ob, stride_oc, stride_on,
+    H, GROUP, HEADS_PER_PROGRAM, Sq, Sk, row_start, row_end, n_a_blocks, qk_scale,
+    COLUMNS: gl.constexpr, USE_MAX: gl.constexpr, STAGES: gl.constexpr, HAS_TAIL: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    BLOCK_A: gl.constexpr = a_desc.block_type.shape[0]  # 128: two halves of 64, one wgmma each
+    HALF: gl.constexpr = BLOCK_A // 2
+    BLOCK_B: gl.constexpr = b_desc.block_type.shape[0]
+    BLOCK_D: gl.constexpr = a_desc.block_type.shape[1]  # the main head-dim block; a2/b2: the tail
+    # One warpgroup; wgmma's instruction N spans the whole streamed tile.
+    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                     instr_shape=[16, BLOCK_B, 16])
+    rows_layout: gl.constexpr = gl.SliceLayout(1, layout)  # one value per stationary row
+    cols_layout: gl.constexpr = gl.SliceLayout(0, layout)  # one value per streaming row
+
+    # 1-D grid, stationary blocks fastest: neighbours stream the same tiles through L2.
+    pid = gl.program_id(0)
+    a_block = pid % n_a_blocks
+    rest = pid // n_a_blocks
+    if COLUMNS:
+        # rest = (batch, head chunk); A = key block, B = query rows of the chunk's heads.
+        n_chunks = H // HEADS_PER_PROGRAM
+        b = rest // n_chunks
+        chunk = rest % n_chunks
+        h_first = chunk * HEADS_PER_PROGRAM
+        a_row0 = (b * (H // GROUP) + h_first // GROUP) * Sk + a_block * BLOCK_A
+        b_row0 = (b * H + h_first) * Sq + row_start
+        n_row_tiles = (row_end - row_start + BLOCK_B - 1) // BLOCK_B
+        n_tiles = HEADS_PER_PROGRAM * n_row_tiles
+    else:
+        # rest = (batch, head); A = query rows, B = the head's keys.
+        b = rest // H
+        h = rest % H
+        a_row0 = (b * H + h) * Sq + row_start + a_block * BLOCK_A
+        b_row0 = (b * (H // GROUP) + h // GROUP) * Sk
+        n_row_tiles = 1
+        n_tiles = (Sk + BLOCK_B - 1) // BLOCK_B
+
+    a_smem = gl.allocate_shared_memory(a_desc.dtype, [BLOCK_A, BLOCK_D], a_desc.layout)
+    b_smem = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_B, BLOCK_D], b_desc.layout)
+    a2_smem = a_smem  # unused without a tail
+    b2_smem = b_smem
+    if HAS_TAIL:
+        a2_smem = gl.allocate_shared_memory(a2_desc.dtype, a2_desc.block_type.shape, a2_desc.layout)
+        b2_smem = gl.allocate_shared_memory(b2_desc.dtype, [STAGES] + b2_desc.block_type.shape, b2_desc.layout)
+    a_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(a_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+
+    _load_rows(a_desc, a2_desc, a_row0, a_bar, a_smem, a2_smem, True, HAS_TAIL)
+    for i in gl.static_range(STAGES):
+        _load_rows(b_desc, b2_desc, _tile_row(i, b_row0, n_row_tiles, Sq, BLOCK_B, COLUMNS), ready.index(i),
+                   b_smem.index(i), b2_smem.index(i), i < n_tiles, HAS_TAIL)
+
+    zero = gl.zeros([HALF, BLOCK_B], gl.float32, layout=layout)
+    # Per half: the running (max, sum) of pass 1, or the column sums (maxima) of pass 2.
+    m_lo = gl.full([HALF], float("-inf"), gl.float32, layout=rows_layout)
+    m_hi = m_lo
+    l_lo = gl.zeros([HALF], gl.float32, layout=rows_layout)
+    l_hi = l_lo
+    col_lo = gl.zeros([HALF], gl.float32, layout=rows_layout)  # weights are >= 0: 0 also starts a max
+    col_hi = col_lo
+    offs_b = gl.arange(0, BLOCK_B, layout=cols_layout)
+    lse_base = LSE
+    lse2 = gl.zeros([BLOCK_B], gl.float32, layout=cols_layout)
+    if COLUMNS:
+        lse_base = LSE + b.to(gl.int64) * stride_lb + h_first.to(gl.int64) * stride_lh
+        lse2 = _tile_lse2(lse_base, 0, n_row_tiles, stride_lh, stride_lm, offs_b, row_start, row_end, BLOCK_B)
+
+    a_lo = a_smem.slice(0, HALF)
+    a_hi = a_smem.slice(HALF, HALF)
+    a2_lo = a2_smem.slice(0, HALF)
+    a2_hi = a2_smem.slice(HALF, HALF)
+    mbarrier.wait(a_bar, 0)
+    # Each tile's two halves are issued one step ahead of their exponentials, so the tensor cores
+    # compute the next scores while the warps exponentiate these. Two accumulators alternate
+    # (acc_lo, acc_hi) and no register copy reads one in flight, which would make ptxas serialize
+    # the wgmmas. Both halves share each streamed tile: K (or Q) crosses L2 once per 128 rows.
+    acc_lo = _issue(a_lo, a2_lo, b_smem, b2_smem, ready, 0, zero, True, STAGES, HAS_TAIL)
+    for t in range(n_tiles - 1):
+        acc_hi = _issue(a_hi, a2_hi, b_smem, b2_smem, ready, t, zero, False, STAGES, HAS_TAIL)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_lo, ))
+        m_lo, l_lo, col_lo = _fold_tile(s, m_lo, l_lo, col_lo, lse2, t, Sk, qk_scale, COLUMNS, USE_MAX, BLOCK_B,
+                                        layout)
+        acc_lo = _issue(a_lo, a2_lo, b_smem, b2_smem, ready, t + 1, zero, True, STAGES, HAS_TAIL)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_hi, ))
+        # Both halves are done with tile t: its buffer takes tile t + STAGES.
+        refill = t + STAGES
+        pred = refill < n_tiles
+        _load_rows(b_desc, b2_desc, _tile_row(refill, b_row0, n_row_tiles, Sq, BLOCK_B, COLUMNS),
+                   ready.index(t % STAGES), b_smem.index(t % STAGES), b2_smem.index(t % STAGES), pred, HAS_TAIL)
+        lse2_next = lse2
+        if COLUMNS:
+            lse2_next = _tile_lse2(lse_base, t + 1, n_row_tiles, stride_lh, stride_lm, offs_b, row_start, row_end,
+                                   BLOCK_B)
+        m_hi, l_hi, col_hi = _fold_tile(s, m_hi, l_hi, col_hi, lse2, t, Sk, qk_scale, COLUMNS, USE_MAX, BLOCK_B,
+                                        layout)
+        lse2 = lse2_next
+    t = n_tiles - 1
+    # n_tiles >= 1, so the else branch never runs; without it ptxas serializes every wgmma of the
+    # kernel (warning C7514, each HGMMA followed by a full wait), as seen in benchmarks/NOTES.md v10.
+    if t >= 0:
+        acc_hi = _issue(a_hi, a2_hi, b_smem, b2_smem, ready, t, zero, False, STAGES, HAS_TAIL)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_lo, ))
+        m_lo, l_lo, col_lo = _fold_tile(s, m_lo, l_lo, col_lo, lse2, t, Sk, qk_scale, COLUMNS, USE_MAX, BLOCK_B,
+                                        layout)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(acc_hi, ))
+        m_hi, l_hi, col_hi = _fold_tile(s, m_hi, l_hi, col_hi, lse2, t, Sk, qk_scale, COLUMNS, USE_MAX, BLOCK_B,
+                                        layout)
+    else:
+        warpgroup_mma_wait(num_outstanding=0, deps=(acc_lo, ))
+    mbarrier.invalidate(a_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+
+    offs_lo = a_block * BLOCK_A + gl.arange(0, HALF, layout=rows_layout)
+    offs_hi = offs_lo + HALF
+    if COLUMNS:
+        out_base = OUT + b.to(gl.int64) * stride_ob + chunk.to(gl.int64) * stride_oc
+        gl.store(out_base + offs_lo * stride_on, col_lo, mask=offs_lo < Sk)
+        gl.store(out_base + offs_hi * stride_on, col_hi, mask=offs_hi < Sk)
+    else:
+        lse_base = LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
+        # base 2 -> natural
+        gl.store(lse_base + offs_lo * stride_lm, (m_lo + gl.log2(l_lo)) * _LN2, mask=row_start + offs_lo < row_end)
+        gl.store(lse_base + offs_hi * stride_lm, (m_hi + gl.log2(l_hi)) * _LN2, mask=row_start + offs_hi < row_end)
+
+
+# (BLOCK_B streamed rows, STAGES ring depth) per pass, from `python -m benchmarks.tune_hopper` on
+# an H100 (benchmarks/NOTES.md v10). The stationary block is 128 rows, two halves of one warpgroup.
+BLOCK_ROWS = 128
+
+
+def _config(head_dim: int, columns: bool) -> tuple[int, int]:
+    if columns and head_dim <= 64:
+        return 64, 3
+    return 128, 2
+
+
+_GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def supports(query: torch.Tensor, key: torch.Tensor, p: Problem) -> bool:
+    """Whether this path can run the problem (the caller also requires no key mask)."""
+    return (
+        query.is_cuda
+        and _capability(query.device) == (9, 0)
+        and query.dtype in _GL_DTYPES
+        and p.head_dim % 8 == 0  # 16-byte rows for TMA
+        and 16 <= p.head_dim <= 128
+        and not p.causal
+        and query.is_contiguous()
+        and key.is_contiguous()
+        and query.data_ptr() % 16 == 0
+        and key.data_ptr() % 16 == 0
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_layout(rows: int, cols: int, dtype: torch.dtype):
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], _GL_DTYPES[dtype])
+
+
+def _rows_views(t: torch.Tensor, block_rows: int) -> tuple:
+    """TMA descriptors over t (..., rows, D) seen as one 2-D (all rows, D) matrix, in tiles of
+    block_rows rows: (main, tail) head-dim blocks as triton_backend splits D (72 = 64 + 16; tile
+    widths are powers of two), the tail read from column BLOCK_D on and zero-filled past D.
+    Without a tail, the main descriptor stands in for it (unused)."""
+    flat = t.view(-1, t.shape[-1])
+    views = []
+    for cols in head_dim_blocks(t.shape[-1]):
+        if cols:
+            layout = _shared_layout(block_rows, cols, t.dtype)
+            views.append(TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [block_rows, cols], layout))
+    return views[0], views[-1]
+
+
+def row_lse(query, key, p: Problem, config=None) -> torch.Tensor:
+    """Pass 1 over the selected rows: natural-log LSE, float32 (B, H, n_rows)."""
+    block_b, stages = config or _config(p.head_dim, columns=False)
+    lse = utils.new_output((p.batch, p.heads, p.n_rows), query.device)
+    n_a_blocks = cdiv(p.n_rows, BLOCK_ROWS)
+    grid = (p.batch * p.heads * n_a_blocks,)
+    _stream_kernel[grid](
+        *_rows_views(query, BLOCK_ROWS), *_rows_views(key, block_b), lse, lse,
+        *lse.stride(), 0, 0, 0,
+        p.heads, p.group, 1, p.q_len, p.k_len, p.row_start, p.row_end, n_a_blocks, p.scale * LOG2E,
+        COLUMNS=False, USE_MAX=False, STAGES=stages, HAS_TAIL=head_dim_blocks(p.head_dim)[1] > 0,
+        num_warps=4,
+    )
+    return lse
+
+
+def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool, config=None) -> torch.Tensor:
+    """Pass 2, key-centric: (B, H // heads_per_chunk, Sk) float32, as triton_backend.col_reduce."""
+    block_b, stages = config or _config(p.head_dim, columns=True)
+    n_chunks = p.heads // heads_per_chunk
+    out = utils.new_output((p.batch, n_chunks, p.k_len), query.device)
+    n_a_blocks = cdiv(p.k_len, BLOCK_ROWS)
+    grid = (p.batch * n_chunks * n_a_blocks,)
+    _stream_kernel[grid](
+        *_rows_views(key, BLOCK_ROWS), *_rows_views(query, block_b), lse, out,
+        *lse.stride(), *out.stride(),
+        p.heads, p.group, heads_per_chunk, p.q_len, p.k_len, p.row_start, p.row_end, n_a_blocks,
+        p.scale * LOG2E,
+        COLUMNS=True, USE_MAX=use_max, STAGES=stages, HAS_TAIL=head_dim_blocks(p.head_dim)[1] > 0,
+        num_warps=4,
+    )
+    return out

@@ -1,0 +1,123 @@
+"""The Hopper fast path (flash_colsum.hopper, Gluon) against the float64 reference and the portable
+Triton kernels. Those tests need a CUDA capability 9.0 GPU: Gluon does not run in the CPU
+interpreter. The compile check runs anywhere: it builds the kernels for sm_90 without a GPU."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flash_colsum import flash_colsum
+from flash_colsum import triton_backend as tb
+from flash_colsum.utils import make_problem
+from helpers import TOLERANCE, make_qk, reference, rel_l2
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+hopper_gpu = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU (Gluon does not run in the interpreter)")
+if HOPPER:
+    from flash_colsum import hopper
+
+# (B, H, Hk, Sq, Sk): 1, 2, 3 and many key tiles of 128, partial tiles, GQA and MQA.
+SHAPES = [
+    (1, 2, 1, 130, 128),
+    (1, 1, 1, 256, 256),
+    (2, 4, 2, 300, 129),
+    (1, 1, 1, 200, 384),
+    (1, 2, 2, 1000, 1000),
+    (1, 3, 3, 640, 2048),
+]
+
+
+def _lse_reference(q, k, scale, rows):
+    s = torch.einsum("bhqd,bhkd->bhqk", q[:, :, rows].cpu().double(),
+                     k.cpu().double().repeat_interleave(q.shape[1] // k.shape[1], dim=1))
+    return torch.logsumexp(scale * s, dim=-1)
+
+
+def _col_reference(q, k, lse, scale, rows, heads_per_chunk, use_max):
+    s = torch.einsum("bhqd,bhkd->bhqk", q[:, :, rows].cpu().double(),
+                     k.cpu().double().repeat_interleave(q.shape[1] // k.shape[1], dim=1))
+    w = torch.exp(scale * s - lse.cpu().double()[..., None])
+    b, h, _, sk = w.shape
+    w = w.reshape(b, h // heads_per_chunk, heads_per_chunk * w.shape[2], sk)
+    return w.amax(dim=2) if use_max else w.sum(dim=2)
+
+
+# Head dims: powers of two, and main + tail blocks (72 = 64 + 16, 96 = 64 + 32, 40 = 32 + 16).
+DIMS = [(64, torch.float16), (64, torch.bfloat16), (128, torch.float16), (128, torch.bfloat16),
+        (72, torch.float16), (96, torch.bfloat16), (40, torch.float16)]
+
+
+@hopper_gpu
+@pytest.mark.parametrize("d,dtype", DIMS, ids=[f"d{d}-{str(t)[6:]}" for d, t in DIMS])
+@pytest.mark.parametrize("b,h,hk,sq,sk", SHAPES)
+@pytest.mark.parametrize("rows", ["all", "window"])
+def test_passes_match_reference(b, h, hk, sq, sk, d, dtype, rows):
+    q, k = make_qk(b, h, hk, sq, sk, d, dtype, "cuda")
+    p = make_problem(q, k, None, False, "triton")
+    if rows == "window":
+        p = p.with_rows(5, sq - 7)
+    assert hopper.supports(q, k, p)
+    selected = range(p.row_start, p.row_end)
+    lse = hopper.row_lse(q, k, p)
+    lse_ref = _lse_reference(q, k, p.scale, selected)
+    assert rel_l2(lse, lse_ref) <= 1e-6, "pass 1"
+    for heads_per_chunk in sorted({1, p.group}):
+        for use_max in (False, True):
+            out = hopper.col_reduce(q, k, lse, p, heads_per_chunk, use_max)
+            ref = _col_reference(q, k, lse, p.scale, selected, heads_per_chunk, use_max)
+            assert rel_l2(out, ref) <= 1e-5, f"pass 2, {heads_per_chunk} heads per chunk, max={use_max}"
+            portable = tb.col_reduce(q, k, lse, p, heads_per_chunk, use_max, config=tb._block_sizes(d, dtype))
+            assert rel_l2(out, portable) <= 1e-5, "pass 2 against the portable kernel"
+
+
+@hopper_gpu
+@pytest.mark.parametrize("d", [64, 80, 128])
+def test_public_api_takes_the_fast_path(monkeypatch, d):
+    """flash_colsum picks both Hopper passes where they apply, and the result matches float64."""
+    calls = []
+    for name in ("row_lse", "col_reduce"):
+        original = getattr(hopper, name)
+        monkeypatch.setattr(hopper, name, lambda *a, _f=original, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+    q, k = make_qk(1, 32, 8, 640, 1000, d, torch.float16, "cuda")
+    out = flash_colsum(q, k, backend="triton")
+    assert calls == ["row_lse", "col_reduce"]
+    assert rel_l2(out, reference(q, k)) <= TOLERANCE[torch.float16]
+
+
+@hopper_gpu
+def test_falls_back_outside_its_scope():
+    q, k = make_qk(1, 2, 2, 600, 700, 64, torch.float16, "cuda")
+    q36, k36 = make_qk(1, 2, 2, 600, 700, 36, torch.float16, "cuda")  # rows of 72 bytes: no TMA
+    q256, k256 = make_qk(1, 2, 2, 600, 700, 256, torch.float16, "cuda")
+    for causal, qq, kk in [(True, q, k), (False, q.float(), k.float()), (False, q36, k36), (False, q256, k256),
+                           (False, q[..., :48], k[..., :48]), (False, q.transpose(2, 3).contiguous().transpose(2, 3), k)]:
+        p = make_problem(qq, kk, None, causal, "triton")
+        assert not hopper.supports(qq, kk, p)
+
+
+@hopper_gpu
+def test_fast_paths_switch_off(monkeypatch):
+    q, k = make_qk(1, 2, 2, 600, 700, 64, torch.float16, "cuda")
+    p = make_problem(q, k, None, False, "triton")
+    assert tb._fast_path(q, k, p, range(p.row_start, p.row_end)) is hopper
+    monkeypatch.setenv("FLASH_COLSUM_FAST_PATHS", "0")
+    assert tb._fast_path(q, k, p, range(p.row_start, p.row_end)) is None
+
+
+@pytest.mark.parametrize("d,columns", [(64, False), (64, True), (72, False), (128, True)])
+def test_kernels_compile_for_sm90_with_async_wgmma(d, columns):
+    """Both passes build for sm_90 (no GPU needed) with no register spills, and ptxas keeps the
+    wgmmas asynchronous (warning C7514 says it serialized them: with Triton 3.6's ptxas, a plain
+    epilogue did that, NOTES.md v10). Runs in a fresh process: compiling needs the interpreter off."""
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    args = [sys.executable, "-m", "benchmarks.inspect_ptx", "--gluon", "--d", str(d)] + (["--columns"] if columns else [])
+    report = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, check=True).stdout
+    assert "registers" in report, report
+    assert "C7514" not in report, report
+    assert "0 bytes spill stores" in report, report
