@@ -418,14 +418,22 @@ def _launch_row_blocks(query, key, p: Problem, rows: range, cfg: dict, lse, out,
     return lse
 
 
+# Below this many scores per pass the Hopper kernels lose to their own launch cost: on the lent
+# H100's host a launch with TMA descriptors took ~140 us of Python and driver work against ~60 us
+# for the portable kernel, while the B=8, H=16, S=1024 pass (2**27 scores) runs ~60 us on the GPU.
+FAST_PATH_MIN_SCORES = 2**29
+
+
 def _fast_path(query, key, p: Problem, rows: range, key_keep=None):
     """The Hopper kernels (`flash_colsum.hopper`) when they cover this call, else None.
 
-    They take non-causal fp16/bf16 problems with D in {64, 128}, contiguous Q and K and no key
-    mask, on a CUDA capability 9.0 GPU, over all selected rows. FLASH_COLSUM_FAST_PATHS=0 turns
-    them off (the portable kernels then run everywhere, as on the CPU interpreter).
+    They take non-causal fp16/bf16 problems with D a multiple of 8 up to 128, contiguous Q and K
+    and no key mask, on a CUDA capability 9.0 GPU, over all selected rows, with at least
+    FAST_PATH_MIN_SCORES scores. FLASH_COLSUM_FAST_PATHS=0 turns them off (the portable kernels
+    then run everywhere, as on the CPU interpreter).
     """
     if (interpreting() or not query.is_cuda or key_keep is not None or rows != range(p.row_start, p.row_end)
+            or p.batch * p.heads * len(rows) * p.k_len < FAST_PATH_MIN_SCORES
             or os.environ.get("FLASH_COLSUM_FAST_PATHS", "1") == "0"):
         return None
     try:

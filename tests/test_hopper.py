@@ -78,6 +78,7 @@ def test_passes_match_reference(b, h, hk, sq, sk, d, dtype, rows):
 @pytest.mark.parametrize("d", [64, 80, 128])
 def test_public_api_takes_the_fast_path(monkeypatch, d):
     """flash_colsum picks both Hopper passes where they apply, and the result matches float64."""
+    monkeypatch.setattr(tb, "FAST_PATH_MIN_SCORES", 0)  # the shape is small, to keep the float64 check quick
     calls = []
     for name in ("row_lse", "col_reduce"):
         original = getattr(hopper, name)
@@ -101,9 +102,12 @@ def test_falls_back_outside_its_scope():
 
 @hopper_gpu
 def test_fast_paths_switch_off(monkeypatch):
-    q, k = make_qk(1, 2, 2, 600, 700, 64, torch.float16, "cuda")
+    q, k = make_qk(1, 16, 16, 4096, 8192, 64, torch.float16, "cuda")  # 2**29 scores
     p = make_problem(q, k, None, False, "triton")
     assert tb._fast_path(q, k, p, range(p.row_start, p.row_end)) is hopper
+    q_short = q[:, :, 1:].contiguous()  # one row short of 2**29 scores
+    short = make_problem(q_short, k, None, False, "triton")
+    assert tb._fast_path(q_short, k, short, range(short.row_start, short.row_end)) is None
     monkeypatch.setenv("FLASH_COLSUM_FAST_PATHS", "0")
     assert tb._fast_path(q, k, p, range(p.row_start, p.row_end)) is None
 
