@@ -59,11 +59,12 @@ def compile_gluon(d: int, columns: bool):
 
     kernel = hopper._stream_kernel
     names = kernel.arg_names
-    block_b, stages = hopper._config(d, columns)
+    block_b, stages, a_in_regs = hopper._config(d, columns)
     block_d, block_d2 = head_dim_blocks(d)
     tiles = dict(a_desc=(hopper.BLOCK_ROWS, block_d), a2_desc=(hopper.BLOCK_ROWS, block_d2 or block_d),
                  b_desc=(block_b, block_d), b2_desc=(block_b, block_d2 or block_d))
-    values = dict(COLUMNS=columns, USE_MAX=False, STAGES=stages, HAS_TAIL=block_d2 > 0, num_warps=4)
+    values = dict(COLUMNS=columns, USE_MAX=False, STAGES=stages, HAS_TAIL=block_d2 > 0, A_IN_REGS=a_in_regs,
+                  num_warps=4)
     signature = {}
     for name in names:
         if name in values:

@@ -2,7 +2,7 @@
 
     python -m benchmarks.tune_hopper [--s 16384] [--d 64] [--out DIR]
 
-Prints and writes tune_hopper.csv: per (BLOCK_B, STAGES), the median time of
+Prints and writes tune_hopper.csv: per (BLOCK_B, STAGES, A_IN_REGS), the median time of
 pass 1 and pass 2 (triton.testing.do_bench) and the relative difference from the portable kernels.
 """
 
@@ -17,7 +17,8 @@ from flash_colsum import hopper
 from flash_colsum import triton_backend as tb
 from flash_colsum.utils import make_problem
 
-CONFIGS = [(128, 2), (128, 3), (64, 2), (64, 3)]  # (BLOCK_B, STAGES); 4 stages lost everywhere (NOTES.md v10)
+# (BLOCK_B, STAGES, A_IN_REGS); 4 stages lost everywhere (NOTES.md v10)
+CONFIGS = [(b, stages, regs) for regs in (False, True) for b, stages in ((128, 2), (64, 2), (64, 3))]
 
 
 def main():

@@ -129,7 +129,7 @@ def _stream_kernel(
     stride_lb, stride_lh, stride_lm, stride_ob, stride_oc, stride_on,
     H, GROUP, HEADS_PER_PROGRAM, Sq, Sk, row_start, row_end, n_a_blocks, qk_scale,
     COLUMNS: gl.constexpr, USE_MAX: gl.constexpr, STAGES: gl.constexpr, HAS_TAIL: gl.constexpr,
-    num_warps: gl.constexpr,
+    A_IN_REGS: gl.constexpr, num_warps: gl.constexpr,
 ):
     BLOCK_A: gl.constexpr = a_desc.block_type.shape[0]  # 128: two halves of 64, one wgmma each
     HALF: gl.constexpr = BLOCK_A // 2
@@ -197,11 +197,17 @@ def _stream_kernel(
         lse_base = LSE + b.to(gl.int64) * stride_lb + h_first.to(gl.int64) * stride_lh
         lse2 = _tile_lse2(lse_base, 0, n_row_tiles, stride_lh, stride_lm, offs_b, row_start, row_end, BLOCK_B)
 
+    mbarrier.wait(a_bar, 0)
     a_lo = a_smem.slice(0, HALF)
     a_hi = a_smem.slice(HALF, HALF)
     a2_lo = a2_smem.slice(0, HALF)
     a2_hi = a2_smem.slice(HALF, HALF)
-    mbarrier.wait(a_bar, 0)
+    if A_IN_REGS:  # the stationary operand from registers: each wgmma then reads only B from shared memory
+        a_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=layout, k_width=2)
+        a_lo = a_lo.load(a_op)
+        a_hi = a_hi.load(a_op)
+        a2_lo = a2_lo.load(a_op)
+        a2_hi = a2_hi.load(a_op)
     # Each tile's two halves are issued one step ahead of their exponentials, so the tensor cores
     # compute the next scores while the warps exponentiate these. Two accumulators alternate
     # (acc_lo, acc_hi) and no register copy reads one in flight, which would make ptxas serialize
@@ -261,10 +267,13 @@ def _stream_kernel(
 BLOCK_ROWS = 128
 
 
-def _config(head_dim: int, columns: bool) -> tuple[int, int]:
+def _config(head_dim: int, columns: bool) -> tuple[int, int, bool]:
+    """(BLOCK_B, STAGES, A_IN_REGS) for a pass (results/tune_hopper_h100_v10*.csv)."""
     if columns and head_dim <= 64:
-        return 64, 3
-    return 128, 2
+        return 64, 3, False
+    if columns and head_dim > 96:
+        return 128, 2, True  # D=128: 2.08 vs 2.21 ms; no gain measured elsewhere
+    return 128, 2, False
 
 
 _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
@@ -312,7 +321,7 @@ def _rows_views(t: torch.Tensor, block_rows: int) -> tuple:
 
 def row_lse(query, key, p: Problem, config=None) -> torch.Tensor:
     """Pass 1 over the selected rows: natural-log LSE, float32 (B, H, n_rows)."""
-    block_b, stages = config or _config(p.head_dim, columns=False)
+    block_b, stages, a_in_regs = config or _config(p.head_dim, columns=False)
     lse = utils.new_output((p.batch, p.heads, p.n_rows), query.device)
     n_a_blocks = cdiv(p.n_rows, BLOCK_ROWS)
     grid = (p.batch * p.heads * n_a_blocks,)
@@ -321,14 +330,14 @@ def row_lse(query, key, p: Problem, config=None) -> torch.Tensor:
         *lse.stride(), 0, 0, 0,
         p.heads, p.group, 1, p.q_len, p.k_len, p.row_start, p.row_end, n_a_blocks, p.scale * LOG2E,
         COLUMNS=False, USE_MAX=False, STAGES=stages, HAS_TAIL=head_dim_blocks(p.head_dim)[1] > 0,
-        num_warps=4,
+        A_IN_REGS=a_in_regs, num_warps=4,
     )
     return lse
 
 
 def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool, config=None) -> torch.Tensor:
     """Pass 2, key-centric: (B, H // heads_per_chunk, Sk) float32, as triton_backend.col_reduce."""
-    block_b, stages = config or _config(p.head_dim, columns=True)
+    block_b, stages, a_in_regs = config or _config(p.head_dim, columns=True)
     n_chunks = p.heads // heads_per_chunk
     out = utils.new_output((p.batch, n_chunks, p.k_len), query.device)
     n_a_blocks = cdiv(p.k_len, BLOCK_ROWS)
@@ -339,6 +348,6 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
         p.heads, p.group, heads_per_chunk, p.q_len, p.k_len, p.row_start, p.row_end, n_a_blocks,
         p.scale * LOG2E,
         COLUMNS=True, USE_MAX=use_max, STAGES=stages, HAS_TAIL=head_dim_blocks(p.head_dim)[1] > 0,
-        num_warps=4,
+        A_IN_REGS=a_in_regs, num_warps=4,
     )
     return out
