@@ -262,8 +262,8 @@ def _stream_kernel(
         gl.store(lse_base + offs_hi * stride_lm, (m_hi + gl.log2(l_hi)) * _LN2, mask=row_start + offs_hi < row_end)
 
 
-# (BLOCK_B streamed rows, STAGES ring depth) per pass, from `python -m benchmarks.tune_hopper` on
-# an H100 (benchmarks/NOTES.md v10). The stationary block is 128 rows, two halves of one warpgroup.
+# The stationary block: 128 rows, two halves of one warpgroup. The streamed tiles, ring depth and
+# operand source per pass come from `python -m benchmarks.tune_hopper` on an H100 (NOTES.md v10).
 BLOCK_ROWS = 128
 
 
