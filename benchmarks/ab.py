@@ -39,17 +39,23 @@ POINTS = [  # (B, H, Sq, Sk, D, causal, switch)
 ]
 
 
+# Each state other than "on" swaps one decision of the back end for a fixed answer.
 STATES = {"row_stat": ("on", "off", "forced"), "fast": ("on", "off")}
+REPLACEMENTS = {
+    ("row_stat", "off"): ("_use_row_stationary", lambda n_rows, block_m: False),
+    ("row_stat", "forced"): ("_use_row_stationary", lambda n_rows, block_m: True),
+    ("fast", "off"): ("_fast_path", lambda *args, **kwargs: None),
+}
 
 
 @contextlib.contextmanager
 def switched(switch: str, state: str):
-    name = "_use_row_stationary" if switch == "row_stat" else "_fast_path"
+    if (switch, state) not in REPLACEMENTS:
+        yield
+        return
+    name, replacement = REPLACEMENTS[switch, state]
     saved = getattr(tb, name)
-    if state != "on" and switch == "row_stat":
-        tb._use_row_stationary = lambda n_rows, block_m: state == "forced"
-    elif state != "on":
-        tb._fast_path = lambda *args, **kwargs: None
+    setattr(tb, name, replacement)
     try:
         yield
     finally:

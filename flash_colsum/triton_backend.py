@@ -438,7 +438,7 @@ def _fast_path(query, key, p: Problem, rows: range, key_keep=None):
         return None
     try:
         from . import hopper
-    except ImportError:  # a Triton without Gluon's Hopper API
+    except (ImportError, AttributeError):  # a Triton without Gluon, or with another Gluon API
         return None
     return hopper if hopper.supports(query, key, p) else None
 
