@@ -4,7 +4,7 @@ The portable Triton kernels (triton_backend) load tiles through registers and wa
 tile's matmul before its exponentials start. Here TMA streams the tiles into a ring of STAGES
 shared-memory buffers (one mbarrier each), and each tile's wgmma is issued asynchronously one step
 before the exponentials of the previous one, as in FlashAttention-3's intra-warpgroup pipelining.
-Measured on an H100 (benchmarks/NOTES.md v10): 8-15% faster than the portable kernels; the
+Measured on an H100 (benchmarks/NOTES.md v10): 3-15% faster than the portable kernels; the
 overlap itself bought little, halving the L2 traffic of the streamed operand most of it.
 
 One kernel serves both passes. A block of BLOCK_A = 128 "stationary" rows stays in shared memory,
