@@ -31,16 +31,18 @@ SHAPES = [
 ]
 
 
+def _scores(q, k, scale, rows):
+    """scale * Q K^T in float64 for the selected rows, query head h against key head h // G."""
+    k = k.cpu().double().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    return scale * torch.einsum("bhqd,bhkd->bhqk", q[:, :, rows].cpu().double(), k)
+
+
 def _lse_reference(q, k, scale, rows):
-    s = torch.einsum("bhqd,bhkd->bhqk", q[:, :, rows].cpu().double(),
-                     k.cpu().double().repeat_interleave(q.shape[1] // k.shape[1], dim=1))
-    return torch.logsumexp(scale * s, dim=-1)
+    return torch.logsumexp(_scores(q, k, scale, rows), dim=-1)
 
 
 def _col_reference(q, k, lse, scale, rows, heads_per_chunk, use_max):
-    s = torch.einsum("bhqd,bhkd->bhqk", q[:, :, rows].cpu().double(),
-                     k.cpu().double().repeat_interleave(q.shape[1] // k.shape[1], dim=1))
-    w = torch.exp(scale * s - lse.cpu().double()[..., None])
+    w = torch.exp(_scores(q, k, scale, rows) - lse.cpu().double()[..., None])
     b, h, _, sk = w.shape
     w = w.reshape(b, h // heads_per_chunk, heads_per_chunk * w.shape[2], sk)
     return w.amax(dim=2) if use_max else w.sum(dim=2)
