@@ -366,7 +366,7 @@ def _sm_count(device: torch.device) -> int:
 
 def _key_splits(p: Problem, n_programs: int, block_n: int, device: torch.device) -> int:
     """Keys per split for pass 1: split long key ranges until the grid fills the GPU (flash-decoding)."""
-    if interpreting():
+    if device.type == "cpu":  # the interpreter
         target, min_blocks = 16, 2  # small enough that the CPU tests take the split path too
     else:
         target, min_blocks = 4 * _sm_count(device), 8
@@ -374,7 +374,7 @@ def _key_splits(p: Problem, n_programs: int, block_n: int, device: torch.device)
     return cdiv(cdiv(p.k_len, n_splits), block_n) * block_n
 
 
-def _qk_strides(query: torch.Tensor, key: torch.Tensor) -> tuple[list, int]:
+def _qk_strides(query: torch.Tensor, key: torch.Tensor) -> tuple[tuple, int]:
     """Q's and K's strides for the kernels, and STRIDE_UNIT: the batch, head and row strides come in
     units of 16 bytes when they all are multiples of 16 bytes, else of one element.
 
@@ -383,14 +383,16 @@ def _qk_strides(query: torch.Tensor, key: torch.Tensor) -> tuple[list, int]:
     strides divisible by 16 elements: a contiguous D=72 tensor (row stride 72) got scalar loads
     and ran at 1.5x the time of D=80.
     """
-    unit = 16 // query.element_size()
-    q_strides, k_strides = query.stride(), key.stride()
-    outer = q_strides[:3] + k_strides[:3]
-    if any(s % unit for s in outer):
+    return _strides_in_units(query.stride(), key.stride(), query.element_size())
+
+
+@functools.lru_cache(maxsize=256)  # a pure function of the layouts; small calls are host-bound
+def _strides_in_units(q_strides: tuple, k_strides: tuple, element_size: int) -> tuple[tuple, int]:
+    unit = 16 // element_size
+    if any(s % unit for s in q_strides[:3] + k_strides[:3]):
         unit = 1
-    q_strides = [s // unit for s in q_strides[:3]] + [q_strides[3]]
-    k_strides = [s // unit for s in k_strides[:3]] + [k_strides[3]]
-    return q_strides + k_strides, unit
+    strides = tuple(s // unit for s in q_strides[:3]) + q_strides[3:] + tuple(s // unit for s in k_strides[:3]) + k_strides[3:]
+    return strides, unit
 
 
 def _launch_row_blocks(query, key, p: Problem, rows: range, cfg: dict, lse, out, key_keep=None, use_max=False):
@@ -432,8 +434,9 @@ def _fast_path(query, key, p: Problem, rows: range, key_keep=None):
     FAST_PATH_MIN_SCORES scores. FLASH_COLSUM_FAST_PATHS=0 turns them off (the portable kernels
     then run everywhere, as on the CPU interpreter).
     """
-    if (interpreting() or not query.is_cuda or key_keep is not None or rows != range(p.row_start, p.row_end)
-            or p.batch * p.heads * len(rows) * p.k_len < FAST_PATH_MIN_SCORES
+    # The cheap tests first: small calls are host-bound, and each environment read costs ~3 us.
+    if (p.batch * p.heads * len(rows) * p.k_len < FAST_PATH_MIN_SCORES or not query.is_cuda or key_keep is not None
+            or rows != range(p.row_start, p.row_end) or interpreting()
             or os.environ.get("FLASH_COLSUM_FAST_PATHS", "1") == "0"):
         return None
     try:
@@ -518,7 +521,7 @@ def _on_device(t: torch.Tensor):
 
 
 def _dot_flags(dtype: torch.dtype) -> dict:
-    upcast = interpreting() and dtype == torch.bfloat16
+    upcast = dtype == torch.bfloat16 and interpreting()
     # float32 operands must not be rounded to tf32 (~3e-4 error); fp16/bf16 products are exact in fp32.
     precision = "ieee" if dtype == torch.float32 or upcast else "tf32"
     return dict(DOT_PRECISION=precision, UPCAST_DOT=upcast)
