@@ -9,7 +9,8 @@ the ceilings need CUDA. Times are medians (CUDA events through triton.testing.do
 perf_counter on the CPU). Peak extra memory is what a call allocates beyond its inputs:
 torch.cuda.max_memory_allocated on a GPU, the process's peak resident set (VmHWM, reset through
 /proc/self/clear_refs) on the CPU. A GPU run starts by measuring the matmul, copy and exp2
-ceilings; flash_colsum rows get the floor they imply (benchmarks/ceilings.py) and pct_of_floor.
+ceilings; flash_colsum rows get the floor they imply (benchmarks/ceilings.py) and pct_of_floor, and
+the H100's serial model (exponentials and matmuls one after the other) and pct_of_model.
 flash_speedup is a row's time over flash_colsum's at the same point (> 1: flash_colsum is faster).
 
 Output under --out: bench_{sweep}_{device}.csv (every row, with a `sweep` column) and
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.baselines import DEFAULT_WHEEL_DIR, load_baselines
-from benchmarks.ceilings import floor_ms, measure_ceilings
+from benchmarks.ceilings import floor_ms, measure_ceilings, model_ms
 from flash_colsum import column_stats, flash_colsum, naive_colsum
 
 SWEEPS = ["demo", "noncausal_batched", "noncausal", "causal", "variants"]
@@ -204,7 +205,7 @@ def measure(pt: Point, methods: dict, device: str, mem_limit: int, ceilings=None
     for name in methods_at(pt, methods):
         tick(f"{pt.label} {name}")
         row = dict(asdict(pt), method=name, device=device, ms=None, peak_extra_mib=None,
-                   floor_ms=None, pct_of_floor=None, flash_speedup=None, note="")
+                   floor_ms=None, pct_of_floor=None, model_ms=None, pct_of_model=None, flash_speedup=None, note="")
         rows.append(row)
         if name == "naive_colsum" and pt.naive_bytes() > mem_limit:
             row["note"] = f"skipped: needs ~{pt.naive_bytes() / 2**30:.1f} GiB"
@@ -226,8 +227,11 @@ def measure(pt: Point, methods: dict, device: str, mem_limit: int, ceilings=None
         if row["ms"] is None:
             continue
         if ceilings and row["method"] in FLASH_METHODS:
-            row["floor_ms"] = floor_ms(pt, ceilings, lse_given=row["method"] == "flash_colsum_lse")
+            lse_given = row["method"] == "flash_colsum_lse"
+            row["floor_ms"] = floor_ms(pt, ceilings, lse_given=lse_given)
             row["pct_of_floor"] = 100 * row["floor_ms"] / row["ms"]
+            row["model_ms"] = model_ms(pt, ceilings, lse_given=lse_given)
+            row["pct_of_model"] = 100 * row["model_ms"] / row["ms"]
         if flash is not None and row["method"] != "flash_colsum":
             row["flash_speedup"] = row["ms"] / flash
     return rows
@@ -242,10 +246,10 @@ def _fmt(value, spec: str) -> str:
 
 
 def print_table(rows: list[dict], title: str) -> None:
-    header = ["shape", "method", "ms", "peak extra MiB", "floor ms", "% of floor", "flash speedup", "note"]
+    header = ["shape", "method", "ms", "peak extra MiB", "floor ms", "% of floor", "% of model", "flash speedup", "note"]
     body = [
         [point_of(r).label, r["method"], _fmt(r["ms"], ".3f"), _fmt(r["peak_extra_mib"], ".1f"),
-         _fmt(r["floor_ms"], ".3f"), _fmt(r["pct_of_floor"], ".0f"),
+         _fmt(r["floor_ms"], ".3f"), _fmt(r["pct_of_floor"], ".0f"), _fmt(r.get("pct_of_model"), ".0f"),
          "-" if r["flash_speedup"] is None else f"{r['flash_speedup']:.2f}x", r["note"]]
         for r in rows
     ]

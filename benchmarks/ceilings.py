@@ -5,11 +5,24 @@ its measured ceiling: the exponentials (one per visible score and pass; the spec
 units, not the tensor cores, limit softmax-like kernels at small head dims), the two matmul passes,
 and reading Q and K once per pass. `pct_of_floor` = floor / measured time says how much of the
 hardware a kernel uses; it is a bound, not a target that can be reached.
+
+The serial model (`model_ms`) is what the H100 does instead (benchmarks/NOTES.md v11): the
+exponentials and the tensor-core work of a tile do not overlap, so a pass costs their sum. Both run
+at the SM clock, an H100 SM doing 4096 dense fp16/bf16 FLOP per clock against 16 exp2, so the matmul
+is priced at 256x the measured exp2 rate and a score costs (1 + K / 128) exp2-times per pass, K
+being the head dim the matmul computes. Our two passes reach 95-103% of it at the large non-causal
+points (FlashAttention-3's published forward numbers reach ~93% of the same model), so
+`pct_of_model` says how far from that hardware behaviour a point is, where `pct_of_floor` cannot.
 """
 
 from __future__ import annotations
 
 import torch
+
+from flash_colsum.utils import head_dim_blocks
+
+# Dense fp16/bf16 tensor-core FLOP per MUFU exp2, per SM and clock (H100: 4096 / 16).
+TENSOR_FLOP_PER_EXP2 = 256
 
 try:
     import triton
@@ -76,12 +89,28 @@ def floor_ms(pt, ceilings: dict[str, float], lse_given: bool = False) -> float:
     score and a read of Q and K; with the LSE given only the second pass is left.
     """
     passes = 1 if lse_given else 2
-    scores = pt.b * pt.h * pt.sq * pt.sk * visible_fraction(pt.sq, pt.sk, pt.causal)
-    elem = torch.finfo(getattr(torch, pt.dtype)).bits // 8
-    qk_bytes = elem * pt.b * pt.d * (pt.h * pt.sq + (pt.hk or pt.h) * pt.sk)
+    scores, qk_bytes = _scores_and_bytes(pt)
     seconds = max(
         passes * scores / ceilings["exp2_per_s"],
         passes * 2 * scores * pt.d / ceilings["matmul_flops"],
         passes * qk_bytes / ceilings["copy_bytes_per_s"],
     )
     return seconds * 1e3
+
+
+def _scores_and_bytes(pt) -> tuple[float, float]:
+    """Visible scores of one pass, and the bytes of Q and K it reads."""
+    scores = pt.b * pt.h * pt.sq * pt.sk * visible_fraction(pt.sq, pt.sk, pt.causal)
+    elem = torch.finfo(getattr(torch, pt.dtype)).bits // 8
+    return scores, elem * pt.b * pt.d * (pt.h * pt.sq + (pt.hk or pt.h) * pt.sk)
+
+
+def model_ms(pt, ceilings: dict[str, float], lse_given: bool = False) -> float:
+    """Serial model of one call: per pass and score one exp2 plus the matmul's 2*K FLOP at 256x the
+    exp2 rate (K: the head dim as the kernels compute it, 72 -> 64 + 16), one after the other; or
+    the reads of Q and K at the copy ceiling when they take longer (memory-bound points)."""
+    passes = 1 if lse_given else 2
+    scores, qk_bytes = _scores_and_bytes(pt)
+    k = sum(head_dim_blocks(pt.d))
+    compute = scores * (1 + 2 * k / TENSOR_FLOP_PER_EXP2) / ceilings["exp2_per_s"]
+    return passes * max(compute, qk_bytes / ceilings["copy_bytes_per_s"]) * 1e3

@@ -9,7 +9,7 @@ import torch
 
 from benchmarks.baselines import ALIASES, DEFAULT_WHEEL_DIR, load_baselines
 from benchmarks.benchmark_colsum import Point, chunked_naive, main
-from benchmarks.ceilings import floor_ms, visible_fraction
+from benchmarks.ceilings import floor_ms, model_ms, visible_fraction
 from flash_colsum import naive_colsum
 
 
@@ -33,6 +33,19 @@ def test_floor_is_the_slowest_of_exp_matmul_and_memory():
     assert floor_ms(pt, copy_bound) == pytest.approx(2 * qk_bytes * 1e3)
     causal = Point(b=1, h=1, sq=2, sk=3, d=8, causal=True)
     assert floor_ms(causal, exp_bound) == pytest.approx(2 * 5 * 1e3)
+
+
+def test_model_adds_exp_and_matmul_time_or_takes_memory_time():
+    pt = Point(b=2, h=4, sq=8, sk=16, d=72, hk=2)  # the matmul computes K = 64 + 16 = 80
+    scores = 2 * 4 * 8 * 16
+    exp_rate = dict(exp2_per_s=1.0, matmul_flops=1e30, copy_bytes_per_s=1e30)
+    per_score = 1 + 2 * 80 / 256  # one exp2, then 2K FLOP at 256 FLOP per exp2-time
+    assert model_ms(pt, exp_rate) == pytest.approx(2 * scores * per_score * 1e3)
+    assert model_ms(pt, exp_rate, lse_given=True) == pytest.approx(scores * per_score * 1e3)
+    assert model_ms(pt, exp_rate) > floor_ms(pt, exp_rate)  # the floor overlaps what the model adds
+    qk_bytes = 2 * 2 * 72 * (4 * 8 + 2 * 16)
+    memory_bound = dict(exp2_per_s=1e30, matmul_flops=1e30, copy_bytes_per_s=1.0)
+    assert model_ms(pt, memory_bound) == pytest.approx(2 * qk_bytes * 1e3)
 
 
 @pytest.mark.parametrize("causal", [False, True])
