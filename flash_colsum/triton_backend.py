@@ -364,13 +364,19 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# A split of pass 1 costs three small torch kernels on the host to combine the partial LSEs
+# (~20-30 us each on the lent H100's host), so a split is worth it only when a program's share of
+# the keys would run longer than that: 4096 keys x 64-128 rows is ~10-15 us of GPU time.
+MIN_KEYS_PER_SPLIT = 4096
+
+
 def _key_splits(p: Problem, n_programs: int, block_n: int, device: torch.device) -> int:
     """Keys per split for pass 1: split long key ranges until the grid fills the GPU (flash-decoding)."""
     if device.type == "cpu":  # the interpreter
-        target, min_blocks = 16, 2  # small enough that the CPU tests take the split path too
+        target, min_keys = 16, 2 * block_n  # small enough that the CPU tests take the split path too
     else:
-        target, min_blocks = 4 * _sm_count(device), 8
-    n_splits = max(1, min(cdiv(target, n_programs), cdiv(p.k_len, block_n * min_blocks)))
+        target, min_keys = 4 * _sm_count(device), MIN_KEYS_PER_SPLIT
+    n_splits = max(1, min(cdiv(target, n_programs), cdiv(p.k_len, min_keys)))
     return cdiv(cdiv(p.k_len, n_splits), block_n) * block_n
 
 
