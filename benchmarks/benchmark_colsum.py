@@ -287,10 +287,12 @@ def progress(total: int, title: str):
         count = iter(range(1, total + 1))
         yield lambda text: print(f"{title} [{next(count)}/{total}] {text}", flush=True)
         return
-    with Progress() as bar:
+    # No refresh thread: it takes the GIL while host-bound calls are timed (small points read up to
+    # 3x slower under it, NOTES.md v8/v11); the bar redraws at each tick instead.
+    with Progress(auto_refresh=False) as bar:
         task = bar.add_task(title, total=total)
         done = iter(range(total))
-        yield lambda text: bar.update(task, completed=next(done), description=f"{title}: {text}")
+        yield lambda text: bar.update(task, completed=next(done), description=f"{title}: {text}", refresh=True)
         bar.update(task, completed=total, description=title)
 
 
