@@ -43,7 +43,7 @@ def compile_row_blocks(d: int, unit: int, columns: bool):
         elif name in POINTERS:
             signature[name] = POINTERS[name]
         else:
-            signature[name] = "fp32" if name == "qk_scale" else "i32"
+            signature[name] = "fp32" if name in ("qk_scale", "out_scale") else "i32"
     source = ASTSource(
         fn=kernel, signature=signature, constexprs={(names.index(n),): v for n, v in values.items()},
         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in POINTERS},  # torch allocations are aligned
@@ -73,7 +73,7 @@ def compile_gluon(d: int, columns: bool):
             layout = gl.NVMMASharedLayout.get_default_for(list(tiles[name]), gl.float16)
             signature[name] = f"tensordesc<fp16[{tiles[name][0]}, {tiles[name][1]}],{layout!r}>"
         else:
-            signature[name] = POINTERS.get(name, "fp32" if name == "qk_scale" else "i32")
+            signature[name] = POINTERS.get(name, "fp32" if name in ("qk_scale", "out_scale") else "i32")
     source = GluonASTSource(fn=kernel, signature=signature,
                             constexprs={(names.index(n),): v for n, v in values.items()},
                             attrs={(names.index(n),): [["tt.divisibility", 16]] for n in ("LSE", "OUT")})

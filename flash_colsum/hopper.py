@@ -127,7 +127,7 @@ def _tile_lse2(lse_base, t, n_row_tiles, stride_lh, stride_lm, offs_b, row_start
 def _stream_kernel(
     a_desc, a2_desc, b_desc, b2_desc, LSE, OUT,
     stride_lb, stride_lh, stride_lm, stride_ob, stride_oc, stride_on,
-    H, GROUP, HEADS_PER_PROGRAM, Sq, Sk, row_start, row_end, n_a_blocks, qk_scale,
+    H, GROUP, HEADS_PER_PROGRAM, Sq, Sk, row_start, row_end, n_a_blocks, qk_scale, out_scale,
     COLUMNS: gl.constexpr, USE_MAX: gl.constexpr, STAGES: gl.constexpr, HAS_TAIL: gl.constexpr,
     A_IN_REGS: gl.constexpr, num_warps: gl.constexpr,
 ):
@@ -253,8 +253,8 @@ def _stream_kernel(
     offs_hi = offs_lo + HALF
     if COLUMNS:
         out_base = OUT + b.to(gl.int64) * stride_ob + chunk.to(gl.int64) * stride_oc
-        gl.store(out_base + offs_lo * stride_on, col_lo, mask=offs_lo < Sk)
-        gl.store(out_base + offs_hi * stride_on, col_hi, mask=offs_hi < Sk)
+        gl.store(out_base + offs_lo * stride_on, col_lo * out_scale, mask=offs_lo < Sk)
+        gl.store(out_base + offs_hi * stride_on, col_hi * out_scale, mask=offs_hi < Sk)
     else:
         lse_base = LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
         # base 2 -> natural
@@ -328,15 +328,16 @@ def row_lse(query, key, p: Problem, config=None) -> torch.Tensor:
     _stream_kernel[grid](
         *_rows_views(query, BLOCK_ROWS), *_rows_views(key, block_b), lse, lse,
         *lse.stride(), 0, 0, 0,
-        p.heads, p.group, 1, p.q_len, p.k_len, p.row_start, p.row_end, n_a_blocks, p.scale * LOG2E,
+        p.heads, p.group, 1, p.q_len, p.k_len, p.row_start, p.row_end, n_a_blocks, p.scale * LOG2E, 1.0,
         COLUMNS=False, USE_MAX=False, STAGES=stages, HAS_TAIL=head_dim_blocks(p.head_dim)[1] > 0,
         A_IN_REGS=a_in_regs, num_warps=4,
     )
     return lse
 
 
-def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool, config=None) -> torch.Tensor:
-    """Pass 2, key-centric: (B, H // heads_per_chunk, Sk) float32, as triton_backend.col_reduce."""
+def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool, config=None,
+               divisor: float = 1.0) -> torch.Tensor:
+    """Pass 2, key-centric: (B, H // heads_per_chunk, Sk) float32 over divisor, as triton_backend.col_reduce."""
     block_b, stages, a_in_regs = config or _config(p.head_dim, columns=True)
     n_chunks = p.heads // heads_per_chunk
     out = utils.new_output((p.batch, n_chunks, p.k_len), query.device)
@@ -346,7 +347,7 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
         *_rows_views(key, BLOCK_ROWS), *_rows_views(query, block_b), lse, out,
         *lse.stride(), *out.stride(),
         p.heads, p.group, heads_per_chunk, p.q_len, p.k_len, p.row_start, p.row_end, n_a_blocks,
-        p.scale * LOG2E,
+        p.scale * LOG2E, 1.0 / divisor,
         COLUMNS=True, USE_MAX=use_max, STAGES=stages, HAS_TAIL=head_dim_blocks(p.head_dim)[1] > 0,
         A_IN_REGS=a_in_regs, num_warps=4,
     )

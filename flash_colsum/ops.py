@@ -24,15 +24,17 @@ def _backend_module(p: Problem):
     return torch_backend
 
 
-def _reduce_columns(query, key, p: Problem, lse, key_keep, row_keep, heads_per_chunk: int, use_max: bool, full_lse: bool):
-    """Reduce the weights over the selected rows (and chunks of heads) -> ((B, H // heads_per_chunk, Sk), lse).
+def _reduce_columns(query, key, p: Problem, lse, key_keep, row_keep, heads_per_chunk: int, use_max: bool, full_lse: bool,
+                    divisor: float = 1.0):
+    """Reduce the weights over the selected rows (and chunks of heads) -> ((B, H // heads_per_chunk, Sk), lse),
+    the reduction divided by ``divisor`` (a mean's constant: the kernels scale their stores).
 
     lse: a given (B, H, Sq) natural-log LSE, or None to compute it (pass 1); the returned lse is the
     computed one ((B, H, Sq) when full_lse, else (B, H, n_rows)), or None when it was given.
     """
     backend = _backend_module(p)
     if lse is None and backend is torch_backend and not full_lse and torch_backend.fits_one_pass(p):
-        return torch_backend.one_pass(query, key, p, key_keep, row_keep, heads_per_chunk, use_max)
+        return torch_backend.one_pass(query, key, p, key_keep, row_keep, heads_per_chunk, use_max, divisor)
     computed = None
     if lse is None:
         lse_rows = range(0, p.q_len) if full_lse else range(p.row_start, p.row_end)
@@ -44,7 +46,7 @@ def _reduce_columns(query, key, p: Problem, lse, key_keep, row_keep, heads_per_c
         lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
     if row_keep is not None:  # dropped rows: lse = +inf, so every weight they add is exactly 0
         lse = lse.masked_fill(~row_keep[:, None, p.row_start : p.row_end], float("inf"))
-    return backend.col_reduce(query, key, lse, p, heads_per_chunk, use_max), computed
+    return backend.col_reduce(query, key, lse, p, heads_per_chunk, use_max, divisor=divisor), computed
 
 
 # The kernels as one PyTorch operator: opaque to torch.compile (no graph break; shapes from the
@@ -64,15 +66,17 @@ def reduce_columns_op(
     use_max: bool,
     full_lse: bool,
     backend: str,
+    divisor: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H // heads_per_chunk, Sk) reduced weights and the computed LSE (empty when ``lse`` was given)."""
     p = problem_from_shapes(query, key, scale, causal, row_start, row_end, backend)
-    out, computed = _reduce_columns(query, key, p, lse, key_keep, row_keep, heads_per_chunk, use_max, full_lse)
+    out, computed = _reduce_columns(query, key, p, lse, key_keep, row_keep, heads_per_chunk, use_max, full_lse, divisor)
     return out, computed if computed is not None else query.new_empty((0,), dtype=torch.float32)
 
 
 @reduce_columns_op.register_fake
-def _(query, key, lse, key_keep, row_keep, scale, causal, row_start, row_end, heads_per_chunk, use_max, full_lse, backend):
+def _(query, key, lse, key_keep, row_keep, scale, causal, row_start, row_end, heads_per_chunk, use_max, full_lse, backend,
+      divisor):
     b, h, sq = query.shape[:3]
     out = query.new_empty((b, h // heads_per_chunk, key.shape[2]), dtype=torch.float32)
     lse_rows = 0 if lse is not None else sq if full_lse else row_end - row_start
@@ -194,17 +198,19 @@ def column_stats(
         computed = torch.full((b, p.heads, sq), float("inf"), device=query.device) if return_lse else None
     else:
         full_lse = return_lse and lse is None
+        count = _visible_row_counts(p, row_keep, normalize, query.device) if reduce == "mean" else 1
+        divisor = _divisor(p, heads, head_op, kv, count)  # folded into the kernels' stores
         if torch.compiler.is_compiling():  # the registered operator: opaque to the compiler
             chunks, computed = reduce_columns_op(
                 query, key, lse, key_keep, row_keep, p.scale, p.causal, p.row_start, p.row_end,
-                heads_per_chunk, use_max, full_lse, p.backend,
+                heads_per_chunk, use_max, full_lse, p.backend, float(divisor),
             )
         else:  # eager: the same code without the dispatcher's per-call overhead
-            chunks, computed = _reduce_columns(query, key, p, lse, key_keep, row_keep, heads_per_chunk, use_max, full_lse)
+            chunks, computed = _reduce_columns(query, key, p, lse, key_keep, row_keep, heads_per_chunk, use_max, full_lse,
+                                               divisor)
         if key_keep is not None:
             chunks = chunks.masked_fill_(~key_keep[:, None, :], 0.0)
-        count = _visible_row_counts(p, row_keep, normalize, query.device) if reduce == "mean" else 1
-        stats = _reduce_heads(chunks, p, heads, head_op, kv, count)
+        stats = _reduce_heads(chunks, p, heads, head_op, kv, count, divided=True)
     if accumulate_into is not None:
         stats = accumulate_into.add_(stats)
     if return_lse:
@@ -245,20 +251,31 @@ def _check_accumulator(buffer, shape: tuple, device) -> None:
         raise ValueError(f"accumulate_into must have the result's shape {shape}; got {tuple(buffer.shape)}")
 
 
-def _reduce_heads(chunks: torch.Tensor, p: Problem, heads: str, head_op: str, kv: bool, count=1) -> torch.Tensor:
-    """(B, C, Sk) per head chunk -> the requested head reduction, divided by a row mean's ``count``
-    (a number, or (B, Sk)). A number joins the head mean's division: one kernel launch fewer."""
+def _divisor(p: Problem, heads: str, head_op: str, kv: bool, count=1) -> int:
+    """The constant a result is divided by: a row mean's ``count`` when it is a number, times the
+    head mean's head count. Sums and maxima commute with it, so the kernels can apply it."""
     divisor = count if isinstance(count, int) else 1
+    if heads != "none" and head_op == "mean":
+        divisor *= p.group if kv else p.heads
+    return divisor
+
+
+def _reduce_heads(chunks: torch.Tensor, p: Problem, heads: str, head_op: str, kv: bool, count=1,
+                  divided: bool = False) -> torch.Tensor:
+    """(B, C, Sk) per head chunk -> the requested head reduction, divided by a row mean's ``count``
+    (a number, or (B, Sk)) and the head mean's head count; ``divided``: the kernels already divided
+    by that constant (`_divisor`)."""
     if heads == "none":
         x = chunks
     else:
         x = chunks.view(p.batch, p.kv_heads, -1, p.k_len)
-        dims = (2,) if kv else (1, 2)
-        if head_op == "max":
-            x = x.amax(dim=dims)
+        per_result = x.shape[2] if kv else x.shape[1] * x.shape[2]  # chunks reduced into each result row
+        if per_result == 1:  # nothing to reduce: no kernel
+            x = x.view(p.batch, -1, p.k_len) if kv else x.view(p.batch, p.k_len)
         else:
-            divisor *= (p.group if kv else p.heads) if head_op == "mean" else 1
-            x = x.sum(dim=dims)
+            dims = (2,) if kv else (1, 2)
+            x = x.amax(dim=dims) if head_op == "max" else x.sum(dim=dims)
+    divisor = 1 if divided else _divisor(p, heads, head_op, kv, count)
     if divisor != 1:
         x = x.div_(divisor)
     return x if isinstance(count, int) else divide_by_counts(x, count)

@@ -113,8 +113,9 @@ def row_lse(query, key, p: Problem, key_keep=None, rows=None) -> torch.Tensor:
     return lse
 
 
-def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool) -> torch.Tensor:
-    """Sum (or max) of exp(s - lse) over the selected rows, (B, H // heads_per_chunk, Sk) float32.
+def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool, divisor: float = 1.0) -> torch.Tensor:
+    """Sum (or max) of exp(s - lse) over the selected rows, (B, H // heads_per_chunk, Sk) float32,
+    divided by ``divisor``.
 
     lse: (B, H, n_rows) for the selected rows; +inf drops a row. Padded keys are not masked here.
     """
@@ -127,13 +128,13 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool)
             s = _scores(query, key, p, batch, tile_rows, keys)
             part = _reduce_tile(s.sub_(tile_lse).exp_(), p, len(tile_rows), heads_per_chunk, use_max)
             _accumulate(out[batch, :, keys.start : keys.stop], part, use_max)
-    return out
+    return out if divisor == 1 else out.div_(divisor)
 
 
-def one_pass(query, key, p: Problem, key_keep, row_keep, heads_per_chunk: int, use_max: bool):
+def one_pass(query, key, p: Problem, key_keep, row_keep, heads_per_chunk: int, use_max: bool, divisor: float = 1.0):
     """Both passes from one score tile, when all Sk keys fit a tile (see `fits_one_pass`).
 
-    Returns (reduced (B, H // heads_per_chunk, Sk), lse (B, H, n_rows)) like `row_lse` + `col_reduce`.
+    Returns (reduced (B, H // heads_per_chunk, Sk) over divisor, lse (B, H, n_rows)) like `row_lse` + `col_reduce`.
     row_keep: (B, Sq) bool or None; rows it drops contribute nothing.
     """
     rows = range(p.row_start, p.row_end)
@@ -150,4 +151,4 @@ def one_pass(query, key, p: Problem, key_keep, row_keep, heads_per_chunk: int, u
             tile_lse = tile_lse.view(-1, p.kv_heads, p.group * m, 1)
         part = _reduce_tile(s.sub_(tile_lse).exp_(), p, m, heads_per_chunk, use_max)
         _accumulate(out[batch], part, use_max)
-    return out, lse
+    return (out if divisor == 1 else out.div_(divisor)), lse

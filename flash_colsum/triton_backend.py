@@ -126,7 +126,7 @@ def _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, str
 
 @triton.jit
 def _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, n0, Sk, causal_offset,
-               D: tl.constexpr, qk_scale, MASK: tl.constexpr, USE_MAX: tl.constexpr,
+               D: tl.constexpr, qk_scale, out_scale, MASK: tl.constexpr, USE_MAX: tl.constexpr,
                DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
     """Store the column sums (or maxima) of one block of BLOCK_N keys over the block's rows.
@@ -142,7 +142,7 @@ def _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, 
     if MASK:  # the causal diagonal
         p = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, p, 0.0)
     col = tl.max(p, axis=1) if USE_MAX else tl.sum(p, axis=1)
-    tl.store(out_ptrs + n0, col, mask=offs_n < Sk)
+    tl.store(out_ptrs + n0, col * out_scale, mask=offs_n < Sk)
 
 
 @triton.jit
@@ -154,7 +154,7 @@ def _row_block_kernel(
     stride_ls, stride_lb, stride_lh, stride_lm,
     stride_or, stride_ob, stride_oh, stride_on,
     BH, H, GROUP, causal_offset, Sk, D: tl.constexpr, row_start, row_end, n_row_blocks, keys_per_split, qk_scale,
-    COLUMNS: tl.constexpr, USE_MAX: tl.constexpr,
+    out_scale, COLUMNS: tl.constexpr, USE_MAX: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SPLIT: tl.constexpr, STRIDE_UNIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
@@ -211,10 +211,10 @@ def _row_block_kernel(
         out_ptrs += tl.arange(0, BLOCK_N) * stride_on
         for n0 in range(n_lo, n_full, BLOCK_N):
             _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, n0, Sk, causal_offset, D,
-                       qk_scale, False, USE_MAX, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2)
+                       qk_scale, out_scale, False, USE_MAX, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2)
         for n0 in range(n_full, n_hi, BLOCK_N):
             _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, n0, Sk, causal_offset, D,
-                       qk_scale, CAUSAL, USE_MAX, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2)
+                       qk_scale, out_scale, CAUSAL, USE_MAX, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2)
         # Keys past the causal limit of every row of the block: weight 0 (the output is not pre-zeroed).
         n_seen = n_lo + tl.cdiv(n_hi - n_lo, BLOCK_N) * BLOCK_N
         for n0 in range(n_seen, n_end, BLOCK_N):
@@ -272,7 +272,7 @@ def _col_reduce_kernel(
     stride_lb, stride_lh, stride_lm,
     stride_ob, stride_oc, stride_on,
     H, GROUP, HEADS_PER_PROGRAM, causal_offset, Sk, D: tl.constexpr, row_start, row_end, n_key_blocks, qk_scale,
-    CAUSAL: tl.constexpr, USE_MAX: tl.constexpr, STRIDE_UNIT: tl.constexpr,
+    out_scale, CAUSAL: tl.constexpr, USE_MAX: tl.constexpr, STRIDE_UNIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
@@ -317,7 +317,8 @@ def _col_reduce_kernel(
                               row_start, row_end, Sk, causal_offset, D, qk_scale, False, USE_MAX,
                               DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_D, BLOCK_D2)
     # Keys past Sk computed garbage from zero-filled K rows; the store mask drops them.
-    tl.store(OUT + b.to(tl.int64) * stride_ob + chunk.to(tl.int64) * stride_oc + offs_n * stride_on, col, mask=mask_n)
+    tl.store(OUT + b.to(tl.int64) * stride_ob + chunk.to(tl.int64) * stride_oc + offs_n * stride_on, col * out_scale,
+             mask=mask_n)
 
 
 @functools.lru_cache(maxsize=None)
@@ -401,7 +402,8 @@ def _strides_in_units(q_strides: tuple, k_strides: tuple, element_size: int) -> 
     return strides, unit
 
 
-def _launch_row_blocks(query, key, p: Problem, rows: range, cfg: dict, lse, out, key_keep=None, use_max=False):
+def _launch_row_blocks(query, key, p: Problem, rows: range, cfg: dict, lse, out, key_keep=None, use_max=False,
+                       out_scale=1.0):
     """Launch the row-stationary kernel over the rows (LSE mode when ``out`` is None)."""
     n_row_blocks = cdiv(len(rows), cfg["BLOCK_M"])
     keys_per_split = _key_splits(p, p.batch * p.heads * n_row_blocks, cfg["BLOCK_N"], query.device)
@@ -419,7 +421,7 @@ def _launch_row_blocks(query, key, p: Problem, rows: range, cfg: dict, lse, out,
             query, key, keep, lse, out_arg,
             *qk_strides, *keep_strides, *lse_strides, *out_strides,
             p.batch * p.heads, p.heads, p.group, p.causal_offset, p.k_len, p.head_dim, rows.start, rows.stop,
-            n_row_blocks, keys_per_split, p.scale * LOG2E,
+            n_row_blocks, keys_per_split, p.scale * LOG2E, out_scale,
             COLUMNS=out is not None, USE_MAX=use_max, CAUSAL=p.causal, HAS_KEY_MASK=key_keep is not None,
             SPLIT=n_splits > 1, STRIDE_UNIT=unit, **_dot_flags(query.dtype), **cfg,
         )
@@ -480,8 +482,10 @@ def _use_row_stationary(n_rows: int, block_m: int) -> bool:
     return n_rows <= 4 * block_m
 
 
-def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool, config=None) -> torch.Tensor:
-    """Pass 2: sum (or max) of the attention weights over the selected rows, float32.
+def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool, config=None,
+               divisor: float = 1.0) -> torch.Tensor:
+    """Pass 2: sum (or max) of the attention weights over the selected rows, float32, divided by
+    ``divisor`` as the kernels store them (a mean's constant divisor: one torch kernel fewer).
 
     lse: (B, H, n_rows) for the selected rows; +inf drops a row. Returns (B, H // heads_per_chunk, Sk):
     entry [b, c, j] reduces key j's weights over the selected rows of query heads
@@ -495,14 +499,15 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
         row_cfg = config or row_cfg
         n_row_blocks = cdiv(p.n_rows, row_cfg["BLOCK_M"])
         parts = utils.new_output((n_row_blocks, p.batch, p.heads, p.k_len), query.device)
-        _launch_row_blocks(query, key, p, range(p.row_start, p.row_end), row_cfg, lse, parts, use_max=use_max)
+        _launch_row_blocks(query, key, p, range(p.row_start, p.row_end), row_cfg, lse, parts, use_max=use_max,
+                           out_scale=1.0 / divisor)
         if n_row_blocks == 1 and heads_per_chunk == 1:
             return parts[0]
         parts = parts.view(n_row_blocks, p.batch, n_chunks, heads_per_chunk, p.k_len)
         return parts.amax(dim=(0, 3)) if use_max else parts.sum(dim=(0, 3))
     fast = None if config else _fast_path(query, key, p, range(p.row_start, p.row_end))
     if fast:
-        return fast.col_reduce(query, key, lse, p, heads_per_chunk, use_max)
+        return fast.col_reduce(query, key, lse, p, heads_per_chunk, use_max, divisor=divisor)
     out = utils.new_output((p.batch, n_chunks, p.k_len), query.device)
     cfg = config or _block_sizes(p.head_dim, query.dtype)
     n_key_blocks = cdiv(p.k_len, cfg["BLOCK_N"])
@@ -513,7 +518,7 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
             query, key, lse, out,
             *qk_strides, *lse.stride(), *out.stride(),
             p.heads, p.group, heads_per_chunk, p.causal_offset, p.k_len, p.head_dim, p.row_start, p.row_end,
-            n_key_blocks, p.scale * LOG2E,
+            n_key_blocks, p.scale * LOG2E, 1.0 / divisor,
             CAUSAL=p.causal, USE_MAX=use_max, STRIDE_UNIT=unit, **_dot_flags(query.dtype), **cfg,
         )
     return out
