@@ -25,16 +25,22 @@ def _backend_module(p: Problem):
 
 
 def _reduce_columns(query, key, p: Problem, lse, key_keep, row_keep, heads_per_chunk: int, use_max: bool, full_lse: bool,
-                    divisor: float = 1.0):
+                    divisor: float = 1.0, partials_ok: bool = False):
     """Reduce the weights over the selected rows (and chunks of heads) -> ((B, H // heads_per_chunk, Sk), lse),
     the reduction divided by ``divisor`` (a mean's constant: the kernels scale their stores).
 
     lse: a given (B, H, Sq) natural-log LSE, or None to compute it (pass 1); the returned lse is the
-    computed one ((B, H, Sq) when full_lse, else (B, H, n_rows)), or None when it was given.
+    computed one ((B, H, Sq) when full_lse, else (B, H, n_rows)), or None when it was given or not kept.
+    partials_ok: the caller reduces every query head of a key head with the row reduction's kind, so
+    the result may come as (B, H * R, Sk), R partials per head (the Triton back end's fused small calls).
     """
     backend = _backend_module(p)
     if lse is None and backend is torch_backend and not full_lse and torch_backend.fits_one_pass(p):
         return torch_backend.one_pass(query, key, p, key_keep, row_keep, heads_per_chunk, use_max, divisor)
+    if lse is None and backend is not torch_backend and not full_lse and row_keep is None:
+        fused = backend.fused_reduce(query, key, p, key_keep, heads_per_chunk, use_max, divisor, partials_ok)
+        if fused is not None:
+            return fused, None
     computed = None
     if lse is None:
         lse_rows = range(0, p.q_len) if full_lse else range(p.row_start, p.row_end)
@@ -207,7 +213,7 @@ def column_stats(
             )
         else:  # eager: the same code without the dispatcher's per-call overhead
             chunks, computed = _reduce_columns(query, key, p, lse, key_keep, row_keep, heads_per_chunk, use_max, full_lse,
-                                               divisor)
+                                               divisor, partials_ok=heads != "none" and (head_op == "max") == use_max)
         if key_keep is not None:
             chunks = chunks.masked_fill_(~key_keep[:, None, :], 0.0)
         stats = _reduce_heads(chunks, p, heads, head_op, kv, count, divided=True)

@@ -146,6 +146,29 @@ def _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, 
 
 
 @triton.jit
+def _rows_lse(q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, stride_keep_n, offs_m, n_lo, n_full, n_hi, Sk,
+              causal_offset, D: tl.constexpr, qk_scale, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
+    """The rows' running (max, sum) in base 2 over keys [n_lo, n_hi); blocks before n_full unmasked.
+
+    Online log-sum-exp: scale * log2(e) is folded into qk_scale, so each score costs one fused
+    multiply-add and one exp2.
+    """
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    for n0 in range(n_lo, n_full, BLOCK_N):
+        m_i, l_i = _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, stride_keep_n,
+                               offs_m, n0, n_hi, Sk, causal_offset, D, qk_scale, False, CAUSAL, HAS_KEY_MASK,
+                               DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2)
+    for n0 in range(n_full, n_hi, BLOCK_N):
+        m_i, l_i = _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, stride_keep_n,
+                               offs_m, n0, n_hi, Sk, causal_offset, D, qk_scale, True, CAUSAL, HAS_KEY_MASK,
+                               DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2)
+    return m_i, l_i
+
+
+@triton.jit
 def _row_block_kernel(
     Q, K, KEY_KEEP, LSE, OUT,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -154,7 +177,7 @@ def _row_block_kernel(
     stride_ls, stride_lb, stride_lh, stride_lm,
     stride_or, stride_ob, stride_oh, stride_on,
     BH, H, GROUP, causal_offset, Sk, D: tl.constexpr, row_start, row_end, n_row_blocks, keys_per_split, qk_scale,
-    out_scale, COLUMNS: tl.constexpr, USE_MAX: tl.constexpr,
+    out_scale, COLUMNS: tl.constexpr, FUSED: tl.constexpr, USE_MAX: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SPLIT: tl.constexpr, STRIDE_UNIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
@@ -165,6 +188,8 @@ def _row_block_kernel(
     COLUMNS=False (pass 1): the rows' log-sum-exp over the range, into LSE[split, b, h, row].
     COLUMNS=True (pass 2 for few rows): with the rows' final LSE given, each key block's column sums
     (maxima) over the block's rows, into OUT[row block, b, h, key]; keys no row of the block sees get 0.
+    FUSED=True (with COLUMNS, one unsplit key range): both passes in one program, the LSE kept in
+    registers between them; small calls then pay one launch instead of two.
     """
     # 1-D grid (no 65535 limit); fastest to slowest: row block, (batch, head), key split. Row
     # blocks of one head are neighbours, so they share K in L2.
@@ -205,8 +230,25 @@ def _row_block_kernel(
         n_full = tl.minimum(n_full, m0 + 1 + causal_offset)  # the block's first row sees keys < m0 + 1 + offset
     n_full = n_lo + tl.maximum(n_full - n_lo, 0) // BLOCK_N * BLOCK_N
 
-    if COLUMNS:
+    if FUSED:
+        m_i, l_i = _rows_lse(q, q_tail, k_base, stride_kn, stride_kd, KEY_KEEP, stride_keep_n, offs_m,
+                             n_lo, n_full, n_hi, Sk, causal_offset, D, qk_scale, CAUSAL, HAS_KEY_MASK,
+                             DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_D2)
+        # The rows' final LSE, base 2; +inf (weight 0) for rows past the selection or seeing no key.
+        lse2 = tl.where(mask_m & (l_i > 0), m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
+    elif COLUMNS:
         lse2 = tl.load(lse_ptrs, mask=mask_m, other=float("inf")) * _LOG2E  # [BM], base 2
+    else:
+        m_i, l_i = _rows_lse(q, q_tail, k_base, stride_kn, stride_kd, KEY_KEEP, stride_keep_n, offs_m,
+                             n_lo, n_full, n_hi, Sk, causal_offset, D, qk_scale, CAUSAL, HAS_KEY_MASK,
+                             DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_D2)
+        seen = l_i > 0
+        lse = (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * _LN2  # base 2 -> natural
+        # A split's partial for a row that saw none of its keys is -inf (neutral in the combining
+        # log-sum-exp); a final value for a row that sees no key at all is +inf (weight 0 in pass 2).
+        lse = tl.where(seen, lse, float("-inf") if SPLIT else float("inf"))
+        tl.store(lse_ptrs, lse, mask=mask_m)
+    if COLUMNS:
         out_ptrs = OUT + row_block.to(tl.int64) * stride_or + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
         out_ptrs += tl.arange(0, BLOCK_N) * stride_on
         for n0 in range(n_lo, n_full, BLOCK_N):
@@ -219,25 +261,6 @@ def _row_block_kernel(
         n_seen = n_lo + tl.cdiv(n_hi - n_lo, BLOCK_N) * BLOCK_N
         for n0 in range(n_seen, n_end, BLOCK_N):
             tl.store(out_ptrs + n0, tl.zeros([BLOCK_N], tl.float32), mask=n0 + tl.arange(0, BLOCK_N) < n_end)
-    else:
-        # Online log-sum-exp in base 2: scale * log2(e) is folded into qk_scale, so each score costs
-        # one fused multiply-add and one exp2.
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        for n0 in range(n_lo, n_full, BLOCK_N):
-            m_i, l_i = _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEY_KEEP, stride_keep_n,
-                                   offs_m, n0, n_hi, Sk, causal_offset, D, qk_scale, False, CAUSAL, HAS_KEY_MASK,
-                                   DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2)
-        for n0 in range(n_full, n_hi, BLOCK_N):
-            m_i, l_i = _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEY_KEEP, stride_keep_n,
-                                   offs_m, n0, n_hi, Sk, causal_offset, D, qk_scale, True, CAUSAL, HAS_KEY_MASK,
-                                   DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2)
-        seen = l_i > 0
-        lse = (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * _LN2  # base 2 -> natural
-        # A split's partial for a row that saw none of its keys is -inf (neutral in the combining
-        # log-sum-exp); a final value for a row that sees no key at all is +inf (weight 0 in pass 2).
-        lse = tl.where(seen, lse, float("-inf") if SPLIT else float("inf"))
-        tl.store(lse_ptrs, lse, mask=mask_m)
 
 
 @triton.jit
@@ -403,14 +426,21 @@ def _strides_in_units(q_strides: tuple, k_strides: tuple, element_size: int) -> 
 
 
 def _launch_row_blocks(query, key, p: Problem, rows: range, cfg: dict, lse, out, key_keep=None, use_max=False,
-                       out_scale=1.0):
-    """Launch the row-stationary kernel over the rows (LSE mode when ``out`` is None)."""
+                       out_scale=1.0, fused=False):
+    """Launch the row-stationary kernel over the rows (LSE mode when ``out`` is None; both passes,
+    no LSE in or out, when ``fused``)."""
     n_row_blocks = cdiv(len(rows), cfg["BLOCK_M"])
-    keys_per_split = _key_splits(p, p.batch * p.heads * n_row_blocks, cfg["BLOCK_N"], query.device)
+    if fused:  # each program needs all the keys of its rows
+        keys_per_split = cdiv(p.k_len, cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    else:
+        keys_per_split = _key_splits(p, p.batch * p.heads * n_row_blocks, cfg["BLOCK_N"], query.device)
     n_splits = cdiv(p.k_len, keys_per_split)
     if out is None:
         lse = utils.new_output((n_splits, p.batch, p.heads, len(rows)), query.device)
-    lse_strides = lse.stride() if out is None else (0, *lse.stride())
+    if fused:
+        lse, lse_strides = out, (0, 0, 0, 0)  # unused
+    else:
+        lse_strides = lse.stride() if out is None else (0, *lse.stride())
     keep = key if key_keep is None else key_keep.view(torch.uint8)  # K is a dummy pointer when unused
     keep_strides = (0, 0) if key_keep is None else keep.stride()
     out_arg, out_strides = (lse, (0, 0, 0, 0)) if out is None else (out, out.stride())
@@ -422,7 +452,7 @@ def _launch_row_blocks(query, key, p: Problem, rows: range, cfg: dict, lse, out,
             *qk_strides, *keep_strides, *lse_strides, *out_strides,
             p.batch * p.heads, p.heads, p.group, p.causal_offset, p.k_len, p.head_dim, rows.start, rows.stop,
             n_row_blocks, keys_per_split, p.scale * LOG2E, out_scale,
-            COLUMNS=out is not None, USE_MAX=use_max, CAUSAL=p.causal, HAS_KEY_MASK=key_keep is not None,
+            COLUMNS=out is not None, FUSED=fused, USE_MAX=use_max, CAUSAL=p.causal, HAS_KEY_MASK=key_keep is not None,
             SPLIT=n_splits > 1, STRIDE_UNIT=unit, **_dot_flags(query.dtype), **cfg,
         )
     return lse
@@ -452,6 +482,37 @@ def _fast_path(query, key, p: Problem, rows: range, key_keep=None):
     except (ImportError, AttributeError):  # a Triton without Gluon, or with another Gluon API
         return None
     return hopper if hopper.supports(query, key, p) else None
+
+
+# Calls up to this many scores per pass run both passes in one launch (FUSED): they are host-bound,
+# and a launch costs more host time (~25-40 us on the lent H100's host) than the GPU time a
+# row-stationary pass 2 without key splits can lose on them.
+FUSED_MAX_SCORES = 2**27
+
+
+def _use_fused(p: Problem) -> bool:
+    return p.batch * p.heads * p.n_rows * p.k_len <= FUSED_MAX_SCORES
+
+
+def fused_reduce(query, key, p: Problem, key_keep, heads_per_chunk: int, use_max: bool, divisor: float,
+                 partials_ok: bool):
+    """Both passes in one launch for small calls, or None where it does not apply.
+
+    Each program keeps a block of selected rows, computes their LSE over all keys, then their column
+    sums (maxima) divided by ``divisor``: one (B, H, row block, Sk) plane of partials per row block.
+    Returns them as (B, H * n_row_blocks, Sk) when ``partials_ok`` (the caller reduces them together
+    with the query heads, same kind of reduction), else only when one row block and one head per
+    chunk make them the (B, H, Sk) result. Padded keys' columns are not masked here.
+    """
+    cfg = _row_block_sizes(p.head_dim, query.dtype, p.n_rows, columns=True)
+    n_row_blocks = cdiv(p.n_rows, cfg["BLOCK_M"])
+    if not (partials_ok or (n_row_blocks == 1 and heads_per_chunk == 1)) or not _use_fused(p):
+        return None
+    parts = utils.new_output((p.batch, p.heads, n_row_blocks, p.k_len), query.device)
+    # The kernel indexes OUT[row block, b, h, key]: a permuted view writes the planes head-major.
+    _launch_row_blocks(query, key, p, range(p.row_start, p.row_end), cfg, None, parts.permute(2, 0, 1, 3), key_keep,
+                       use_max, out_scale=1.0 / divisor, fused=True)
+    return parts.view(p.batch, p.heads * n_row_blocks, p.k_len)
 
 
 def row_lse(query, key, p: Problem, key_keep=None, rows=None, config=None) -> torch.Tensor:

@@ -41,10 +41,12 @@ def fresh_seed(request):
     torch.manual_seed(abs(hash(request.node.nodeid)) % 2**31)
 
 
-@pytest.fixture(params=["key_centric", "row_stationary"])
+@pytest.fixture(params=["key_centric", "row_stationary", "fused"])
 def pass2_layout(request, monkeypatch):
-    """Force the Triton pass 2 onto one kernel: key-centric, or row-stationary for any row count."""
+    """Force the Triton pass 2 onto one kernel: key-centric, row-stationary for any row count, or
+    fused with pass 1 in one launch wherever its result layout allows (any size)."""
     import flash_colsum.triton_backend as tb
 
     monkeypatch.setattr(tb, "_use_row_stationary", lambda n_rows, block_m: request.param == "row_stationary")
+    monkeypatch.setattr(tb, "_use_fused", lambda p: request.param == "fused")
     return request.param

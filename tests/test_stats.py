@@ -115,3 +115,20 @@ def test_accumulate_across_steps(backend, device):
         assert out is total
     expected = sum(reference_column_stats(q.cpu(), k.cpu(), heads="kv_sum", reduce="sum") for q in steps)
     assert rel_l2(total, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("heads,reduce,one_launch", [
+    ("mean", "mean", True), ("kv_sum", "sum", True), ("max", "max", True),  # partials join the head reduction
+    ("none", "mean", False), ("kv_max", "mean", False),  # several row blocks per head: two passes
+])
+@pytest.mark.parametrize("backend,device", [t for t in TARGETS if t[0] == "triton"])
+def test_small_calls_fuse_both_passes(backend, device, heads, reduce, one_launch, monkeypatch):
+    """A small call runs both passes in one launch where its result layout allows."""
+    import flash_colsum.triton_backend as tb
+
+    launches = []
+    launch = tb._launch_row_blocks
+    monkeypatch.setattr(tb, "_launch_row_blocks", lambda *a, **kw: launches.append(kw.get("fused")) or launch(*a, **kw))
+    q, k = make_qk(2, 4, 2, 300, 70, 32, torch.float16, device)  # 300 rows: several row blocks on any device
+    check(q, k, backend, torch.float16, is_causal=True, heads=heads, reduce=reduce, key_padding_mask=torch.rand(2, 70, device=device) < 0.9)
+    assert (launches == [True]) == one_launch, launches
