@@ -485,13 +485,17 @@ def _fast_path(query, key, p: Problem, rows: range, key_keep=None):
 
 
 # Calls up to this many scores per pass run both passes in one launch (FUSED): they are host-bound,
-# and a launch costs more host time (~25-40 us on the lent H100's host) than the GPU time a
-# row-stationary pass 2 without key splits can lose on them.
+# and a launch costs more host time (~25-40 us on the lent machines' hosts) than the GPU time a
+# row-stationary pass 2 can lose on them (benchmarks/results/fuse_ab_v11_h200.txt, on an H200:
+# fused wins up to 2**28 scores at D=64 and 2**27 at D=128, loses at 2**29).
 FUSED_MAX_SCORES = 2**27
 
 
-def _use_fused(p: Problem) -> bool:
-    return p.batch * p.heads * p.n_rows * p.k_len <= FUSED_MAX_SCORES
+def _use_fused(p: Problem, n_programs: int, block_n: int, device: torch.device) -> bool:
+    """Fuse a small call unless pass 1 would split its keys: few programs over long keys need the
+    split to fill the GPU (causal Sq=128, Sk=16384: 0.44 ms fused against 0.15 ms split)."""
+    return (p.batch * p.heads * p.n_rows * p.k_len <= FUSED_MAX_SCORES
+            and _key_splits(p, n_programs, block_n, device) >= p.k_len)
 
 
 def fused_reduce(query, key, p: Problem, key_keep, heads_per_chunk: int, use_max: bool, divisor: float,
@@ -506,7 +510,8 @@ def fused_reduce(query, key, p: Problem, key_keep, heads_per_chunk: int, use_max
     """
     cfg = _row_block_sizes(p.head_dim, query.dtype, p.n_rows, columns=True)
     n_row_blocks = cdiv(p.n_rows, cfg["BLOCK_M"])
-    if not (partials_ok or (n_row_blocks == 1 and heads_per_chunk == 1)) or not _use_fused(p):
+    if (not (partials_ok or (n_row_blocks == 1 and heads_per_chunk == 1))
+            or not _use_fused(p, p.batch * p.heads * n_row_blocks, cfg["BLOCK_N"], query.device)):
         return None
     parts = utils.new_output((p.batch, p.heads, n_row_blocks, p.k_len), query.device)
     # The kernel indexes OUT[row block, b, h, key]: a permuted view writes the planes head-major.
