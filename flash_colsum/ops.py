@@ -348,7 +348,8 @@ def flash_colsum(query, key, scale=None, is_causal=False, cls_len=None, *, backe
         call still returns.
 
     Deterministic: no atomics; identical inputs on the same device give bitwise identical results.
-    Extra memory: O(B * H * (Sq + Sk)) float32.
+    Extra memory: O(B * H * (Sq + Sk)) float32, plus up to 8 MiB of partial sums when a small call
+    (at most 2**27 scores) runs both passes in one launch.
     """
     if cls_len is not None:
         from .utils import check_positive_int
