@@ -503,10 +503,10 @@ def fused_reduce(query, key, p: Problem, key_keep, heads_per_chunk: int, use_max
     """Both passes in one launch for small calls, or None where it does not apply.
 
     Each program keeps a block of selected rows, computes their LSE over all keys, then their column
-    sums (maxima) divided by ``divisor``: one (B, H, row block, Sk) plane of partials per row block.
-    Returns them as (B, H * n_row_blocks, Sk) when ``partials_ok`` (the caller reduces them together
-    with the query heads, same kind of reduction), else only when one row block and one head per
-    chunk make them the (B, H, Sk) result. Padded keys' columns are not masked here.
+    sums (maxima) divided by ``divisor``: partials (B, H, R, Sk) for R row blocks. Returns them as
+    (B, H * R, Sk) when ``partials_ok`` (the caller reduces them together with the query heads, a
+    reduction of the same kind), else only when R = 1 and one head per chunk make them the (B, H, Sk)
+    result. Padded keys' columns are not masked here.
     """
     cfg = _row_block_sizes(p.head_dim, query.dtype, p.n_rows, columns=True)
     n_row_blocks = cdiv(p.n_rows, cfg["BLOCK_M"])
