@@ -37,12 +37,14 @@ def _reduce_columns(query, key, p: Problem, lse, key_keep, row_keep, heads_per_c
     backend = _backend_module(p)
     if lse is None and backend is torch_backend and not full_lse and torch_backend.fits_one_pass(p):
         return torch_backend.one_pass(query, key, p, key_keep, row_keep, heads_per_chunk, use_max, divisor)
+    computed = None
     if lse is None and backend is not torch_backend and not full_lse and row_keep is None:
         fused = backend.fused_reduce(query, key, p, key_keep, heads_per_chunk, use_max, divisor, partials_ok)
         if fused is not None:
             return fused, None
-    computed = None
-    if lse is None:
+        # Pass 2 combines pass 1's key-split partials itself: no torch kernels in between.
+        lse = backend.row_lse(query, key, p, key_keep, combine=False)
+    elif lse is None:
         lse_rows = range(0, p.q_len) if full_lse else range(p.row_start, p.row_end)
         computed = lse = backend.row_lse(query, key, p, key_keep, lse_rows)
         lse = lse[:, :, p.row_start - lse_rows.start : p.row_end - lse_rows.start]
@@ -74,10 +76,11 @@ def reduce_columns_op(
     backend: str,
     divisor: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, H // heads_per_chunk, Sk) reduced weights and the computed LSE (empty when ``lse`` was given)."""
+    """(B, H // heads_per_chunk, Sk) reduced weights and, with ``full_lse``, the computed (B, H, Sq)
+    LSE (else an empty tensor: the kernels may not keep it)."""
     p = problem_from_shapes(query, key, scale, causal, row_start, row_end, backend)
     out, computed = _reduce_columns(query, key, p, lse, key_keep, row_keep, heads_per_chunk, use_max, full_lse, divisor)
-    return out, computed if computed is not None else query.new_empty((0,), dtype=torch.float32)
+    return out, computed if full_lse else query.new_empty((0,), dtype=torch.float32)
 
 
 @reduce_columns_op.register_fake
@@ -85,8 +88,7 @@ def _(query, key, lse, key_keep, row_keep, scale, causal, row_start, row_end, he
       divisor):
     b, h, sq = query.shape[:3]
     out = query.new_empty((b, h // heads_per_chunk, key.shape[2]), dtype=torch.float32)
-    lse_rows = 0 if lse is not None else sq if full_lse else row_end - row_start
-    return out, query.new_empty((b, h, lse_rows) if lse is None else (0,), dtype=torch.float32)
+    return out, query.new_empty((b, h, sq) if full_lse else (0,), dtype=torch.float32)
 
 
 def _visible_row_counts(p: Problem, row_keep, normalize: str, device):

@@ -146,6 +146,21 @@ def _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, 
 
 
 @triton.jit
+def _combined_lse2(lse_ptrs, stride_lp, n_parts, mask_m, BLOCK_M: tl.constexpr):
+    """The rows' LSE in base 2 from pass 1's n_parts key-split partials (natural log; -inf where a
+    split saw none of a row's keys): their log-sum-exp, +inf (weight 0) for rows that saw no key."""
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    for part_index in range(n_parts):
+        part = tl.load(lse_ptrs + part_index * stride_lp, mask=mask_m, other=float("-inf")) * _LOG2E
+        m_new = tl.maximum(m, part)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no inf - inf while nothing is seen
+        l = l * tl.exp2(m - m_safe) + tl.exp2(part - m_safe)
+        m = m_new
+    return tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("inf"))
+
+
+@triton.jit
 def _rows_lse(q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, stride_keep_n, offs_m, n_lo, n_full, n_hi, Sk,
               causal_offset, D: tl.constexpr, qk_scale, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
               DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -174,10 +189,10 @@ def _row_block_kernel(
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_keep_b, stride_keep_n,
-    stride_ls, stride_lb, stride_lh, stride_lm,
+    stride_ls, stride_lb, stride_lh, stride_lm, stride_lp, n_lse_parts,
     stride_or, stride_ob, stride_oh, stride_on,
     BH, H, GROUP, causal_offset, Sk, D: tl.constexpr, row_start, row_end, n_row_blocks, keys_per_split, qk_scale,
-    out_scale, COLUMNS: tl.constexpr, FUSED: tl.constexpr, USE_MAX: tl.constexpr,
+    out_scale, COLUMNS: tl.constexpr, FUSED: tl.constexpr, LSE_PARTS: tl.constexpr, USE_MAX: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SPLIT: tl.constexpr, STRIDE_UNIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
@@ -190,6 +205,8 @@ def _row_block_kernel(
     (maxima) over the block's rows, into OUT[row block, b, h, key]; keys no row of the block sees get 0.
     FUSED=True (with COLUMNS, one unsplit key range): both passes in one program, the LSE kept in
     registers between them; small calls then pay one launch instead of two.
+    LSE_PARTS=True (with COLUMNS): LSE holds pass 1's n_lse_parts key-split partials (stride_lp
+    apart), combined here rather than by three torch kernels between the passes.
     """
     # 1-D grid (no 65535 limit); fastest to slowest: row block, (batch, head), key split. Row
     # blocks of one head are neighbours, so they share K in L2.
@@ -236,6 +253,8 @@ def _row_block_kernel(
                              DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_D2)
         # The rows' final LSE, base 2; +inf (weight 0) for rows past the selection or seeing no key.
         lse2 = tl.where(mask_m & (l_i > 0), m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
+    elif LSE_PARTS:
+        lse2 = _combined_lse2(lse_ptrs, stride_lp, n_lse_parts, mask_m, BLOCK_M)  # [BM], base 2
     elif COLUMNS:
         lse2 = tl.load(lse_ptrs, mask=mask_m, other=float("inf")) * _LOG2E  # [BM], base 2
     else:
@@ -437,10 +456,15 @@ def _launch_row_blocks(query, key, p: Problem, rows: range, cfg: dict, lse, out,
     n_splits = cdiv(p.k_len, keys_per_split)
     if out is None:
         lse = utils.new_output((n_splits, p.batch, p.heads, len(rows)), query.device)
+    lse_parts = out is not None and not fused and lse.dim() == 4  # pass 1's key-split partials
     if fused:
-        lse, lse_strides = out, (0, 0, 0, 0)  # unused
+        lse, lse_strides = out, (0, 0, 0, 0, 0, 1)  # unused
+    elif out is None:
+        lse_strides = (*lse.stride(), 0, 1)
+    elif lse_parts:
+        lse_strides = (0, *lse.stride()[1:], lse.stride(0), lse.shape[0])
     else:
-        lse_strides = lse.stride() if out is None else (0, *lse.stride())
+        lse_strides = (0, *lse.stride(), 0, 1)
     keep = key if key_keep is None else key_keep.view(torch.uint8)  # K is a dummy pointer when unused
     keep_strides = (0, 0) if key_keep is None else keep.stride()
     out_arg, out_strides = (lse, (0, 0, 0, 0)) if out is None else (out, out.stride())
@@ -452,7 +476,7 @@ def _launch_row_blocks(query, key, p: Problem, rows: range, cfg: dict, lse, out,
             *qk_strides, *keep_strides, *lse_strides, *out_strides,
             p.batch * p.heads, p.heads, p.group, p.causal_offset, p.k_len, p.head_dim, rows.start, rows.stop,
             n_row_blocks, keys_per_split, p.scale * LOG2E, out_scale,
-            COLUMNS=out is not None, FUSED=fused, USE_MAX=use_max, CAUSAL=p.causal, HAS_KEY_MASK=key_keep is not None,
+            COLUMNS=out is not None, FUSED=fused, LSE_PARTS=lse_parts, USE_MAX=use_max, CAUSAL=p.causal, HAS_KEY_MASK=key_keep is not None,
             SPLIT=n_splits > 1, STRIDE_UNIT=unit, **_dot_flags(query.dtype), **cfg,
         )
     return lse
@@ -520,12 +544,19 @@ def fused_reduce(query, key, p: Problem, key_keep, heads_per_chunk: int, use_max
     return parts.view(p.batch, p.heads * n_row_blocks, p.k_len)
 
 
-def row_lse(query, key, p: Problem, key_keep=None, rows=None, config=None) -> torch.Tensor:
+def _combine_lse(parts: torch.Tensor) -> torch.Tensor:
+    """(splits, B, H, rows) partial LSEs -> (B, H, rows); +inf for rows that saw no key."""
+    lse = torch.logsumexp(parts, dim=0)
+    return lse.masked_fill_(torch.isneginf(lse), float("inf"))
+
+
+def row_lse(query, key, p: Problem, key_keep=None, rows=None, config=None, combine=True) -> torch.Tensor:
     """Pass 1: natural-log LSE, float32 (B, H, len(rows)), of rows (default: the selected ones).
 
     key_keep: optional (B, Sk) bool, False for padded keys. Rows that see no key get +inf.
     When few programs would cover the rows, the keys are split among several programs whose
-    partial log-sum-exps are combined here (a (splits, B, H, rows) float32 temporary).
+    partial log-sum-exps are combined here (a (splits, B, H, rows) float32 temporary), or, with
+    ``combine=False``, returned as they are for `col_reduce` to combine.
     """
     rows = rows or range(p.row_start, p.row_end)
     fast = None if config else _fast_path(query, key, p, rows, key_keep)
@@ -536,8 +567,7 @@ def row_lse(query, key, p: Problem, key_keep=None, rows=None, config=None) -> to
     lse = _launch_row_blocks(query, key, p, rows, cfg, None, None, key_keep)
     if lse.shape[0] == 1:
         return lse[0]
-    lse = torch.logsumexp(lse, dim=0)
-    return lse.masked_fill_(torch.isneginf(lse), float("inf"))
+    return _combine_lse(lse) if combine else lse
 
 
 def _use_row_stationary(n_rows: int, block_m: int) -> bool:
@@ -553,7 +583,8 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
     """Pass 2: sum (or max) of the attention weights over the selected rows, float32, divided by
     ``divisor`` as the kernels store them (a mean's constant divisor: one torch kernel fewer).
 
-    lse: (B, H, n_rows) for the selected rows; +inf drops a row. Returns (B, H // heads_per_chunk, Sk):
+    lse: (B, H, n_rows) for the selected rows, +inf drops a row; or (splits, B, H, n_rows) partials
+    from `row_lse(combine=False)`. Returns (B, H // heads_per_chunk, Sk):
     entry [b, c, j] reduces key j's weights over the selected rows of query heads
     c * heads_per_chunk ... (c + 1) * heads_per_chunk - 1, which share one key head.
     Weights of padded keys are not masked here: the caller zeroes those columns.
@@ -562,7 +593,7 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
     row_cfg = _row_block_sizes(p.head_dim, query.dtype, p.n_rows, columns=True)
     if _use_row_stationary(p.n_rows, row_cfg["BLOCK_M"]):
         # One partial per row block and query head, reduced here.
-        row_cfg = config or row_cfg
+        row_cfg = config or row_cfg  # combines LSE partials itself
         n_row_blocks = cdiv(p.n_rows, row_cfg["BLOCK_M"])
         parts = utils.new_output((n_row_blocks, p.batch, p.heads, p.k_len), query.device)
         _launch_row_blocks(query, key, p, range(p.row_start, p.row_end), row_cfg, lse, parts, use_max=use_max,
@@ -571,6 +602,8 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
             return parts[0]
         parts = parts.view(n_row_blocks, p.batch, n_chunks, heads_per_chunk, p.k_len)
         return parts.amax(dim=(0, 3)) if use_max else parts.sum(dim=(0, 3))
+    if lse.dim() == 4:
+        lse = _combine_lse(lse)
     fast = None if config else _fast_path(query, key, p, range(p.row_start, p.row_end))
     if fast:
         return fast.col_reduce(query, key, lse, p, heads_per_chunk, use_max, divisor=divisor)
