@@ -6,6 +6,8 @@ For each point, times `flash_colsum` and each pass (medians of `triton.testing.d
 a point names a switch, with it on and off, checking that both give the same result:
   row_stat:  pass 2 as the library chooses ("on"), key-centric ("off") and row-stationary ("forced").
   fast:      the Hopper Gluon kernels where they apply ("on") or the portable kernels only ("off").
+  fused:     small calls in one launch as the library chooses ("on"), never ("off") or wherever the
+             result layout allows ("forced").
 """
 
 import argparse
@@ -36,15 +38,23 @@ POINTS = [  # (B, H, Sq, Sk, D, causal, switch)
     (1, 32, 256, 65536, 128, True, "row_stat"),
     (4, 32, 64, 32768, 128, False, "row_stat"),
     (1, 16, 128, 65536, 64, False, "row_stat"),
+    (1, 16, 1024, 1024, 64, False, "fused"),
+    (8, 16, 1024, 1024, 64, False, "fused"),
+    (1, 16, 2048, 2048, 64, False, "fused"),
+    (1, 16, 4096, 4096, 64, False, "fused"),
+    (1, 32, 2048, 2048, 128, False, "fused"),
+    (4, 32, 1024, 1024, 128, True, "fused"),
 ]
 
 
 # Each state other than "on" swaps one decision of the back end for a fixed answer.
-STATES = {"row_stat": ("on", "off", "forced"), "fast": ("on", "off")}
+STATES = {"row_stat": ("on", "off", "forced"), "fast": ("on", "off"), "fused": ("on", "off", "forced")}
 REPLACEMENTS = {
     ("row_stat", "off"): ("_use_row_stationary", lambda n_rows, block_m: False),
     ("row_stat", "forced"): ("_use_row_stationary", lambda n_rows, block_m: True),
     ("fast", "off"): ("_fast_path", lambda *args, **kwargs: None),
+    ("fused", "off"): ("_use_fused", lambda *args: False),
+    ("fused", "forced"): ("_use_fused", lambda *args: True),
 }
 
 
