@@ -476,8 +476,9 @@ def _launch_row_blocks(query, key, p: Problem, rows: range, cfg: dict, lse, out,
             *qk_strides, *keep_strides, *lse_strides, *out_strides,
             p.batch * p.heads, p.heads, p.group, p.causal_offset, p.k_len, p.head_dim, rows.start, rows.stop,
             n_row_blocks, keys_per_split, p.scale * LOG2E, out_scale,
-            COLUMNS=out is not None, FUSED=fused, LSE_PARTS=lse_parts, USE_MAX=use_max, CAUSAL=p.causal, HAS_KEY_MASK=key_keep is not None,
-            SPLIT=n_splits > 1, STRIDE_UNIT=unit, **_dot_flags(query.dtype), **cfg,
+            COLUMNS=out is not None, FUSED=fused, LSE_PARTS=lse_parts, USE_MAX=use_max, CAUSAL=p.causal,
+            HAS_KEY_MASK=key_keep is not None, SPLIT=n_splits > 1, STRIDE_UNIT=unit,
+            **_dot_flags(query.dtype), **cfg,
         )
     return lse
 
