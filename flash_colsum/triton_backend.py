@@ -440,8 +440,8 @@ def _strides_in_units(q_strides: tuple, k_strides: tuple, element_size: int) -> 
     unit = 16 // element_size
     if any(s % unit for s in q_strides[:3] + k_strides[:3]):
         unit = 1
-    strides = tuple(s // unit for s in q_strides[:3]) + q_strides[3:] + tuple(s // unit for s in k_strides[:3]) + k_strides[3:]
-    return strides, unit
+    q_units = tuple(s // unit for s in q_strides[:3]) + q_strides[3:]
+    return q_units + tuple(s // unit for s in k_strides[:3]) + k_strides[3:], unit
 
 
 def _launch_row_blocks(query, key, p: Problem, rows: range, cfg: dict, lse, out, key_keep=None, use_max=False,
