@@ -8,7 +8,6 @@ a point names a switch, with it on and off, checking that both give the same res
   fast:      the Hopper Gluon kernels where they apply ("on") or the portable kernels only ("off").
   fused:     small calls in one launch as the library chooses ("on"), never ("off") or wherever the
              result layout allows ("forced").
-  one_pass:  the Hopper single pass for Sk <= 1024 ("on") or the two-pass kernels ("off").
 """
 
 import argparse
@@ -45,27 +44,17 @@ POINTS = [  # (B, H, Sq, Sk, D, causal, switch)
     (1, 16, 4096, 4096, 64, False, "fused"),
     (1, 32, 2048, 2048, 128, False, "fused"),
     (4, 32, 1024, 1024, 128, True, "fused"),
-    (1, 16, 1024, 1024, 64, False, "one_pass"),
-    (8, 16, 1024, 1024, 64, False, "one_pass"),
-    (64, 16, 1024, 1024, 64, False, "one_pass"),
-    (1024, 16, 1024, 1024, 64, False, "one_pass"),
-    (8, 16, 1024, 1024, 128, False, "one_pass"),
-    (8, 16, 64, 1024, 64, False, "one_pass"),
-    (1, 16, 8192, 1024, 64, False, "one_pass"),
-    (8, 16, 1024, 512, 64, False, "one_pass"),
 ]
 
 
 # Each state other than "on" swaps one decision of the back end for a fixed answer.
-STATES = {"row_stat": ("on", "off", "forced"), "fast": ("on", "off"), "fused": ("on", "off", "forced"),
-          "one_pass": ("on", "off")}
+STATES = {"row_stat": ("on", "off", "forced"), "fast": ("on", "off"), "fused": ("on", "off", "forced")}
 REPLACEMENTS = {
     ("row_stat", "off"): ("_use_row_stationary", lambda n_rows, block_m: False),
     ("row_stat", "forced"): ("_use_row_stationary", lambda n_rows, block_m: True),
     ("fast", "off"): ("_fast_path", lambda *args, **kwargs: None),
     ("fused", "off"): ("_use_fused", lambda *args: False),
     ("fused", "forced"): ("_use_fused", lambda *args: True),
-    ("one_pass", "off"): ("_one_pass_path", lambda *args: None),
 }
 
 

@@ -3,13 +3,10 @@ count its global loads: scalar `ld.global.b16`, vector `ld.global.v4`, or pipeli
 
     python -m benchmarks.inspect_ptx --d 72 [--unit 8] [--columns]
     python -m benchmarks.inspect_ptx --gluon --d 64 [--columns]
-    python -m benchmarks.inspect_ptx --onepass --d 64 [--keys 1024]
 
 --gluon compiles the Hopper kernel (flash_colsum.hopper) instead and prints what ptxas (shipped with
 Triton) reports: registers, spills, and warning C7514 if it serialized the asynchronous wgmmas
 (then each HGMMA waits for the previous one, and the tensor cores no longer overlap the exponentials).
---onepass does the same for the single-pass kernel (flash_colsum.hopper_onepass) and prints its
-shared memory too (it must fit the H100's 227 KiB).
 
 Device time is scarce; this answers "do the loads vectorize?" for free (v6 in NOTES.md: a D=72
 row stride kept every load scalar until the strides came in 16-byte units).
@@ -22,7 +19,6 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -84,25 +80,6 @@ def compile_gluon(d: int, columns: bool):
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
 
 
-def compile_onepass(d: int, n_keys: int):
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    from flash_colsum import hopper_onepass as onepass
-
-    kernel = onepass._one_pass_kernel
-    names = kernel.arg_names
-    values = dict(D=d, N_TILES=-(-n_keys // onepass.BLOCK_N.value), USE_MAX=False, LOAD_TPW_D=min(d // 8, 32),
-                  **onepass._smem_layouts(d, torch.float16), num_warps=4)
-    signature = {name: "constexpr" if name in values else POINTERS.get(name, "fp32" if name in ("qk_scale", "out_scale") else "i32")
-                 for name in names}
-    source = GluonASTSource(fn=kernel, signature=signature,
-                            constexprs={(names.index(n),): v for n, v in values.items()},
-                            # torch allocations are aligned; Triton specializes strides divisible by 16 so
-                            attrs={(names.index(n),): [["tt.divisibility", 16]]
-                                   for n in ("Q", "K", "OUT") + tuple(n for n in names if n.startswith("stride"))})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
-
-
 def ptxas_report(ptx: str) -> str:
     """ptxas -v on the PTX for sm_90a: the lines about registers, spills and serialized wgmmas."""
     from triton.backends.nvidia.compiler import get_ptxas
@@ -121,14 +98,7 @@ def main():
     parser.add_argument("--unit", type=int, default=8, help="STRIDE_UNIT (8: 16-byte rows in fp16, 1: none)")
     parser.add_argument("--columns", action="store_true", help="pass-2 (COLUMNS) mode instead of pass 1")
     parser.add_argument("--gluon", action="store_true", help="the Hopper Gluon kernel; print ptxas's report")
-    parser.add_argument("--onepass", action="store_true", help="the Hopper single-pass kernel; ptxas's report")
-    parser.add_argument("--keys", type=int, default=1024, help="--onepass: keys (sets its shared memory)")
     args = parser.parse_args()
-    if args.onepass:
-        compiled = compile_onepass(args.d, args.keys)
-        print(f"shared memory: {compiled.metadata.shared} bytes")
-        print(ptxas_report(compiled.asm["ptx"]))
-        return
     if args.gluon:
         print(ptxas_report(compile_gluon(args.d, args.columns).asm["ptx"]))
         return

@@ -523,20 +523,6 @@ def _use_fused(p: Problem, n_programs: int, block_n: int, device: torch.device) 
             and _key_splits(p, n_programs, block_n, device) >= p.k_len)
 
 
-def _one_pass_path(query, key, p: Problem, key_keep):
-    """The Hopper single pass (`flash_colsum.hopper_onepass`) when it covers this call, else None:
-    short key ranges (Sk <= 1024), no key mask, on a CUDA capability 9.0 GPU; off with the other
-    fast paths (FLASH_COLSUM_FAST_PATHS=0)."""
-    if (p.k_len > 1024 or p.causal or key_keep is not None or not query.is_cuda or interpreting()
-            or os.environ.get("FLASH_COLSUM_FAST_PATHS", "1") == "0"):
-        return None
-    try:
-        from . import hopper_onepass
-    except (ImportError, AttributeError):  # a Triton without Gluon, or with another Gluon API
-        return None
-    return hopper_onepass if hopper_onepass.supports(query, key, p) else None
-
-
 def fused_reduce(query, key, p: Problem, key_keep, heads_per_chunk: int, use_max: bool, divisor: float,
                  partials_ok: bool):
     """Both passes in one launch for small calls, or None where it does not apply.
@@ -546,18 +532,7 @@ def fused_reduce(query, key, p: Problem, key_keep, heads_per_chunk: int, use_max
     (B, H * R, Sk) when ``partials_ok`` (the caller reduces them together with the query heads, a
     reduction of the same kind), else only when R = 1 and one head per chunk make them the (B, H, Sk)
     result. Padded keys' columns are not masked here.
-
-    On an H100, short key ranges take the single pass of `hopper_onepass` instead, at any size: its
-    partials (B, H, G, Sk) come per group of row blocks, reduced here when ``partials_ok`` is False.
     """
-    one_pass = _one_pass_path(query, key, p, key_keep)
-    if one_pass is not None:
-        parts = one_pass.reduce(query, key, p, use_max, divisor)
-        n_groups = parts.shape[2]
-        if partials_ok or (n_groups == 1 and heads_per_chunk == 1):
-            return parts.view(p.batch, p.heads * n_groups, p.k_len)
-        parts = parts.view(p.batch, p.heads // heads_per_chunk, heads_per_chunk * n_groups, p.k_len)
-        return parts.amax(dim=2) if use_max else parts.sum(dim=2)
     cfg = _row_block_sizes(p.head_dim, query.dtype, p.n_rows, columns=True)
     n_row_blocks = cdiv(p.n_rows, cfg["BLOCK_M"])
     if (not (partials_ok or (n_row_blocks == 1 and heads_per_chunk == 1))

@@ -41,18 +41,12 @@ def fresh_seed(request):
     torch.manual_seed(abs(hash(request.node.nodeid)) % 2**31)
 
 
-@pytest.fixture(params=["key_centric", "row_stationary", "fused", "one_pass"])
+@pytest.fixture(params=["key_centric", "row_stationary", "fused"])
 def pass2_layout(request, monkeypatch):
     """Force the Triton pass 2 onto one kernel: key-centric, row-stationary for any row count, or
-    fused with pass 1 in one launch wherever its result layout allows (any size); or leave the
-    Hopper single pass on where it applies (only on an sm_90 GPU; the others turn it off)."""
+    fused with pass 1 in one launch wherever its result layout allows (any size)."""
     import flash_colsum.triton_backend as tb
 
-    if request.param == "one_pass":
-        if not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)):
-            pytest.skip("the single pass needs an sm_90 GPU")
-        return request.param
-    monkeypatch.setattr(tb, "_one_pass_path", lambda *args: None)
     monkeypatch.setattr(tb, "_use_row_stationary", lambda n_rows, block_m: request.param == "row_stationary")
     monkeypatch.setattr(tb, "_use_fused", lambda *args: request.param == "fused")
     return request.param

@@ -18,7 +18,7 @@ from helpers import TOLERANCE, make_qk, reference, rel_l2
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 hopper_gpu = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU (Gluon does not run in the interpreter)")
 if HOPPER:
-    from flash_colsum import hopper, hopper_onepass
+    from flash_colsum import hopper
 
 # (B, H, Hk, Sq, Sk): 1, 2, 3 and many key tiles of 128, partial tiles, GQA and MQA.
 SHAPES = [
@@ -82,7 +82,6 @@ def test_public_api_takes_the_fast_path(monkeypatch, d):
     """flash_colsum picks both Hopper passes where they apply, and the result matches float64."""
     monkeypatch.setattr(tb, "FAST_PATH_MIN_SCORES", 0)  # the shape is small, to keep the float64 check quick,
     monkeypatch.setattr(tb, "_use_fused", lambda *args: False)  # and small calls would fuse both passes
-    monkeypatch.setattr(tb, "_one_pass_path", lambda *args: None)  # or, up to 1024 keys, take the single pass
     calls = []
     for name in ("row_lse", "col_reduce"):
         original = getattr(hopper, name)
@@ -116,96 +115,6 @@ def test_fast_paths_switch_off(monkeypatch):
     assert tb._fast_path(q, k, p, range(p.row_start, p.row_end)) is None
 
 
-# The single pass (hopper_onepass): 1 and several key tiles, partial tiles, one row, GQA and MQA.
-ONE_PASS_SHAPES = [
-    (1, 2, 1, 1, 1),
-    (1, 1, 1, 64, 128),
-    (2, 4, 2, 300, 129),
-    (1, 2, 2, 65, 1000),
-    (1, 3, 1, 1030, 1024),
-    (3, 2, 2, 200, 77),
-]
-ONE_PASS_DIMS = [(64, torch.float16), (64, torch.bfloat16), (128, torch.float16), (32, torch.bfloat16),
-                 (16, torch.float16)]
-
-
-@hopper_gpu
-@pytest.mark.parametrize("d,dtype", ONE_PASS_DIMS, ids=[f"d{d}-{str(t)[6:]}" for d, t in ONE_PASS_DIMS])
-@pytest.mark.parametrize("b,h,hk,sq,sk", ONE_PASS_SHAPES)
-@pytest.mark.parametrize("rows", ["all", "window"])
-def test_one_pass_matches_reference(b, h, hk, sq, sk, d, dtype, rows):
-    """Column sums and maxima over the selected rows, in one group of row blocks and in several
-    (each program then accumulates several blocks in its own row of partials)."""
-    q, k = make_qk(b, h, hk, sq, sk, d, dtype, "cuda")
-    p = make_problem(q, k, None, False, "triton")
-    if rows == "window" and sq > 8:
-        p = p.with_rows(3, sq - 2)
-    assert hopper_onepass.supports(q, k, p)
-    selected = range(p.row_start, p.row_end)
-    lse = _lse_reference(q, k, p.scale, selected)
-    for use_max in (False, True):
-        ref = _col_reference(q, k, lse, p.scale, selected, 1, use_max) / 3
-        for groups in (1, 2, None):
-            parts = hopper_onepass.reduce(q, k, p, use_max, divisor=3.0, groups=groups)
-            out = parts.amax(dim=2) if use_max else parts.sum(dim=2)
-            err = rel_l2(out, ref)
-            assert err <= 1e-5, f"groups={groups}, max={use_max}: relative L2 error {err:.2e}"
-
-
-@hopper_gpu
-@pytest.mark.parametrize("scale", [1.0, 4.0])
-def test_one_pass_peaked_attention(scale):
-    """Scores spread over hundreds of units (a few keys take each row's weight): probabilities far
-    below a row's running max flush in fp16, which must not show in the result."""
-    q, k = make_qk(2, 4, 4, 500, 1000, 64, torch.float16, "cuda")
-    p = make_problem(q, k, scale, False, "triton")
-    lse = _lse_reference(q, k, scale, range(500))
-    for use_max in (False, True):
-        out = hopper_onepass.reduce(q, k, p, use_max)
-        out = out.amax(dim=2) if use_max else out.sum(dim=2)
-        assert rel_l2(out, _col_reference(q, k, lse, scale, range(500), 1, use_max)) <= 1e-5
-
-
-@hopper_gpu
-@pytest.mark.parametrize("heads", ["mean", "none", "kv_max", "max"])
-def test_public_api_takes_the_single_pass(monkeypatch, heads):
-    """column_stats takes the single pass for up to 1024 keys, whatever the head reduction, and
-    matches float64 and the portable kernels."""
-    from flash_colsum import column_stats
-    from flash_colsum.reference import reference_column_stats
-
-    calls = []
-    original = hopper_onepass.reduce
-    monkeypatch.setattr(hopper_onepass, "reduce", lambda *a, **kw: calls.append(1) or original(*a, **kw))
-    q, k = make_qk(2, 8, 2, 700, 1024, 64, torch.bfloat16, "cuda")
-    for reduce in ("mean", "max"):
-        out = column_stats(q, k, reduce=reduce, heads=heads, backend="triton")
-        ref = reference_column_stats(q.cpu(), k.cpu(), reduce=reduce, heads=heads)
-        assert rel_l2(out, ref) <= TOLERANCE[torch.bfloat16], reduce
-        with monkeypatch.context() as m:
-            m.setattr(tb, "_one_pass_path", lambda *args: None)
-            portable = column_stats(q, k, reduce=reduce, heads=heads, backend="triton")
-        assert rel_l2(out, portable) <= TOLERANCE[torch.bfloat16], reduce
-    assert len(calls) == 2
-
-
-@hopper_gpu
-def test_one_pass_scope():
-    q, k = make_qk(1, 2, 2, 600, 700, 64, torch.float16, "cuda")
-    p = make_problem(q, k, None, False, "triton")
-    assert tb._one_pass_path(q, k, p, None) is hopper_onepass
-    assert tb._one_pass_path(q, k, p, torch.ones(1, 700, dtype=torch.bool, device="cuda")) is None  # key mask
-    q_long, k_long = make_qk(1, 2, 2, 600, 1025, 64, torch.float16, "cuda")
-    q72, k72 = make_qk(1, 2, 2, 600, 700, 72, torch.float16, "cuda")
-    for causal, qq, kk in [(True, q, k), (False, q.float(), k.float()), (False, q_long, k_long), (False, q72, k72),
-                           (False, q[..., :48], k[..., :48])]:
-        p = make_problem(qq, kk, None, causal, "triton")
-        assert tb._one_pass_path(qq, kk, p, None) is None
-    with pytest.MonkeyPatch.context() as m:
-        m.setenv("FLASH_COLSUM_FAST_PATHS", "0")
-        assert tb._one_pass_path(q, k, make_problem(q, k, None, False, "triton"), None) is None
-
-
 @pytest.mark.parametrize("d,columns", [(64, False), (64, True), (72, False), (128, True)])  # 128 pass 2: A in registers
 def test_kernels_compile_for_sm90_with_async_wgmma(d, columns):
     """Both passes build for sm_90 (no GPU needed) with no register spills, and ptxas keeps the
@@ -219,17 +128,3 @@ def test_kernels_compile_for_sm90_with_async_wgmma(d, columns):
     assert "registers" in report, report
     assert "C7514" not in report, report
     assert "0 bytes spill stores" in report, report
-
-
-@pytest.mark.parametrize("d", [64, 128])
-def test_single_pass_compiles_for_sm90_within_shared_memory(d):
-    """The single pass at 1024 keys builds for sm_90 without spills and fits the H100's 227 KiB of
-    shared memory per block (no GPU needed; a fresh process, as above)."""
-    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
-    args = [sys.executable, "-m", "benchmarks.inspect_ptx", "--onepass", "--d", str(d), "--keys", "1024"]
-    report = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, check=True).stdout
-    assert "0 bytes spill stores" in report, report
-    shared = int(report.split("shared memory: ")[1].split()[0])
-    assert shared <= 227 * 1024, report
