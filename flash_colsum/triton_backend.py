@@ -511,16 +511,18 @@ def _fast_path(query, key, p: Problem, rows: range, key_keep=None):
 
 # Calls up to this many scores per pass run both passes in one launch (FUSED): they are host-bound,
 # and a launch costs more host time (~25-40 us on the lent machines' hosts) than the GPU time a
-# row-stationary pass 2 can lose on them (benchmarks/results/fuse_ab_v11_h200.txt, on an H200:
-# fused wins up to 2**28 scores at D=64 and 2**27 at D=128, loses at 2**29).
+# row-stationary pass 2 can lose on them. Fused wins up to 2**28 scores at D=64 (S=4096: 0.245 vs
+# 0.257 ms on an H100, results/fuse_ab_switch_v12_h100.csv) and 2**27 at D=128, loses at 2**29
+# (results/fuse_ab_v11_h200.txt); D > 64 at 2**28 is unmeasured, so it keeps the lower limit.
 FUSED_MAX_SCORES = 2**27
+FUSED_MAX_SCORES_D64 = 2**28
 
 
 def _use_fused(p: Problem, n_programs: int, block_n: int, device: torch.device) -> bool:
     """Fuse a small call unless pass 1 would split its keys: few programs over long keys need the
     split to fill the GPU (causal Sq=128, Sk=16384: 0.44 ms fused against 0.15 ms split)."""
-    return (p.batch * p.heads * p.n_rows * p.k_len <= FUSED_MAX_SCORES
-            and _key_splits(p, n_programs, block_n, device) >= p.k_len)
+    limit = FUSED_MAX_SCORES_D64 if p.head_dim <= 64 else FUSED_MAX_SCORES
+    return p.batch * p.heads * p.n_rows * p.k_len <= limit and _key_splits(p, n_programs, block_n, device) >= p.k_len
 
 
 def fused_reduce(query, key, p: Problem, key_keep, heads_per_chunk: int, use_max: bool, divisor: float,

@@ -132,3 +132,16 @@ def test_small_calls_fuse_both_passes(backend, device, heads, reduce, one_launch
     q, k = make_qk(2, 4, 2, 300, 70, 32, torch.float16, device)  # 300 rows: several row blocks on any device
     check(q, k, backend, torch.float16, is_causal=True, heads=heads, reduce=reduce, key_padding_mask=torch.rand(2, 70, device=device) < 0.9)
     assert (launches == [True]) == one_launch, launches
+
+
+@pytest.mark.parametrize("d,sq,fused", [(64, 4096, True), (64, 8192, False), (128, 2048, True), (128, 4096, False)])
+def test_fused_size_limit_depends_on_head_dim(d, sq, fused):
+    """One launch up to 2**28 scores at D <= 64 and 2**27 above (measured limits, NOTES v11/v12)."""
+    pytest.importorskip("triton")
+    import flash_colsum.triton_backend as tb
+    from flash_colsum.utils import Problem
+
+    p = Problem(batch=1, heads=16, kv_heads=16, q_len=sq, k_len=sq, head_dim=d, scale=d**-0.5, causal=False,
+                row_start=0, row_end=sq, backend="triton")
+    # A device with many SMs' worth of programs: pass 1 would not split the keys.
+    assert tb._use_fused(p, 10**6, 128, torch.device("cpu")) == fused
