@@ -115,7 +115,7 @@ def test_fast_paths_switch_off(monkeypatch):
     assert tb._fast_path(q, k, p, range(p.row_start, p.row_end)) is None
 
 
-@pytest.mark.parametrize("d,columns", [(64, False), (64, True), (72, False), (128, True)])  # 128 pass 2: A in registers
+@pytest.mark.parametrize("d,columns", [(64, False), (64, True), (72, False), (80, True), (128, True)])  # pass 2 above D=64: A in registers
 def test_kernels_compile_for_sm90_with_async_wgmma(d, columns):
     """Both passes build for sm_90 (no GPU needed) with no register spills, and ptxas keeps the
     wgmmas asynchronous (warning C7514 says it serialized them: with Triton 3.6's ptxas, a plain
