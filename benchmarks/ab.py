@@ -8,6 +8,7 @@ a point names a switch, with it on and off, checking that both give the same res
   fast:      the Hopper Gluon kernels where they apply ("on") or the portable kernels only ("off").
   fused:     small calls in one launch as the library chooses ("on"), never ("off") or wherever the
              result layout allows ("forced").
+  scores:    few rows from pass 1's stored scores as the library chooses ("on") or never ("off").
 """
 
 import argparse
@@ -44,17 +45,25 @@ POINTS = [  # (B, H, Sq, Sk, D, causal, switch)
     (1, 16, 4096, 4096, 64, False, "fused"),
     (1, 32, 2048, 2048, 128, False, "fused"),
     (4, 32, 1024, 1024, 128, True, "fused"),
+    (1, 32, 1, 262144, 128, True, "scores"),
+    (1, 32, 8, 262144, 128, True, "scores"),
+    (1, 32, 16, 262144, 128, False, "scores"),
+    (1, 32, 1, 16384, 128, True, "scores"),
+    (8, 32, 1, 32768, 128, True, "scores"),
+    (1, 16, 4, 262144, 64, False, "scores"),
 ]
 
 
 # Each state other than "on" swaps one decision of the back end for a fixed answer.
-STATES = {"row_stat": ("on", "off", "forced"), "fast": ("on", "off"), "fused": ("on", "off", "forced")}
+STATES = {"row_stat": ("on", "off", "forced"), "fast": ("on", "off"), "fused": ("on", "off", "forced"),
+          "scores": ("on", "off")}
 REPLACEMENTS = {
     ("row_stat", "off"): ("_use_row_stationary", lambda n_rows, block_m: False),
     ("row_stat", "forced"): ("_use_row_stationary", lambda n_rows, block_m: True),
     ("fast", "off"): ("_fast_path", lambda *args, **kwargs: None),
     ("fused", "off"): ("_use_fused", lambda *args: False),
     ("fused", "forced"): ("_use_fused", lambda *args: True),
+    ("scores", "off"): ("_keeps_scores", lambda p: False),
 }
 
 

@@ -38,10 +38,16 @@ def _reduce_columns(query, key, p: Problem, lse, key_keep, row_keep, heads_per_c
     if lse is None and backend is torch_backend and not full_lse and torch_backend.fits_one_pass(p):
         return torch_backend.one_pass(query, key, p, key_keep, row_keep, heads_per_chunk, use_max, divisor)
     computed = None
+    if lse is None and backend is not torch_backend and not full_lse:
+        # Small calls in one launch; few rows over long keys from pass 1's stored scores.
+        reduced = None
+        if row_keep is None:
+            reduced = backend.fused_reduce(query, key, p, key_keep, heads_per_chunk, use_max, divisor, partials_ok)
+        if reduced is None:
+            reduced = backend.scores_reduce(query, key, p, key_keep, row_keep, heads_per_chunk, use_max, divisor)
+        if reduced is not None:
+            return reduced, None
     if lse is None and backend is not torch_backend and not full_lse and row_keep is None:
-        fused = backend.fused_reduce(query, key, p, key_keep, heads_per_chunk, use_max, divisor, partials_ok)
-        if fused is not None:
-            return fused, None
         # Pass 2 combines pass 1's key-split partials itself: no torch kernels in between.
         lse = backend.row_lse(query, key, p, key_keep, combine=False)
     elif lse is None:

@@ -100,11 +100,12 @@ def _key_block_scores(q, q_tail, k_base, stride_kn, stride_kd, offs_n, Sk,
 
 @triton.jit
 def _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, stride_keep_n,
-                offs_m, n0, n_hi, Sk, causal_offset, D: tl.constexpr, qk_scale,
-                MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+                offs_m, n0, n_hi, Sk, causal_offset, D: tl.constexpr, qk_scale, scores_ptrs, mask_m,
+                MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, STORE_SCORES: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
-    """Fold one block of BLOCK_N keys into the running (max, sum) of each row, in base 2."""
+    """Fold one block of BLOCK_N keys into the running (max, sum) of each row, in base 2; with
+    STORE_SCORES, also store the block's scaled base-2 scores (-inf where masked) at scores_ptrs."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     s = _key_block_scores(q, q_tail, k_base, stride_kn, stride_kd, offs_n, Sk, D, False,
                           DOT_PRECISION, UPCAST_DOT, BLOCK_D, BLOCK_D2)  # [BM, BN]
@@ -116,6 +117,8 @@ def _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, str
     if HAS_KEY_MASK:  # padded keys (keep == 0) leave the softmax denominator
         keep = tl.load(KEEP_ROW + offs_n * stride_keep_n, mask=offs_n < Sk, other=0)
         s = tl.where(keep[None, :] != 0, s, float("-inf"))
+    if STORE_SCORES:
+        tl.store(scores_ptrs[:, None] + offs_n[None, :], s * qk_scale, mask=mask_m[:, None] & (offs_n[None, :] < Sk))
     # qk_scale > 0, so the max of the raw scores gives the max of the scaled ones.
     m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
     # A row with nothing visible yet keeps m = -inf; subtract 0 instead to avoid inf - inf.
@@ -162,10 +165,12 @@ def _combined_lse2(lse_ptrs, stride_lp, n_parts, mask_m, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _rows_lse(q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, stride_keep_n, offs_m, n_lo, n_full, n_hi, Sk,
-              causal_offset, D: tl.constexpr, qk_scale, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              causal_offset, D: tl.constexpr, qk_scale, scores_ptrs, mask_m, CAUSAL: tl.constexpr,
+              HAS_KEY_MASK: tl.constexpr, STORE_SCORES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
-    """The rows' running (max, sum) in base 2 over keys [n_lo, n_hi); blocks before n_full unmasked.
+    """The rows' running (max, sum) in base 2 over keys [n_lo, n_hi); blocks before n_full unmasked
+    (and, with STORE_SCORES, their scaled scores stored).
 
     Online log-sum-exp: scale * log2(e) is folded into qk_scale, so each score costs one fused
     multiply-add and one exp2.
@@ -174,27 +179,28 @@ def _rows_lse(q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, stride_keep_n, 
     l_i = tl.zeros([BLOCK_M], tl.float32)
     for n0 in range(n_lo, n_full, BLOCK_N):
         m_i, l_i = _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, stride_keep_n,
-                               offs_m, n0, n_hi, Sk, causal_offset, D, qk_scale, False, CAUSAL, HAS_KEY_MASK,
-                               DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2)
+                               offs_m, n0, n_hi, Sk, causal_offset, D, qk_scale, scores_ptrs, mask_m, False, CAUSAL,
+                               HAS_KEY_MASK, STORE_SCORES, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2)
     for n0 in range(n_full, n_hi, BLOCK_N):
         m_i, l_i = _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, stride_keep_n,
-                               offs_m, n0, n_hi, Sk, causal_offset, D, qk_scale, True, CAUSAL, HAS_KEY_MASK,
-                               DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2)
+                               offs_m, n0, n_hi, Sk, causal_offset, D, qk_scale, scores_ptrs, mask_m, True, CAUSAL,
+                               HAS_KEY_MASK, STORE_SCORES, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2)
     return m_i, l_i
 
 
 @triton.jit
 def _row_block_kernel(
-    Q, K, KEY_KEEP, LSE, OUT,
+    Q, K, KEY_KEEP, LSE, OUT, SCORES,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_keep_b, stride_keep_n,
     stride_ls, stride_lb, stride_lh, stride_lm, stride_lp, n_lse_parts,
     stride_or, stride_ob, stride_oh, stride_on,
+    stride_sb, stride_sh, stride_sm,
     BH, H, GROUP, causal_offset, Sk, D: tl.constexpr, row_start, row_end, n_row_blocks, keys_per_split, qk_scale,
     out_scale, COLUMNS: tl.constexpr, FUSED: tl.constexpr, LSE_PARTS: tl.constexpr, USE_MAX: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SPLIT: tl.constexpr, STRIDE_UNIT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SPLIT: tl.constexpr, STORE_SCORES: tl.constexpr,
+    STRIDE_UNIT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
     """Row-stationary: a block of BLOCK_M query rows of one head stays in registers while a range of
@@ -207,6 +213,8 @@ def _row_block_kernel(
     registers between them; small calls then pay one launch instead of two.
     LSE_PARTS=True (with COLUMNS): LSE holds pass 1's n_lse_parts key-split partials (stride_lp
     apart), combined here rather than by three torch kernels between the passes.
+    STORE_SCORES=True (pass 1): also SCORES[b, h, row, key] = scale * log2(e) * q.k, float32, -inf
+    where masked, for every key of the program's range; few rows then need no second pass over K.
     """
     # 1-D grid (no 65535 limit); fastest to slowest: row block, (batch, head), key split. Row
     # blocks of one head are neighbours, so they share K in L2.
@@ -232,6 +240,8 @@ def _row_block_kernel(
     KEY_KEEP = KEY_KEEP + b.to(tl.int64) * stride_keep_b
     lse_ptrs = LSE + split.to(tl.int64) * stride_ls + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
     lse_ptrs += (offs_m - row_start) * stride_lm
+    scores_ptrs = SCORES + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
+    scores_ptrs += (offs_m - row_start).to(tl.int64) * stride_sm  # [BM]
 
     # This program's keys: its split's range, cut at the causal limit of the block's last row.
     n_lo = split * keys_per_split
@@ -249,8 +259,8 @@ def _row_block_kernel(
 
     if FUSED:
         m_i, l_i = _rows_lse(q, q_tail, k_base, stride_kn, stride_kd, KEY_KEEP, stride_keep_n, offs_m,
-                             n_lo, n_full, n_hi, Sk, causal_offset, D, qk_scale, CAUSAL, HAS_KEY_MASK,
-                             DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_D2)
+                             n_lo, n_full, n_hi, Sk, causal_offset, D, qk_scale, scores_ptrs, mask_m, CAUSAL,
+                             HAS_KEY_MASK, False, DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_D2)
         # The rows' final LSE, base 2; +inf (weight 0) for rows past the selection or seeing no key.
         lse2 = tl.where(mask_m & (l_i > 0), m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
     elif LSE_PARTS:
@@ -259,14 +269,21 @@ def _row_block_kernel(
         lse2 = tl.load(lse_ptrs, mask=mask_m, other=float("inf")) * _LOG2E  # [BM], base 2
     else:
         m_i, l_i = _rows_lse(q, q_tail, k_base, stride_kn, stride_kd, KEY_KEEP, stride_keep_n, offs_m,
-                             n_lo, n_full, n_hi, Sk, causal_offset, D, qk_scale, CAUSAL, HAS_KEY_MASK,
-                             DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_D2)
+                             n_lo, n_full, n_hi, Sk, causal_offset, D, qk_scale, scores_ptrs, mask_m, CAUSAL,
+                             HAS_KEY_MASK, STORE_SCORES, DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N, BLOCK_D,
+                             BLOCK_D2)
         seen = l_i > 0
         lse = (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * _LN2  # base 2 -> natural
         # A split's partial for a row that saw none of its keys is -inf (neutral in the combining
         # log-sum-exp); a final value for a row that sees no key at all is +inf (weight 0 in pass 2).
         lse = tl.where(seen, lse, float("-inf") if SPLIT else float("inf"))
         tl.store(lse_ptrs, lse, mask=mask_m)
+        if STORE_SCORES:  # keys of the range past the causal limit of every row of the block
+            n_seen = n_lo + tl.cdiv(n_hi - n_lo, BLOCK_N) * BLOCK_N
+            for n0 in range(n_seen, n_end, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                tl.store(scores_ptrs[:, None] + offs_n[None, :], tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32),
+                         mask=mask_m[:, None] & (offs_n[None, :] < n_end))
     if COLUMNS:
         out_ptrs = OUT + row_block.to(tl.int64) * stride_or + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
         out_ptrs += tl.arange(0, BLOCK_N) * stride_on
@@ -445,9 +462,10 @@ def _strides_in_units(q_strides: tuple, k_strides: tuple, element_size: int) -> 
 
 
 def _launch_row_blocks(query, key, p: Problem, rows: range, cfg: dict, lse, out, key_keep=None, use_max=False,
-                       out_scale=1.0, fused=False):
-    """Launch the row-stationary kernel over the rows (LSE mode when ``out`` is None; both passes,
-    no LSE in or out, when ``fused``)."""
+                       out_scale=1.0, fused=False, scores=None):
+    """Launch the row-stationary kernel over the rows (LSE mode when ``out`` is None, also storing
+    the scaled scores into ``scores`` (B, H, rows, Sk) when given; both passes, no LSE in or out,
+    when ``fused``)."""
     n_row_blocks = cdiv(len(rows), cfg["BLOCK_M"])
     if fused:  # each program needs all the keys of its rows
         keys_per_split = cdiv(p.k_len, cfg["BLOCK_N"]) * cfg["BLOCK_N"]
@@ -469,15 +487,16 @@ def _launch_row_blocks(query, key, p: Problem, rows: range, cfg: dict, lse, out,
     keep_strides = (0, 0) if key_keep is None else keep.stride()
     out_arg, out_strides = (lse, (0, 0, 0, 0)) if out is None else (out, out.stride())
     qk_strides, unit = _qk_strides(query, key)
+    scores_arg, scores_strides = (lse, (0, 0, 0)) if scores is None else (scores, scores.stride()[:3])
     grid = (n_splits * p.batch * p.heads * n_row_blocks,)
     with _on_device(query):
         _row_block_kernel[grid](
-            query, key, keep, lse, out_arg,
-            *qk_strides, *keep_strides, *lse_strides, *out_strides,
+            query, key, keep, lse, out_arg, scores_arg,
+            *qk_strides, *keep_strides, *lse_strides, *out_strides, *scores_strides,
             p.batch * p.heads, p.heads, p.group, p.causal_offset, p.k_len, p.head_dim, rows.start, rows.stop,
             n_row_blocks, keys_per_split, p.scale * LOG2E, out_scale,
             COLUMNS=out is not None, FUSED=fused, LSE_PARTS=lse_parts, USE_MAX=use_max, CAUSAL=p.causal,
-            HAS_KEY_MASK=key_keep is not None, SPLIT=n_splits > 1, STRIDE_UNIT=unit,
+            HAS_KEY_MASK=key_keep is not None, SPLIT=n_splits > 1, STORE_SCORES=scores is not None, STRIDE_UNIT=unit,
             **_dot_flags(query.dtype), **cfg,
         )
     return lse
@@ -547,27 +566,97 @@ def fused_reduce(query, key, p: Problem, key_keep, heads_per_chunk: int, use_max
     return parts.view(p.batch, p.heads * n_row_blocks, p.k_len)
 
 
+@triton.jit
+def _scores_reduce_kernel(
+    SCORES, LSE, OUT,
+    stride_sb, stride_sh, stride_sm, stride_lb, stride_lh, stride_lm, stride_ob, stride_oc,
+    n_rows, heads_per_chunk, n_chunks, Sk, out_scale,
+    USE_MAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """OUT[b, c, key] = sum (max) over the rows of the chunk's heads of exp2(SCORES - lse2), times
+    out_scale: the weights from pass 1's stored scores, no second pass over K."""
+    pid = tl.program_id(0)
+    key_block = pid % tl.cdiv(Sk, BLOCK_N)
+    bc = pid // tl.cdiv(Sk, BLOCK_N)
+    b = bc // n_chunks
+    chunk = bc % n_chunks
+    offs_n = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < Sk
+    col = tl.zeros([BLOCK_N], tl.float32)  # weights are >= 0: 0 also starts a max
+    for hh in range(heads_per_chunk):
+        h = chunk * heads_per_chunk + hh
+        s_base = SCORES + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
+        l_base = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
+        for r0 in range(0, n_rows, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < n_rows
+            # +inf LSE (dropped rows, rows that see no key) and -inf scores (masked keys) weigh 0.
+            lse2 = tl.load(l_base + offs_r * stride_lm, mask=mask_r, other=float("inf")) * _LOG2E
+            s = tl.load(s_base + offs_r.to(tl.int64)[:, None] * stride_sm + offs_n[None, :],
+                        mask=mask_r[:, None] & mask_n[None, :], other=float("-inf"))  # [BR, BN]
+            p = tl.exp2(s - lse2[:, None])
+            col = tl.maximum(col, tl.max(p, axis=0)) if USE_MAX else col + tl.sum(p, axis=0)
+    tl.store(OUT + b.to(tl.int64) * stride_ob + chunk.to(tl.int64) * stride_oc + offs_n, col * out_scale, mask=mask_n)
+
+
+def _keeps_scores(p: Problem) -> bool:
+    """Few rows over many keys: pass 1 stores their float32 scores, 8 bytes per row and key written
+    and read back, which costs less than pass 2 reading each key's 2 * D bytes again (the passes
+    are memory-bound there). Half of that break-even, for the launch and the extra kernel."""
+    return p.n_rows * 8 <= p.head_dim and p.k_len >= SCORES_MIN_KEYS
+
+
+SCORES_MIN_KEYS = 4096
+
+
+def scores_reduce(query, key, p: Problem, key_keep, row_keep, heads_per_chunk: int, use_max: bool,
+                  divisor: float):
+    """Few selected rows (`_keeps_scores`), or None: pass 1 keeps the rows' scores (a (B, H, rows, Sk)
+    float32 temporary) and a light kernel turns them into the (B, H // heads_per_chunk, Sk) result,
+    divided by ``divisor``. row_keep: optional (B, Sq) bool, False drops a row."""
+    if not _keeps_scores(p):
+        return None
+    rows = range(p.row_start, p.row_end)
+    scores = utils.new_output((p.batch, p.heads, p.n_rows, p.k_len), query.device)
+    lse = row_lse(query, key, p, key_keep, rows, scores=scores)
+    if row_keep is not None:  # dropped rows: lse = +inf, so every weight they add is exactly 0
+        lse = lse.masked_fill(~row_keep[:, None, p.row_start : p.row_end], float("inf"))
+    n_chunks = p.heads // heads_per_chunk
+    out = utils.new_output((p.batch, n_chunks, p.k_len), query.device)
+    block_n = 32 if interpreting() else 256
+    grid = (p.batch * n_chunks * cdiv(p.k_len, block_n),)
+    with _on_device(query):
+        _scores_reduce_kernel[grid](
+            scores, lse, out, *scores.stride()[:3], *lse.stride(), *out.stride()[:2],
+            p.n_rows, heads_per_chunk, n_chunks, p.k_len, 1.0 / divisor,
+            USE_MAX=use_max, BLOCK_R=min(16, triton.next_power_of_2(p.n_rows)), BLOCK_N=block_n, num_warps=4,
+        )
+    return out
+
+
 def _combine_lse(parts: torch.Tensor) -> torch.Tensor:
     """(splits, B, H, rows) partial LSEs -> (B, H, rows); +inf for rows that saw no key."""
     lse = torch.logsumexp(parts, dim=0)
     return lse.masked_fill_(torch.isneginf(lse), float("inf"))
 
 
-def row_lse(query, key, p: Problem, key_keep=None, rows=None, config=None, combine=True) -> torch.Tensor:
+def row_lse(query, key, p: Problem, key_keep=None, rows=None, config=None, combine=True, scores=None) -> torch.Tensor:
     """Pass 1: natural-log LSE, float32 (B, H, len(rows)), of rows (default: the selected ones).
 
     key_keep: optional (B, Sk) bool, False for padded keys. Rows that see no key get +inf.
     When few programs would cover the rows, the keys are split among several programs whose
     partial log-sum-exps are combined here (a (splits, B, H, rows) float32 temporary), or, with
     ``combine=False``, returned as they are for `col_reduce` to combine.
+    scores: an optional (B, H, len(rows), Sk) float32 tensor (last dim contiguous) that receives
+    scale * log2(e) * q.k, -inf where masked (the portable kernel only).
     """
     rows = rows or range(p.row_start, p.row_end)
-    fast = None if config else _fast_path(query, key, p, rows, key_keep)
+    fast = None if config or scores is not None else _fast_path(query, key, p, rows, key_keep)
     # The fast path does not split keys: it needs a row block per SM at least.
     if fast and p.batch * p.heads * cdiv(len(rows), fast.BLOCK_ROWS) >= _sm_count(query.device):
         return fast.row_lse(query, key, p)
     cfg = config or _row_block_sizes(p.head_dim, query.dtype, len(rows), columns=False)
-    lse = _launch_row_blocks(query, key, p, rows, cfg, None, None, key_keep)
+    lse = _launch_row_blocks(query, key, p, rows, cfg, None, None, key_keep, scores=scores)
     if lse.shape[0] == 1:
         return lse[0]
     return _combine_lse(lse) if combine else lse

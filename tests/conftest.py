@@ -41,12 +41,14 @@ def fresh_seed(request):
     torch.manual_seed(abs(hash(request.node.nodeid)) % 2**31)
 
 
-@pytest.fixture(params=["key_centric", "row_stationary", "fused"])
+@pytest.fixture(params=["key_centric", "row_stationary", "fused", "scores"])
 def pass2_layout(request, monkeypatch):
-    """Force the Triton pass 2 onto one kernel: key-centric, row-stationary for any row count, or
-    fused with pass 1 in one launch wherever its result layout allows (any size)."""
+    """Force the Triton pass 2 onto one kernel: key-centric, row-stationary for any row count,
+    fused with pass 1 in one launch wherever its result layout allows (any size), or the weights
+    from pass 1's stored scores (any row count)."""
     import flash_colsum.triton_backend as tb
 
     monkeypatch.setattr(tb, "_use_row_stationary", lambda n_rows, block_m: request.param == "row_stationary")
     monkeypatch.setattr(tb, "_use_fused", lambda *args: request.param == "fused")
+    monkeypatch.setattr(tb, "_keeps_scores", lambda p: request.param == "scores")
     return request.param

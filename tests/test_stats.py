@@ -145,3 +145,38 @@ def test_fused_size_limit_depends_on_head_dim(d, sq, fused):
                 row_start=0, row_end=sq, backend="triton")
     # A device with many SMs' worth of programs: pass 1 would not split the keys.
     assert tb._use_fused(p, 10**6, 128, torch.device("cpu")) == fused
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("backend,device", [t for t in TARGETS if t[0] == "triton"])
+def test_few_rows_from_stored_scores(backend, device, causal, monkeypatch):
+    """Few rows over long keys: pass 1 stores the scores and the weights come from them (no second
+    pass over K), with key splits, key padding, row masks, GQA head reductions and row windows."""
+    import flash_colsum.triton_backend as tb
+
+    monkeypatch.setattr(tb, "SCORES_MIN_KEYS", 0)  # the shapes here are small
+    taken = []
+    original = tb.scores_reduce
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(tb, "scores_reduce", spy)
+    b, sk = 2, 300  # several key splits under the interpreter
+    q, k = make_qk(b, 4, 2, 5, sk, 64, torch.float16, device, seq_major=True)  # 5 rows * 8 <= D
+    key_pad = (torch.arange(sk)[None] < torch.tensor([300, 171])[:, None]).to(device)
+    row_mask = torch.tensor([[True, False, True, True, False], [False, True, True, True, True]], device=device)
+    for kwargs in (dict(), dict(key_padding_mask=key_pad, reduce="max", heads="none"),
+                   dict(row_mask=row_mask, heads="kv_sum", reduce="sum"), dict(rows=slice(-2, None), heads="kv_max"),
+                   dict(key_padding_mask=key_pad, row_mask=row_mask, normalize="visible")):
+        taken.clear()
+        check(q, k, backend, torch.float16, is_causal=causal, **kwargs)
+        assert taken == [True], kwargs
+    # Past the break-even (8 bytes per row and key against 2 * D per key) both passes run as before.
+    from flash_colsum.utils import Problem
+
+    nine_rows = Problem(batch=1, heads=4, kv_heads=2, q_len=9, k_len=sk, head_dim=64, scale=0.125, causal=False,
+                        row_start=0, row_end=9, backend="triton")
+    assert tb._keeps_scores(nine_rows.with_rows(0, 8)) and not tb._keeps_scores(nine_rows)
