@@ -118,7 +118,10 @@ def _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, str
         keep = tl.load(KEEP_ROW + offs_n * stride_keep_n, mask=offs_n < Sk, other=0)
         s = tl.where(keep[None, :] != 0, s, float("-inf"))
     if STORE_SCORES:
-        tl.store(scores_ptrs[:, None] + offs_n[None, :], s * qk_scale, mask=mask_m[:, None] & (offs_n[None, :] < Sk))
+        if MASK:  # the tail block may end past Sk
+            tl.store(scores_ptrs[:, None] + offs_n[None, :], s * qk_scale, mask=mask_m[:, None] & (offs_n[None, :] < Sk))
+        else:  # a row mask only: the stores vectorize along the keys
+            tl.store(scores_ptrs[:, None] + offs_n[None, :], s * qk_scale, mask=mask_m[:, None])
     # qk_scale > 0, so the max of the raw scores gives the max of the scaled ones.
     m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
     # A row with nothing visible yet keeps m = -inf; subtract 0 instead to avoid inf - inf.
@@ -569,12 +572,13 @@ def fused_reduce(query, key, p: Problem, key_keep, heads_per_chunk: int, use_max
 @triton.jit
 def _scores_reduce_kernel(
     SCORES, LSE, OUT,
-    stride_sb, stride_sh, stride_sm, stride_lb, stride_lh, stride_lm, stride_ob, stride_oc,
+    stride_sb, stride_sh, stride_sm, stride_lb, stride_lh, stride_lm, stride_lp, n_lse_parts, stride_ob, stride_oc,
     n_rows, heads_per_chunk, n_chunks, Sk, out_scale,
-    USE_MAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_MAX: tl.constexpr, LSE_PARTS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """OUT[b, c, key] = sum (max) over the rows of the chunk's heads of exp2(SCORES - lse2), times
-    out_scale: the weights from pass 1's stored scores, no second pass over K."""
+    out_scale: the weights from pass 1's stored scores, no second pass over K. With LSE_PARTS, LSE
+    holds pass 1's key-split partials, combined here (no torch kernels between the launches)."""
     pid = tl.program_id(0)
     key_block = pid % tl.cdiv(Sk, BLOCK_N)
     bc = pid // tl.cdiv(Sk, BLOCK_N)
@@ -591,7 +595,10 @@ def _scores_reduce_kernel(
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask_r = offs_r < n_rows
             # +inf LSE (dropped rows, rows that see no key) and -inf scores (masked keys) weigh 0.
-            lse2 = tl.load(l_base + offs_r * stride_lm, mask=mask_r, other=float("inf")) * _LOG2E
+            if LSE_PARTS:
+                lse2 = _combined_lse2(l_base + offs_r * stride_lm, stride_lp, n_lse_parts, mask_r, BLOCK_R)
+            else:
+                lse2 = tl.load(l_base + offs_r * stride_lm, mask=mask_r, other=float("inf")) * _LOG2E
             s = tl.load(s_base + offs_r.to(tl.int64)[:, None] * stride_sm + offs_n[None, :],
                         mask=mask_r[:, None] & mask_n[None, :], other=float("-inf"))  # [BR, BN]
             p = tl.exp2(s - lse2[:, None])
@@ -602,34 +609,43 @@ def _scores_reduce_kernel(
 def _keeps_scores(p: Problem) -> bool:
     """Few rows over many keys: pass 1 stores their float32 scores, 8 bytes per row and key written
     and read back, which costs less than pass 2 reading each key's 2 * D bytes again (the passes
-    are memory-bound there). Half of that break-even, for the launch and the extra kernel."""
-    return p.n_rows * 8 <= p.head_dim and p.k_len >= SCORES_MIN_KEYS
+    are memory-bound there). Half of that break-even, for the launch and the extra kernel; and
+    long enough key ranges that the saved traffic outweighs the host time of a call (on the H100:
+    B=1 H=32 Sk=16384 lost, 0.23 vs 0.13 ms; from B * H * Sk = 2**22 on it won, NOTES.md v12)."""
+    return p.n_rows * 8 <= p.head_dim and p.batch * p.heads * p.k_len >= SCORES_MIN_KEYS
 
 
-SCORES_MIN_KEYS = 4096
+SCORES_MIN_KEYS = 2**22  # keys summed over the batch and the query heads
 
 
 def scores_reduce(query, key, p: Problem, key_keep, row_keep, heads_per_chunk: int, use_max: bool,
                   divisor: float):
     """Few selected rows (`_keeps_scores`), or None: pass 1 keeps the rows' scores (a (B, H, rows, Sk)
-    float32 temporary) and a light kernel turns them into the (B, H // heads_per_chunk, Sk) result,
-    divided by ``divisor``. row_keep: optional (B, Sq) bool, False drops a row."""
+    float32 temporary, rows <= D / 8) and a light kernel turns them into the (B, H // heads_per_chunk,
+    Sk) result, divided by ``divisor``. row_keep: optional (B, Sq) bool, False drops a row."""
     if not _keeps_scores(p):
         return None
     rows = range(p.row_start, p.row_end)
     scores = utils.new_output((p.batch, p.heads, p.n_rows, p.k_len), query.device)
-    lse = row_lse(query, key, p, key_keep, rows, scores=scores)
+    # Row blocks no taller than the rows (16 at least, for the tensor cores): the usual 64-128 would
+    # exponentiate and store mostly padding.
+    cfg = _row_block_sizes(p.head_dim, query.dtype, p.n_rows, columns=False)
+    cfg = dict(cfg, BLOCK_M=min(cfg["BLOCK_M"], max(16, triton.next_power_of_2(p.n_rows))))
+    lse = row_lse(query, key, p, key_keep, rows, config=cfg, combine=False, scores=scores)
     if row_keep is not None:  # dropped rows: lse = +inf, so every weight they add is exactly 0
+        lse = _combine_lse(lse) if lse.dim() == 4 else lse
         lse = lse.masked_fill(~row_keep[:, None, p.row_start : p.row_end], float("inf"))
+    lse_parts = lse.dim() == 4  # (splits, B, H, rows)
     n_chunks = p.heads // heads_per_chunk
     out = utils.new_output((p.batch, n_chunks, p.k_len), query.device)
     block_n = 32 if interpreting() else 256
     grid = (p.batch * n_chunks * cdiv(p.k_len, block_n),)
     with _on_device(query):
         _scores_reduce_kernel[grid](
-            scores, lse, out, *scores.stride()[:3], *lse.stride(), *out.stride()[:2],
-            p.n_rows, heads_per_chunk, n_chunks, p.k_len, 1.0 / divisor,
-            USE_MAX=use_max, BLOCK_R=min(16, triton.next_power_of_2(p.n_rows)), BLOCK_N=block_n, num_warps=4,
+            scores, lse, out, *scores.stride()[:3], *lse.stride()[-3:], lse.stride(0) if lse_parts else 0,
+            lse.shape[0] if lse_parts else 1, *out.stride()[:2], p.n_rows, heads_per_chunk, n_chunks, p.k_len,
+            1.0 / divisor, USE_MAX=use_max, LSE_PARTS=lse_parts, BLOCK_R=min(16, triton.next_power_of_2(p.n_rows)),
+            BLOCK_N=block_n, num_warps=4,
         )
     return out
 
