@@ -13,6 +13,10 @@ selected rows are few (`_use_row_stationary`: up to four row blocks), pass 2 ins
 row-stationary kernel in COLUMNS mode: keys stream past the rows in registers, as in pass 1, and
 each row block writes its own partial column sums, added here.
 
+Small calls run both passes in one launch (FUSED). Few rows over long keys (`_keeps_scores`) skip
+the second pass over K: pass 1 stores their scaled scores and `_scores_reduce_kernel` turns them
+into the column statistics.
+
 Masking convention: query i sees key j iff j <= i + causal_offset when causal; the offset is
 Sk - Sq (bottom-right aligned, as FlashAttention) unless a caller (context parallelism) sets it.
 """
