@@ -7,7 +7,7 @@ import torch
 
 from . import torch_backend
 from .reference import naive_colsum
-from .utils import Problem, check_mask, check_tensor_arg, make_problem, problem_from_shapes, resolve_rows
+from .utils import Problem, check_mask, check_tensor_arg, drop_rows, make_problem, problem_from_shapes, resolve_rows
 
 __all__ = ["column_stats", "flash_colsum", "naive_colsum"]
 
@@ -38,7 +38,8 @@ def _reduce_columns(query, key, p: Problem, lse, key_keep, row_keep, heads_per_c
     if lse is None and backend is torch_backend and not full_lse and torch_backend.fits_one_pass(p):
         return torch_backend.one_pass(query, key, p, key_keep, row_keep, heads_per_chunk, use_max, divisor)
     computed = None
-    if lse is None and backend is not torch_backend and not full_lse:
+    kernels_only = lse is None and backend is not torch_backend and not full_lse  # no LSE in or out
+    if kernels_only:
         # Small calls in one launch; few rows over long keys from pass 1's stored scores.
         reduced = None
         if row_keep is None:
@@ -47,7 +48,7 @@ def _reduce_columns(query, key, p: Problem, lse, key_keep, row_keep, heads_per_c
             reduced = backend.scores_reduce(query, key, p, key_keep, row_keep, heads_per_chunk, use_max, divisor)
         if reduced is not None:
             return reduced, None
-    if lse is None and backend is not torch_backend and not full_lse and row_keep is None:
+    if kernels_only and row_keep is None:
         # Pass 2 combines pass 1's key-split partials itself: no torch kernels in between.
         lse = backend.row_lse(query, key, p, key_keep, combine=False)
     elif lse is None:
@@ -58,8 +59,7 @@ def _reduce_columns(query, key, p: Problem, lse, key_keep, row_keep, heads_per_c
         # Rows that see no key may come as -inf from other kernels; ours use +inf: weight 0.
         lse = lse[:, :, p.row_start : p.row_end]
         lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
-    if row_keep is not None:  # dropped rows: lse = +inf, so every weight they add is exactly 0
-        lse = lse.masked_fill(~row_keep[:, None, p.row_start : p.row_end], float("inf"))
+    lse = drop_rows(lse, row_keep, p)
     return backend.col_reduce(query, key, lse, p, heads_per_chunk, use_max, divisor=divisor), computed
 
 
@@ -357,7 +357,8 @@ def flash_colsum(query, key, scale=None, is_causal=False, cls_len=None, *, backe
 
     Deterministic: no atomics; identical inputs on the same device give bitwise identical results.
     Extra memory: O(B * H * (Sq + Sk)) float32, plus up to 8 MiB of partial sums when a small call
-    (at most 2**27 scores) runs both passes in one launch.
+    (at most 2**27 scores, 2**28 at D <= 64) runs both passes in one launch, and (B, H, rows, Sk)
+    float32 scores when at most D / 8 rows over long keys skip the second pass over K.
     """
     if cls_len is not None:
         from .utils import check_positive_int

@@ -122,10 +122,11 @@ def _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, str
         keep = tl.load(KEEP_ROW + offs_n * stride_keep_n, mask=offs_n < Sk, other=0)
         s = tl.where(keep[None, :] != 0, s, float("-inf"))
     if STORE_SCORES:
+        ptrs = scores_ptrs[:, None] + offs_n[None, :]
         if MASK:  # the tail block may end past Sk
-            tl.store(scores_ptrs[:, None] + offs_n[None, :], s * qk_scale, mask=mask_m[:, None] & (offs_n[None, :] < Sk))
+            tl.store(ptrs, s * qk_scale, mask=mask_m[:, None] & (offs_n[None, :] < Sk))
         else:  # a row mask only: the stores vectorize along the keys
-            tl.store(scores_ptrs[:, None] + offs_n[None, :], s * qk_scale, mask=mask_m[:, None])
+            tl.store(ptrs, s * qk_scale, mask=mask_m[:, None])
     # qk_scale > 0, so the max of the raw scores gives the max of the scaled ones.
     m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
     # A row with nothing visible yet keeps m = -inf; subtract 0 instead to avoid inf - inf.
@@ -636,9 +637,8 @@ def scores_reduce(query, key, p: Problem, key_keep, row_keep, heads_per_chunk: i
     cfg = _row_block_sizes(p.head_dim, query.dtype, p.n_rows, columns=False)
     cfg = dict(cfg, BLOCK_M=min(cfg["BLOCK_M"], max(16, triton.next_power_of_2(p.n_rows))))
     lse = row_lse(query, key, p, key_keep, rows, config=cfg, combine=False, scores=scores)
-    if row_keep is not None:  # dropped rows: lse = +inf, so every weight they add is exactly 0
-        lse = _combine_lse(lse) if lse.dim() == 4 else lse
-        lse = lse.masked_fill(~row_keep[:, None, p.row_start : p.row_end], float("inf"))
+    if row_keep is not None:
+        lse = utils.drop_rows(_combine_lse(lse) if lse.dim() == 4 else lse, row_keep, p)
     lse_parts = lse.dim() == 4  # (splits, B, H, rows)
     n_chunks = p.heads // heads_per_chunk
     out = utils.new_output((p.batch, n_chunks, p.k_len), query.device)

@@ -258,6 +258,14 @@ def check_varlen(query, key, cu_seqlens_q, cu_seqlens_k, conflicts: dict) -> tup
     return bounds[0], bounds[1]
 
 
+def drop_rows(lse: torch.Tensor, row_keep, p: Problem) -> torch.Tensor:
+    """The selected rows' (B, H, n_rows) LSE with +inf where ``row_keep`` (B, Sq) is False: every
+    weight exp(s - lse) a dropped row adds is then exactly 0. No mask: ``lse`` unchanged."""
+    if row_keep is None:
+        return lse
+    return lse.masked_fill(~row_keep[:, None, p.row_start : p.row_end], float("inf"))
+
+
 def new_output(shape, device) -> torch.Tensor:
     """Allocate a float32 result that a kernel fully overwrites (tests swap in a NaN-filled one)."""
     return torch.empty(shape, device=device, dtype=torch.float32)
