@@ -26,15 +26,15 @@ from triton.compiler import ASTSource
 from flash_colsum import triton_backend as tb
 from flash_colsum.utils import head_dim_blocks
 
-POINTERS = {"Q": "*fp16", "K": "*fp16", "KEY_KEEP": "*fp16", "LSE": "*fp32", "OUT": "*fp32"}
+POINTERS = {"Q": "*fp16", "K": "*fp16", "KEY_KEEP": "*fp16", "LSE": "*fp32", "OUT": "*fp32", "SCORES": "*fp32"}
 
 
 def compile_row_blocks(d: int, unit: int, columns: bool):
     kernel = tb._row_block_kernel
     names = kernel.arg_names
     block_d, block_d2 = head_dim_blocks(d)
-    values = dict(D=d, stride_qd=1, stride_kd=1, COLUMNS=columns, FUSED=False, USE_MAX=False, CAUSAL=False, HAS_KEY_MASK=False,
-                  SPLIT=False, STRIDE_UNIT=unit, DOT_PRECISION="tf32", UPCAST_DOT=False,
+    values = dict(D=d, stride_qd=1, stride_kd=1, COLUMNS=columns, FUSED=False, LSE_PARTS=False, STORE_SCORES=False,
+                  USE_MAX=False, CAUSAL=False, HAS_KEY_MASK=False, SPLIT=False, STRIDE_UNIT=unit, DOT_PRECISION="tf32", UPCAST_DOT=False,
                   BLOCK_M=128, BLOCK_N=128, BLOCK_D=block_d, BLOCK_D2=block_d2)
     signature = {}
     for i, name in enumerate(names):
