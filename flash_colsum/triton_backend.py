@@ -264,6 +264,8 @@ def _row_block_kernel(
     if CAUSAL:
         n_full = tl.minimum(n_full, m0 + 1 + causal_offset)  # the block's first row sees keys < m0 + 1 + offset
     n_full = n_lo + tl.maximum(n_full - n_lo, 0) // BLOCK_N * BLOCK_N
+    # Blocks from n_seen on hold keys past the causal limit of every row of the block.
+    n_seen = n_lo + tl.cdiv(n_hi - n_lo, BLOCK_N) * BLOCK_N
 
     if FUSED:
         m_i, l_i = _rows_lse(q, q_tail, k_base, stride_kn, stride_kd, KEY_KEEP, stride_keep_n, offs_m,
@@ -286,8 +288,7 @@ def _row_block_kernel(
         # log-sum-exp); a final value for a row that sees no key at all is +inf (weight 0 in pass 2).
         lse = tl.where(seen, lse, float("-inf") if SPLIT else float("inf"))
         tl.store(lse_ptrs, lse, mask=mask_m)
-        if STORE_SCORES:  # keys of the range past the causal limit of every row of the block
-            n_seen = n_lo + tl.cdiv(n_hi - n_lo, BLOCK_N) * BLOCK_N
+        if STORE_SCORES:  # those keys score -inf
             for n0 in range(n_seen, n_end, BLOCK_N):
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 tl.store(scores_ptrs[:, None] + offs_n[None, :], tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32),
@@ -302,7 +303,6 @@ def _row_block_kernel(
             _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, n0, Sk, causal_offset, D,
                        qk_scale, out_scale, CAUSAL, USE_MAX, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2)
         # Keys past the causal limit of every row of the block: weight 0 (the output is not pre-zeroed).
-        n_seen = n_lo + tl.cdiv(n_hi - n_lo, BLOCK_N) * BLOCK_N
         for n0 in range(n_seen, n_end, BLOCK_N):
             tl.store(out_ptrs + n0, tl.zeros([BLOCK_N], tl.float32), mask=n0 + tl.arange(0, BLOCK_N) < n_end)
 
@@ -585,8 +585,9 @@ def _scores_reduce_kernel(
     out_scale: the weights from pass 1's stored scores, no second pass over K. With LSE_PARTS, LSE
     holds pass 1's key-split partials, combined here (no torch kernels between the launches)."""
     pid = tl.program_id(0)
-    key_block = pid % tl.cdiv(Sk, BLOCK_N)
-    bc = pid // tl.cdiv(Sk, BLOCK_N)
+    n_key_blocks = tl.cdiv(Sk, BLOCK_N)
+    key_block = pid % n_key_blocks
+    bc = pid // n_key_blocks
     b = bc // n_chunks
     chunk = bc % n_chunks
     offs_n = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -635,7 +636,8 @@ def scores_reduce(query, key, p: Problem, key_keep, row_keep, heads_per_chunk: i
     # Row blocks no taller than the rows (16 at least, for the tensor cores): the usual 64-128 would
     # exponentiate and store mostly padding.
     cfg = _row_block_sizes(p.head_dim, query.dtype, p.n_rows, columns=False)
-    cfg = dict(cfg, BLOCK_M=min(cfg["BLOCK_M"], max(16, triton.next_power_of_2(p.n_rows))))
+    rows_pow2 = utils.next_power_of_2(p.n_rows)
+    cfg = dict(cfg, BLOCK_M=min(cfg["BLOCK_M"], max(16, rows_pow2)))
     lse = row_lse(query, key, p, key_keep, rows, config=cfg, combine=False, scores=scores)
     if row_keep is not None:
         lse = utils.drop_rows(_combine_lse(lse) if lse.dim() == 4 else lse, row_keep, p)
@@ -648,7 +650,7 @@ def scores_reduce(query, key, p: Problem, key_keep, row_keep, heads_per_chunk: i
         _scores_reduce_kernel[grid](
             scores, lse, out, *scores.stride()[:3], *lse.stride()[-3:], lse.stride(0) if lse_parts else 0,
             lse.shape[0] if lse_parts else 1, *out.stride()[:2], p.n_rows, heads_per_chunk, n_chunks, p.k_len,
-            1.0 / divisor, USE_MAX=use_max, LSE_PARTS=lse_parts, BLOCK_R=min(16, triton.next_power_of_2(p.n_rows)),
+            1.0 / divisor, USE_MAX=use_max, LSE_PARTS=lse_parts, BLOCK_R=min(16, rows_pow2),
             BLOCK_N=block_n, num_warps=4,
         )
     return out
