@@ -45,23 +45,62 @@ _LN2 = gl.constexpr(0.6931471805599453)
 _LOG2E = gl.constexpr(LOG2E)
 
 
+
+def _exp2_asm(pack: int) -> str:
+    """PTX for 2**x on `pack` elements: all but the last on the MUFU (ex2.approx, 16 per clock and SM,
+    the pass's limit), the last as a polynomial on the FMA pipe, which the MUFU work leaves idle.
+    No conversion instruction: those run at the MUFU's rate. x + 1.5 * 2**23 rounds x to the
+    nearest integer j in the low mantissa bits; 2**(x - j) is a degree-4 polynomial on [-0.5, 0.5]
+    (relative error 2.9e-6, fitted for relative error); 2**j is built from those bits,
+    (bits << 23) + bits(1.0). Clamping at -127 (max.NaN keeps NaN) makes 2**j exactly 0 there, as
+    ex2.approx.ftz flushes."""
+    mufu = "".join(f"ex2.approx.ftz.f32 ${i}, ${pack + i};\n" for i in range(pack - 1))
+    return ("{\n.reg .f32 xc, xt, xj, xf, xp, xs;\n.reg .b32 xb;\n" + mufu +
+            f"max.NaN.f32 xc, ${2 * pack - 1}, 0fC2FE0000;\n"
+            "add.rn.f32 xt, xc, 0f4B400000;\nsub.rn.f32 xj, xt, 0f4B400000;\nsub.rn.f32 xf, xc, xj;\n"
+            "fma.rn.f32 xp, xf, 0f3C1D0141, 0f3D64FE14;\nfma.rn.f32 xp, xp, xf, 0f3E7601BC;\n"
+            "fma.rn.f32 xp, xp, xf, 0f3F317096;\nfma.rn.f32 xp, xp, xf, 0f3F800000;\n"
+            "mov.b32 xb, xt;\nmad.lo.s32 xb, xb, 8388608, 1065353216;\nmov.b32 xs, xb;\n"
+            f"mul.rn.f32 ${pack - 1}, xp, xs;\n}}")
+
+
+_EXP2_POLY4 = gl.constexpr(_exp2_asm(4))
+_EXP2_POLY8 = gl.constexpr(_exp2_asm(8))
+_PACK4 = gl.constexpr(",".join(["=r"] * 4 + ["r"] * 4))
+_PACK8 = gl.constexpr(",".join(["=r"] * 8 + ["r"] * 8))
+
+
 @gluon.jit
-def _lse_tile(s, m_i, l_i, n0, n_valid, qk_scale, BLOCK_B: gl.constexpr, layout: gl.constexpr):
-    """Fold one [BLOCK_A, BLOCK_B] tile of raw scores into the rows' running (max, sum), base 2."""
-    if n0 + BLOCK_B > n_valid:  # the last tile: the rows past the key range belong to the next head
+def _exp2(x, POLY_EVERY: gl.constexpr):
+    """2**x; one element in POLY_EVERY (4 or 8; 0: none) by the polynomial of _exp2_asm."""
+    if POLY_EVERY == 4:
+        return gl.inline_asm_elementwise(_EXP2_POLY4, _PACK4, [x], dtype=gl.float32, is_pure=True, pack=4)
+    elif POLY_EVERY == 8:
+        return gl.inline_asm_elementwise(_EXP2_POLY8, _PACK8, [x], dtype=gl.float32, is_pure=True, pack=8)
+    else:
+        return gl.exp2(x)
+
+
+@gluon.jit
+def _lse_tile(s, m_i, l_i, n0, n_valid, qk_scale, BLOCK_B: gl.constexpr, layout: gl.constexpr,
+              LAST: gl.constexpr, POLY_EVERY: gl.constexpr):
+    """Fold one [BLOCK_A, BLOCK_B] tile of raw scores into the rows' running (max, sum), base 2.
+    Only the LAST tile can run past the key range: the others skip the mask, which ptxas would
+    otherwise turn into selects on every tile (128 FSEL per thread and tile at D=64)."""
+    if LAST and n0 + BLOCK_B > n_valid:  # the rows past the key range belong to the next head
         offs_n = n0 + gl.arange(0, BLOCK_B, layout=gl.SliceLayout(0, layout))
         s = gl.where(offs_n[None, :] < n_valid, s, float("-inf"))
     # qk_scale > 0, so the max of the raw scores gives the max of the scaled ones; every row sees a
     # key in its first tile, so m_new is finite from then on.
     m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-    l_i = l_i * gl.exp2(m_i - m_new) + gl.sum(gl.exp2(s * qk_scale - m_new[:, None]), axis=1)
+    l_i = l_i * gl.exp2(m_i - m_new) + gl.sum(_exp2(s * qk_scale - m_new[:, None], POLY_EVERY), axis=1)
     return m_new, l_i
 
 
 @gluon.jit
-def _col_tile(s, col, lse2, qk_scale, USE_MAX: gl.constexpr):
+def _col_tile(s, col, lse2, qk_scale, USE_MAX: gl.constexpr, POLY_EVERY: gl.constexpr):
     """Fold one [keys, rows] tile into the keys' column sums (maxima); lse2 is the rows' base-2 LSE."""
-    p = gl.exp2(s * qk_scale - lse2[None, :])  # rows past the selection carry +inf: weight 0
+    p = _exp2(s * qk_scale - lse2[None, :], POLY_EVERY)  # rows past the selection carry +inf: weight 0
     if USE_MAX:
         return gl.maximum(col, gl.max(p, axis=1))
     return col + gl.sum(p, axis=1)
@@ -69,12 +108,12 @@ def _col_tile(s, col, lse2, qk_scale, USE_MAX: gl.constexpr):
 
 @gluon.jit
 def _fold_tile(s, m_i, l_i, col, lse2, t, Sk, qk_scale, COLUMNS: gl.constexpr, USE_MAX: gl.constexpr,
-               BLOCK_B: gl.constexpr, layout: gl.constexpr):
+               BLOCK_B: gl.constexpr, layout: gl.constexpr, LAST: gl.constexpr, POLY_EVERY: gl.constexpr):
     """Fold tile t's scores into the pass's state: (m_i, l_i) for pass 1, col for pass 2."""
     if COLUMNS:
-        col = _col_tile(s, col, lse2, qk_scale, USE_MAX)
+        col = _col_tile(s, col, lse2, qk_scale, USE_MAX, POLY_EVERY)
     else:
-        m_i, l_i = _lse_tile(s, m_i, l_i, t * BLOCK_B, Sk, qk_scale, BLOCK_B, layout)
+        m_i, l_i = _lse_tile(s, m_i, l_i, t * BLOCK_B, Sk, qk_scale, BLOCK_B, layout, LAST, POLY_EVERY)
     return m_i, l_i, col
 
 
@@ -105,22 +144,15 @@ def _load_rows(desc, desc2, row, bar, smem, smem2, pred, HAS_TAIL: gl.constexpr)
 
 
 @gluon.jit
-def _tile_row(t, b_row0, n_row_tiles, b_head_rows, BLOCK_B: gl.constexpr, COLUMNS: gl.constexpr):
-    """Row of the 2-D streaming view where tile t starts. Pass 2 streams the row tiles of one head,
-    then of the next head of the chunk; pass 1 streams one head's keys."""
-    if COLUMNS:
-        return b_row0 + (t // n_row_tiles) * b_head_rows + (t % n_row_tiles) * BLOCK_B
-    return b_row0 + t * BLOCK_B
-
-
-@gluon.jit
-def _tile_lse2(lse_base, t, n_row_tiles, stride_lh, stride_lm, offs_b, row_start, row_end,
-               BLOCK_B: gl.constexpr):
-    """Pass 2: the base-2 LSE of tile t's query rows; +inf past the selection (weight 0)."""
-    offs_m = (t % n_row_tiles) * BLOCK_B + offs_b
-    lse = gl.load(lse_base + (t // n_row_tiles) * stride_lh + offs_m * stride_lm,
-                  mask=row_start + offs_m < row_end, other=float("inf"))
-    return lse * _LOG2E
+def _next_tile(head, tile, n_row_tiles):
+    """(head, row tile) of the streamed tile after (head, tile): pass 2 streams the row tiles of one
+    head, then of the next head of the chunk; pass 1 one head's keys (n_row_tiles = all its tiles).
+    Counting, not dividing: a division by a runtime value costs ~20 instructions per tile."""
+    tile += 1
+    if tile == n_row_tiles:
+        tile = 0
+        head += 1
+    return head, tile
 
 
 @gluon.jit
@@ -129,7 +161,7 @@ def _stream_kernel(
     stride_lb, stride_lh, stride_lm, stride_ob, stride_oc, stride_on,
     H, GROUP, HEADS_PER_PROGRAM, Sq, Sk, row_start, row_end, n_a_blocks, qk_scale, out_scale,
     COLUMNS: gl.constexpr, USE_MAX: gl.constexpr, STAGES: gl.constexpr, HAS_TAIL: gl.constexpr,
-    A_IN_REGS: gl.constexpr, num_warps: gl.constexpr,
+    A_IN_REGS: gl.constexpr, POLY_EVERY: gl.constexpr, num_warps: gl.constexpr,
 ):
     BLOCK_A: gl.constexpr = a_desc.block_type.shape[0]  # 128: two halves of 64, one wgmma each
     HALF: gl.constexpr = BLOCK_A // 2
@@ -155,14 +187,16 @@ def _stream_kernel(
         b_row0 = (b * H + h_first) * Sq + row_start
         n_row_tiles = (row_end - row_start + BLOCK_B - 1) // BLOCK_B
         n_tiles = HEADS_PER_PROGRAM * n_row_tiles
+        b_head_rows = Sq
     else:
         # rest = (batch, head); A = query rows, B = the head's keys.
         b = rest // H
         h = rest % H
         a_row0 = (b * H + h) * Sq + row_start + a_block * BLOCK_A
         b_row0 = (b * (H // GROUP) + h // GROUP) * Sk
-        n_row_tiles = 1
         n_tiles = (Sk + BLOCK_B - 1) // BLOCK_B
+        n_row_tiles = n_tiles
+        b_head_rows = 0
 
     a_smem = gl.allocate_shared_memory(a_desc.dtype, [BLOCK_A, BLOCK_D], a_desc.layout)
     b_smem = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_B, BLOCK_D], b_desc.layout)
@@ -178,9 +212,12 @@ def _stream_kernel(
         mbarrier.init(ready.index(i), count=1)
 
     _load_rows(a_desc, a2_desc, a_row0, a_bar, a_smem, a2_smem, True, HAS_TAIL)
+    fill_head = 0  # (head, row tile) of the next streamed tile to load
+    fill_tile = 0
     for i in gl.static_range(STAGES):
-        _load_rows(b_desc, b2_desc, _tile_row(i, b_row0, n_row_tiles, Sq, BLOCK_B, COLUMNS), ready.index(i),
+        _load_rows(b_desc, b2_desc, b_row0 + fill_head * b_head_rows + fill_tile * BLOCK_B, ready.index(i),
                    b_smem.index(i), b2_smem.index(i), i < n_tiles, HAS_TAIL)
+        fill_head, fill_tile = _next_tile(fill_head, fill_tile, n_row_tiles)
 
     zero = gl.zeros([HALF, BLOCK_B], gl.float32, layout=layout)
     # Per half: the running (max, sum) of pass 1, or the column sums (maxima) of pass 2.
@@ -191,11 +228,13 @@ def _stream_kernel(
     col_lo = gl.zeros([HALF], gl.float32, layout=rows_layout)  # weights are >= 0: 0 also starts a max
     col_hi = col_lo
     offs_b = gl.arange(0, BLOCK_B, layout=cols_layout)
-    lse_base = LSE
+    lse_ptrs = LSE + offs_b
     lse2 = gl.zeros([BLOCK_B], gl.float32, layout=cols_layout)
     if COLUMNS:
-        lse_base = LSE + b.to(gl.int64) * stride_lb + h_first.to(gl.int64) * stride_lh
-        lse2 = _tile_lse2(lse_base, 0, n_row_tiles, stride_lh, stride_lm, offs_b, row_start, row_end, BLOCK_B)
+        # Pass 2 reads the rows' base-2 LSE from a copy padded with +inf to whole row tiles per head
+        # (col_reduce): tile t's values are the BLOCK_B after t * BLOCK_B, with no mask.
+        lse_ptrs = LSE + (b.to(gl.int64) * H + h_first) * (n_row_tiles * BLOCK_B) + offs_b
+        lse2 = gl.load(lse_ptrs)
 
     mbarrier.wait(a_bar, 0)
     a_lo = a_smem.slice(0, HALF)
@@ -217,20 +256,18 @@ def _stream_kernel(
         acc_hi = _issue(a_hi, a2_hi, b_smem, b2_smem, ready, t, zero, False, STAGES, HAS_TAIL)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_lo, ))
         m_lo, l_lo, col_lo = _fold_tile(s, m_lo, l_lo, col_lo, lse2, t, Sk, qk_scale, COLUMNS, USE_MAX, BLOCK_B,
-                                        layout)
+                                        layout, False, POLY_EVERY)
         acc_lo = _issue(a_lo, a2_lo, b_smem, b2_smem, ready, t + 1, zero, True, STAGES, HAS_TAIL)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_hi, ))
         # Both halves are done with tile t: its buffer takes tile t + STAGES.
-        refill = t + STAGES
-        pred = refill < n_tiles
-        _load_rows(b_desc, b2_desc, _tile_row(refill, b_row0, n_row_tiles, Sq, BLOCK_B, COLUMNS),
-                   ready.index(t % STAGES), b_smem.index(t % STAGES), b2_smem.index(t % STAGES), pred, HAS_TAIL)
+        _load_rows(b_desc, b2_desc, b_row0 + fill_head * b_head_rows + fill_tile * BLOCK_B, ready.index(t % STAGES),
+                   b_smem.index(t % STAGES), b2_smem.index(t % STAGES), t + STAGES < n_tiles, HAS_TAIL)
+        fill_head, fill_tile = _next_tile(fill_head, fill_tile, n_row_tiles)
         lse2_next = lse2
         if COLUMNS:
-            lse2_next = _tile_lse2(lse_base, t + 1, n_row_tiles, stride_lh, stride_lm, offs_b, row_start, row_end,
-                                   BLOCK_B)
+            lse2_next = gl.load(lse_ptrs + (t + 1) * BLOCK_B)
         m_hi, l_hi, col_hi = _fold_tile(s, m_hi, l_hi, col_hi, lse2, t, Sk, qk_scale, COLUMNS, USE_MAX, BLOCK_B,
-                                        layout)
+                                        layout, False, POLY_EVERY)
         lse2 = lse2_next
     t = n_tiles - 1
     # n_tiles >= 1, so the else branch never runs; without it ptxas serializes every wgmma of the
@@ -239,10 +276,10 @@ def _stream_kernel(
         acc_hi = _issue(a_hi, a2_hi, b_smem, b2_smem, ready, t, zero, False, STAGES, HAS_TAIL)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_lo, ))
         m_lo, l_lo, col_lo = _fold_tile(s, m_lo, l_lo, col_lo, lse2, t, Sk, qk_scale, COLUMNS, USE_MAX, BLOCK_B,
-                                        layout)
+                                        layout, True, POLY_EVERY)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(acc_hi, ))
         m_hi, l_hi, col_hi = _fold_tile(s, m_hi, l_hi, col_hi, lse2, t, Sk, qk_scale, COLUMNS, USE_MAX, BLOCK_B,
-                                        layout)
+                                        layout, True, POLY_EVERY)
     else:
         warpgroup_mma_wait(num_outstanding=0, deps=(acc_lo, ))
     mbarrier.invalidate(a_bar)
@@ -265,19 +302,21 @@ def _stream_kernel(
 # The stationary block: 128 rows, two halves of one warpgroup. The streamed tiles, ring depth and
 # operand source per pass come from `python -m benchmarks.tune_hopper` on an H100 (NOTES.md v10).
 BLOCK_ROWS = 128
+POLY_EVERY = 0
 
 
-def _config(head_dim: int, columns: bool) -> tuple[int, int, bool]:
-    """(BLOCK_B, STAGES, A_IN_REGS) for a pass (results/tune_hopper_h100_v10*.csv, v12 for D=72-96)."""
+def _config(head_dim: int, columns: bool) -> tuple[int, int, bool, int]:
+    """(BLOCK_B, STAGES, A_IN_REGS, POLY_EVERY) for a pass (results/tune_hopper_h100_v10*.csv, v12 for D=72-96)."""
+    poly = POLY_EVERY
     if columns and head_dim <= 64:
-        return 64, 3, False
+        return 64, 3, False, poly
     # Pass 2 above D=64 reads the stationary keys from registers: D=72 1.89 vs 1.98 ms, D=80 1.85
     # vs 1.99 (64-key tiles), D=96 1.98 vs 2.14, D=128 2.08 vs 2.21 (128-key tiles).
     if columns and head_dim <= 80:
-        return 64, 3, True
+        return 64, 3, True, poly
     if columns:
-        return 128, 2, True
-    return 128, 2, False
+        return 128, 2, True, poly
+    return 128, 2, False, poly
 
 
 _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
@@ -325,7 +364,7 @@ def _rows_views(t: torch.Tensor, block_rows: int) -> tuple:
 
 def row_lse(query, key, p: Problem, config=None) -> torch.Tensor:
     """Pass 1 over the selected rows: natural-log LSE, float32 (B, H, n_rows)."""
-    block_b, stages, a_in_regs = config or _config(p.head_dim, columns=False)
+    block_b, stages, a_in_regs, poly_every = config or _config(p.head_dim, columns=False)
     lse = utils.new_output((p.batch, p.heads, p.n_rows), query.device)
     n_a_blocks = cdiv(p.n_rows, BLOCK_ROWS)
     grid = (p.batch * p.heads * n_a_blocks,)
@@ -334,7 +373,7 @@ def row_lse(query, key, p: Problem, config=None) -> torch.Tensor:
         *lse.stride(), 0, 0, 0,
         p.heads, p.group, 1, p.q_len, p.k_len, p.row_start, p.row_end, n_a_blocks, p.scale * LOG2E, 1.0,
         COLUMNS=False, USE_MAX=False, STAGES=stages, HAS_TAIL=head_dim_blocks(p.head_dim)[1] > 0,
-        A_IN_REGS=a_in_regs, num_warps=4,
+        A_IN_REGS=a_in_regs, POLY_EVERY=poly_every, num_warps=4,
     )
     return lse
 
@@ -342,17 +381,20 @@ def row_lse(query, key, p: Problem, config=None) -> torch.Tensor:
 def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool, config=None,
                divisor: float = 1.0) -> torch.Tensor:
     """Pass 2, key-centric: (B, H // heads_per_chunk, Sk) float32 over divisor, as triton_backend.col_reduce."""
-    block_b, stages, a_in_regs = config or _config(p.head_dim, columns=True)
+    block_b, stages, a_in_regs, poly_every = config or _config(p.head_dim, columns=True)
     n_chunks = p.heads // heads_per_chunk
     out = utils.new_output((p.batch, n_chunks, p.k_len), query.device)
+    # base-2 LSE, padded with +inf (weight 0) to whole tiles of block_b rows per head
+    lse2 = torch.full((p.batch, p.heads, cdiv(p.n_rows, block_b) * block_b), float("inf"), device=query.device)
+    torch.mul(lse, LOG2E, out=lse2[..., :p.n_rows])
     n_a_blocks = cdiv(p.k_len, BLOCK_ROWS)
     grid = (p.batch * n_chunks * n_a_blocks,)
     _stream_kernel[grid](
-        *_rows_views(key, BLOCK_ROWS), *_rows_views(query, block_b), lse, out,
-        *lse.stride(), *out.stride(),
+        *_rows_views(key, BLOCK_ROWS), *_rows_views(query, block_b), lse2, out,
+        *lse2.stride(), *out.stride(),
         p.heads, p.group, heads_per_chunk, p.q_len, p.k_len, p.row_start, p.row_end, n_a_blocks,
         p.scale * LOG2E, 1.0 / divisor,
         COLUMNS=True, USE_MAX=use_max, STAGES=stages, HAS_TAIL=head_dim_blocks(p.head_dim)[1] > 0,
-        A_IN_REGS=a_in_regs, num_warps=4,
+        A_IN_REGS=a_in_regs, POLY_EVERY=poly_every, num_warps=4,
     )
     return out
