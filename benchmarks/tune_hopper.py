@@ -1,11 +1,9 @@
 """Time the Hopper Gluon kernels (flash_colsum.hopper) over tile configurations, each pass alone.
 
-    python -m benchmarks.tune_hopper [--s 16384] [--d 64] [--configs {all,defaults}] [--out DIR]
+    python -m benchmarks.tune_hopper [--s 16384] [--d 64] [--out DIR]
 
-Prints and writes tune_hopper.csv: per (BLOCK_B, STAGES, A_IN_REGS, POLY_EVERY), the median time of
+Prints and writes tune_hopper.csv: per (BLOCK_B, STAGES, A_IN_REGS), the median time of
 pass 1 and pass 2 (triton.testing.do_bench) and the relative difference from the portable kernels.
-`--configs defaults` times only each pass's chosen tiles, with the polynomial exp2 on none, one in 8
-or one in 4 elements.
 """
 
 import argparse
@@ -19,15 +17,8 @@ from flash_colsum import hopper
 from flash_colsum import triton_backend as tb
 from flash_colsum.utils import make_problem
 
-# (BLOCK_B, STAGES, A_IN_REGS, POLY_EVERY); 4 stages lost everywhere (NOTES.md v10)
-CONFIGS = [(b, stages, regs, poly) for poly in (0, 4) for regs in (False, True)
-           for b, stages in ((128, 2), (64, 2), (64, 3))]
-
-
-def default_configs(d: int) -> list[tuple]:
-    """Each pass's chosen tiles, with and without the polynomial exp2."""
-    tiles = dict.fromkeys(hopper._config(d, columns)[:3] for columns in (False, True))
-    return [t + (poly,) for poly in (0, 8, 4) for t in tiles]
+# (BLOCK_B, STAGES, A_IN_REGS); 4 stages lost everywhere (NOTES.md v10)
+CONFIGS = [(b, stages, regs) for regs in (False, True) for b, stages in ((128, 2), (64, 2), (64, 3))]
 
 
 def main():
@@ -35,7 +26,6 @@ def main():
     parser.add_argument("--b", type=int, default=1)
     parser.add_argument("--s", type=int, default=16384)
     parser.add_argument("--d", type=int, default=64)
-    parser.add_argument("--configs", choices=("all", "defaults"), default="all")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     args = parser.parse_args()
     q = torch.randn(args.b, 16, args.s, args.d, device="cuda", dtype=torch.float16)
@@ -51,7 +41,7 @@ def main():
                 pass2_ms=do_bench(portable_col, return_mode="median"), lse_diff=0.0, col_diff=0.0)
     rows.append(base)
     print(base, flush=True)
-    for cfg in CONFIGS if args.configs == "all" else default_configs(args.d):
+    for cfg in CONFIGS:
         try:
             fast_lse = hopper.row_lse(q, k, p, config=cfg)
             fast_col = hopper.col_reduce(q, k, lse, p, 1, False, config=cfg)

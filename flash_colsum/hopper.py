@@ -46,44 +46,10 @@ _LOG2E = gl.constexpr(LOG2E)
 
 
 
-def _exp2_asm(pack: int) -> str:
-    """PTX for 2**x on `pack` elements: all but the last on the MUFU (ex2.approx, 16 per clock and SM,
-    the pass's limit), the last as a polynomial on the FMA pipe, which the MUFU work leaves idle.
-    No conversion instruction: those run at the MUFU's rate. x + 1.5 * 2**23 rounds x to the
-    nearest integer j in the low mantissa bits; 2**(x - j) is a degree-4 polynomial on [-0.5, 0.5]
-    (relative error 2.9e-6, fitted for relative error); 2**j is built from those bits,
-    (bits << 23) + bits(1.0). Clamping at -127 (max.NaN keeps NaN) makes 2**j exactly 0 there, as
-    ex2.approx.ftz flushes."""
-    mufu = "".join(f"ex2.approx.ftz.f32 ${i}, ${pack + i};\n" for i in range(pack - 1))
-    return ("{\n.reg .f32 xc, xt, xj, xf, xp, xs;\n.reg .b32 xb;\n" + mufu +
-            f"max.NaN.f32 xc, ${2 * pack - 1}, 0fC2FE0000;\n"
-            "add.rn.f32 xt, xc, 0f4B400000;\nsub.rn.f32 xj, xt, 0f4B400000;\nsub.rn.f32 xf, xc, xj;\n"
-            "fma.rn.f32 xp, xf, 0f3C1D0141, 0f3D64FE14;\nfma.rn.f32 xp, xp, xf, 0f3E7601BC;\n"
-            "fma.rn.f32 xp, xp, xf, 0f3F317096;\nfma.rn.f32 xp, xp, xf, 0f3F800000;\n"
-            "mov.b32 xb, xt;\nmad.lo.s32 xb, xb, 8388608, 1065353216;\nmov.b32 xs, xb;\n"
-            f"mul.rn.f32 ${pack - 1}, xp, xs;\n}}")
-
-
-_EXP2_POLY4 = gl.constexpr(_exp2_asm(4))
-_EXP2_POLY8 = gl.constexpr(_exp2_asm(8))
-_PACK4 = gl.constexpr(",".join(["=r"] * 4 + ["r"] * 4))
-_PACK8 = gl.constexpr(",".join(["=r"] * 8 + ["r"] * 8))
-
-
-@gluon.jit
-def _exp2(x, POLY_EVERY: gl.constexpr):
-    """2**x; one element in POLY_EVERY (4 or 8; 0: none) by the polynomial of _exp2_asm."""
-    if POLY_EVERY == 4:
-        return gl.inline_asm_elementwise(_EXP2_POLY4, _PACK4, [x], dtype=gl.float32, is_pure=True, pack=4)
-    elif POLY_EVERY == 8:
-        return gl.inline_asm_elementwise(_EXP2_POLY8, _PACK8, [x], dtype=gl.float32, is_pure=True, pack=8)
-    else:
-        return gl.exp2(x)
-
 
 @gluon.jit
 def _lse_tile(s, m_i, l_i, n0, n_valid, qk_scale, BLOCK_B: gl.constexpr, layout: gl.constexpr,
-              LAST: gl.constexpr, POLY_EVERY: gl.constexpr):
+              LAST: gl.constexpr):
     """Fold one [BLOCK_A, BLOCK_B] tile of raw scores into the rows' running (max, sum), base 2.
     Only the LAST tile can run past the key range: the others skip the mask, which ptxas would
     otherwise turn into selects on every tile (128 FSEL per thread and tile at D=64)."""
@@ -93,14 +59,14 @@ def _lse_tile(s, m_i, l_i, n0, n_valid, qk_scale, BLOCK_B: gl.constexpr, layout:
     # qk_scale > 0, so the max of the raw scores gives the max of the scaled ones; every row sees a
     # key in its first tile, so m_new is finite from then on.
     m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-    l_i = l_i * gl.exp2(m_i - m_new) + gl.sum(_exp2(s * qk_scale - m_new[:, None], POLY_EVERY), axis=1)
+    l_i = l_i * gl.exp2(m_i - m_new) + gl.sum(gl.exp2(s * qk_scale - m_new[:, None]), axis=1)
     return m_new, l_i
 
 
 @gluon.jit
-def _col_tile(s, col, lse2, qk_scale, USE_MAX: gl.constexpr, POLY_EVERY: gl.constexpr):
+def _col_tile(s, col, lse2, qk_scale, USE_MAX: gl.constexpr):
     """Fold one [keys, rows] tile into the keys' column sums (maxima); lse2 is the rows' base-2 LSE."""
-    p = _exp2(s * qk_scale - lse2[None, :], POLY_EVERY)  # rows past the selection carry +inf: weight 0
+    p = gl.exp2(s * qk_scale - lse2[None, :])  # rows past the selection carry +inf: weight 0
     if USE_MAX:
         return gl.maximum(col, gl.max(p, axis=1))
     return col + gl.sum(p, axis=1)
@@ -108,12 +74,12 @@ def _col_tile(s, col, lse2, qk_scale, USE_MAX: gl.constexpr, POLY_EVERY: gl.cons
 
 @gluon.jit
 def _fold_tile(s, m_i, l_i, col, lse2, t, Sk, qk_scale, COLUMNS: gl.constexpr, USE_MAX: gl.constexpr,
-               BLOCK_B: gl.constexpr, layout: gl.constexpr, LAST: gl.constexpr, POLY_EVERY: gl.constexpr):
+               BLOCK_B: gl.constexpr, layout: gl.constexpr, LAST: gl.constexpr):
     """Fold tile t's scores into the pass's state: (m_i, l_i) for pass 1, col for pass 2."""
     if COLUMNS:
-        col = _col_tile(s, col, lse2, qk_scale, USE_MAX, POLY_EVERY)
+        col = _col_tile(s, col, lse2, qk_scale, USE_MAX)
     else:
-        m_i, l_i = _lse_tile(s, m_i, l_i, t * BLOCK_B, Sk, qk_scale, BLOCK_B, layout, LAST, POLY_EVERY)
+        m_i, l_i = _lse_tile(s, m_i, l_i, t * BLOCK_B, Sk, qk_scale, BLOCK_B, layout, LAST)
     return m_i, l_i, col
 
 
@@ -161,7 +127,7 @@ def _stream_kernel(
     stride_lb, stride_lh, stride_lm, stride_ob, stride_oc, stride_on,
     H, GROUP, HEADS_PER_PROGRAM, Sq, Sk, row_start, row_end, n_a_blocks, qk_scale, out_scale,
     COLUMNS: gl.constexpr, USE_MAX: gl.constexpr, STAGES: gl.constexpr, HAS_TAIL: gl.constexpr,
-    A_IN_REGS: gl.constexpr, POLY_EVERY: gl.constexpr, num_warps: gl.constexpr,
+    A_IN_REGS: gl.constexpr, num_warps: gl.constexpr,
 ):
     BLOCK_A: gl.constexpr = a_desc.block_type.shape[0]  # 128: two halves of 64, one wgmma each
     HALF: gl.constexpr = BLOCK_A // 2
@@ -256,7 +222,7 @@ def _stream_kernel(
         acc_hi = _issue(a_hi, a2_hi, b_smem, b2_smem, ready, t, zero, False, STAGES, HAS_TAIL)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_lo, ))
         m_lo, l_lo, col_lo = _fold_tile(s, m_lo, l_lo, col_lo, lse2, t, Sk, qk_scale, COLUMNS, USE_MAX, BLOCK_B,
-                                        layout, False, POLY_EVERY)
+                                        layout, False)
         acc_lo = _issue(a_lo, a2_lo, b_smem, b2_smem, ready, t + 1, zero, True, STAGES, HAS_TAIL)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_hi, ))
         # Both halves are done with tile t: its buffer takes tile t + STAGES.
@@ -267,7 +233,7 @@ def _stream_kernel(
         if COLUMNS:
             lse2_next = gl.load(lse_ptrs + (t + 1) * BLOCK_B)
         m_hi, l_hi, col_hi = _fold_tile(s, m_hi, l_hi, col_hi, lse2, t, Sk, qk_scale, COLUMNS, USE_MAX, BLOCK_B,
-                                        layout, False, POLY_EVERY)
+                                        layout, False)
         lse2 = lse2_next
     t = n_tiles - 1
     # n_tiles >= 1, so the else branch never runs; without it ptxas serializes every wgmma of the
@@ -276,10 +242,10 @@ def _stream_kernel(
         acc_hi = _issue(a_hi, a2_hi, b_smem, b2_smem, ready, t, zero, False, STAGES, HAS_TAIL)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_lo, ))
         m_lo, l_lo, col_lo = _fold_tile(s, m_lo, l_lo, col_lo, lse2, t, Sk, qk_scale, COLUMNS, USE_MAX, BLOCK_B,
-                                        layout, True, POLY_EVERY)
+                                        layout, True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(acc_hi, ))
         m_hi, l_hi, col_hi = _fold_tile(s, m_hi, l_hi, col_hi, lse2, t, Sk, qk_scale, COLUMNS, USE_MAX, BLOCK_B,
-                                        layout, True, POLY_EVERY)
+                                        layout, True)
     else:
         warpgroup_mma_wait(num_outstanding=0, deps=(acc_lo, ))
     mbarrier.invalidate(a_bar)
@@ -302,21 +268,19 @@ def _stream_kernel(
 # The stationary block: 128 rows, two halves of one warpgroup. The streamed tiles, ring depth and
 # operand source per pass come from `python -m benchmarks.tune_hopper` on an H100 (NOTES.md v10).
 BLOCK_ROWS = 128
-POLY_EVERY = 0
 
 
-def _config(head_dim: int, columns: bool) -> tuple[int, int, bool, int]:
-    """(BLOCK_B, STAGES, A_IN_REGS, POLY_EVERY) for a pass (results/tune_hopper_h100_v10*.csv, v12 for D=72-96)."""
-    poly = POLY_EVERY
+def _config(head_dim: int, columns: bool) -> tuple[int, int, bool]:
+    """(BLOCK_B, STAGES, A_IN_REGS) for a pass (results/tune_hopper_h100_v10*.csv, v12 for D=72-96)."""
     if columns and head_dim <= 64:
-        return 64, 3, False, poly
+        return 64, 3, False
     # Pass 2 above D=64 reads the stationary keys from registers: D=72 1.89 vs 1.98 ms, D=80 1.85
     # vs 1.99 (64-key tiles), D=96 1.98 vs 2.14, D=128 2.08 vs 2.21 (128-key tiles).
     if columns and head_dim <= 80:
-        return 64, 3, True, poly
+        return 64, 3, True
     if columns:
-        return 128, 2, True, poly
-    return 128, 2, False, poly
+        return 128, 2, True
+    return 128, 2, False
 
 
 _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
@@ -364,7 +328,7 @@ def _rows_views(t: torch.Tensor, block_rows: int) -> tuple:
 
 def row_lse(query, key, p: Problem, config=None) -> torch.Tensor:
     """Pass 1 over the selected rows: natural-log LSE, float32 (B, H, n_rows)."""
-    block_b, stages, a_in_regs, poly_every = config or _config(p.head_dim, columns=False)
+    block_b, stages, a_in_regs = config or _config(p.head_dim, columns=False)
     lse = utils.new_output((p.batch, p.heads, p.n_rows), query.device)
     n_a_blocks = cdiv(p.n_rows, BLOCK_ROWS)
     grid = (p.batch * p.heads * n_a_blocks,)
@@ -373,7 +337,7 @@ def row_lse(query, key, p: Problem, config=None) -> torch.Tensor:
         *lse.stride(), 0, 0, 0,
         p.heads, p.group, 1, p.q_len, p.k_len, p.row_start, p.row_end, n_a_blocks, p.scale * LOG2E, 1.0,
         COLUMNS=False, USE_MAX=False, STAGES=stages, HAS_TAIL=head_dim_blocks(p.head_dim)[1] > 0,
-        A_IN_REGS=a_in_regs, POLY_EVERY=poly_every, num_warps=4,
+        A_IN_REGS=a_in_regs, num_warps=4,
     )
     return lse
 
@@ -381,7 +345,7 @@ def row_lse(query, key, p: Problem, config=None) -> torch.Tensor:
 def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool, config=None,
                divisor: float = 1.0) -> torch.Tensor:
     """Pass 2, key-centric: (B, H // heads_per_chunk, Sk) float32 over divisor, as triton_backend.col_reduce."""
-    block_b, stages, a_in_regs, poly_every = config or _config(p.head_dim, columns=True)
+    block_b, stages, a_in_regs = config or _config(p.head_dim, columns=True)
     n_chunks = p.heads // heads_per_chunk
     out = utils.new_output((p.batch, n_chunks, p.k_len), query.device)
     # base-2 LSE, padded with +inf (weight 0) to whole tiles of block_b rows per head
@@ -395,6 +359,6 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
         p.heads, p.group, heads_per_chunk, p.q_len, p.k_len, p.row_start, p.row_end, n_a_blocks,
         p.scale * LOG2E, 1.0 / divisor,
         COLUMNS=True, USE_MAX=use_max, STAGES=stages, HAS_TAIL=head_dim_blocks(p.head_dim)[1] > 0,
-        A_IN_REGS=a_in_regs, POLY_EVERY=poly_every, num_warps=4,
+        A_IN_REGS=a_in_regs, num_warps=4,
     )
     return out
