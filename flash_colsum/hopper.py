@@ -344,7 +344,8 @@ def row_lse(query, key, p: Problem, config=None) -> torch.Tensor:
 
 def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool, config=None,
                divisor: float = 1.0) -> torch.Tensor:
-    """Pass 2, key-centric: (B, H // heads_per_chunk, Sk) float32 over divisor, as triton_backend.col_reduce."""
+    """Pass 2, key-centric: (B, H // heads_per_chunk, Sk) float32 over divisor, as triton_backend.col_reduce.
+    Adds one temporary: the LSE in base 2, padded to whole row tiles, float32 (B, H, ~n_rows)."""
     block_b, stages, a_in_regs = config or _config(p.head_dim, columns=True)
     n_chunks = p.heads // heads_per_chunk
     out = utils.new_output((p.batch, n_chunks, p.k_len), query.device)
