@@ -12,8 +12,9 @@ as two 64-row halves of one warpgroup, while BLOCK_B-row tiles of the "streaming
 S = A . B^T is [BLOCK_A, BLOCK_B]:
 - pass 1 (COLUMNS=False): A = query rows, B = keys; the online log-sum-exp of each row (base 2
   inside, natural log out), float32 (B, H, n_rows), as triton_backend's pass 1.
-- pass 2 (COLUMNS=True): A = keys, B = selected query rows of the chunk's heads, with their LSE;
-  each key's sum (or max) of exp(scale * s - lse) over those rows, float32 (B, n_chunks, Sk).
+- pass 2 (COLUMNS=True): A = keys, B = selected query rows of the chunk's heads, with their LSE
+  (base 2, padded to whole tiles); each key's sum (or max) of exp(scale * s - lse) over those rows,
+  float32 (B, n_chunks, Sk).
 Head dims that are not a power of two load as a main block and a tail block (72 = 64 + 16), each a
 TMA box; columns past D arrive as zeros.
 
@@ -43,8 +44,6 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 LOG2E = 1.4426950408889634
 _LN2 = gl.constexpr(0.6931471805599453)
 _LOG2E = gl.constexpr(LOG2E)
-
-
 
 
 @gluon.jit
