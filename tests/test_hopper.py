@@ -2,6 +2,7 @@
 Triton kernels. Those tests need a CUDA capability 9.0 GPU: Gluon does not run in the CPU
 interpreter. The compile check runs anywhere: it builds the kernels for sm_90 without a GPU."""
 
+import ast
 import os
 import re
 import subprocess
@@ -118,19 +119,37 @@ def test_fast_paths_switch_off(monkeypatch):
     assert tb._fast_path(q, k, p, range(p.row_start, p.row_end)) is None
 
 
+def _inspect_ptx(*args: str) -> str:
+    """stdout of `python -m benchmarks.inspect_ptx ARGS` in a fresh process: compiling for sm_90
+    needs the interpreter off."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-m", "benchmarks.inspect_ptx", *args], cwd=root, env=env,
+                          capture_output=True, text=True, check=True).stdout
+
+
 @pytest.mark.parametrize("d,columns", [(64, False), (64, True), (72, False), (80, True), (128, True)])  # pass 2 above D=64: A in registers
 def test_kernels_compile_for_sm90_with_async_wgmma(d, columns):
     """Both passes build for sm_90 (no GPU needed) with no register spills, and ptxas keeps the
     wgmmas asynchronous (warning C7514 says it serialized them: with Triton 3.6's ptxas, a plain
-    epilogue did that, NOTES.md v10). Runs in a fresh process: compiling needs the interpreter off."""
+    epilogue did that, NOTES.md v10)."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
-    args = [sys.executable, "-m", "benchmarks.inspect_ptx", "--gluon", "--d", str(d)] + (["--columns"] if columns else [])
-    report = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, check=True).stdout
+    report = _inspect_ptx("--gluon", "--d", str(d), *(["--columns"] if columns else []))
     assert "registers" in report, report
     assert "C7514" not in report, report
     spills = re.search(r"(\d+) bytes spill stores", report)
     if d == 128 and columns and NEW_PTXAS:
         pytest.skip("Triton 3.7+'s ptxas spills here (~650 bytes); Triton 3.6's, on the GPU machine, does not")
     assert spills and spills.group(1) == "0", report
+
+
+@pytest.mark.parametrize("unit", [8, 1])
+def test_portable_kernel_loads_vectorize_for_sm90(unit):
+    """The portable row-block kernel at D=72 with strides in 16-byte units (STRIDE_UNIT=8) loads Q/K
+    with vector or asynchronous copies only; with plain strides (unit 1) Triton cannot prove row
+    alignment and every load is a scalar 2-byte one (NOTES.md v6), which shows the check can fail."""
+    loads = ast.literal_eval(_inspect_ptx("--d", "72", "--unit", str(unit)).strip().splitlines()[-1])
+    if unit == 8:
+        assert "ld.global.b16" not in loads and loads.get("cp.async.cg.shared.global", 0) > 0, loads
+    else:
+        assert loads.get("ld.global.b16", 0) > 0, loads
