@@ -1,6 +1,6 @@
 """The Hopper fast path (flash_colsum.hopper, Gluon) against the float64 reference and the portable
 Triton kernels. Those tests need a CUDA capability 9.0 GPU: Gluon does not run in the CPU
-interpreter. The compile check runs anywhere: it builds the kernels for sm_90 without a GPU."""
+interpreter. The compile checks run anywhere: they build kernels for sm_90 without a GPU."""
 
 import ast
 import os
