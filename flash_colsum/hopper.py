@@ -348,9 +348,7 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
     block_b, stages, a_in_regs = config or _config(p.head_dim, columns=True)
     n_chunks = p.heads // heads_per_chunk
     out = utils.new_output((p.batch, n_chunks, p.k_len), query.device)
-    # base-2 LSE, padded with +inf (weight 0) to whole tiles of block_b rows per head
-    lse2 = torch.full((p.batch, p.heads, cdiv(p.n_rows, block_b) * block_b), float("inf"), device=query.device)
-    torch.mul(lse, LOG2E, out=lse2[..., :p.n_rows])
+    lse2 = utils.padded_lse2(lse, cdiv(p.n_rows, block_b) * block_b)  # whole row tiles per head
     n_a_blocks = cdiv(p.k_len, BLOCK_ROWS)
     grid = (p.batch * n_chunks * n_a_blocks,)
     _stream_kernel[grid](

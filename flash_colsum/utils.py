@@ -266,6 +266,15 @@ def drop_rows(lse: torch.Tensor, row_keep, p: Problem) -> torch.Tensor:
     return lse.masked_fill(~row_keep[:, None, p.row_start : p.row_end], float("inf"))
 
 
+def padded_lse2(lse: torch.Tensor, length: int) -> torch.Tensor:
+    """The selected rows' (B, H, n_rows) natural-log LSE in base 2, float32 (B, H, length): lse *
+    log2(e), then +inf (weight 0) up to ``length``. Pass 2 then loads whole row tiles of it with no
+    mask and no multiply per tile."""
+    out = torch.full((*lse.shape[:-1], length), float("inf"), dtype=torch.float32, device=lse.device)
+    torch.mul(lse, 1.4426950408889634, out=out[..., : lse.shape[-1]])
+    return out
+
+
 def new_output(shape, device) -> torch.Tensor:
     """Allocate a float32 result that a kernel fully overwrites (tests swap in a NaN-filled one)."""
     return torch.empty(shape, device=device, dtype=torch.float32)
