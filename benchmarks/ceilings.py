@@ -6,9 +6,10 @@ units, not the tensor cores, limit softmax-like kernels at small head dims), the
 and reading Q and K once per pass. `pct_of_floor` = floor / measured time says how much of the
 hardware a kernel uses; it is a bound, not a target that can be reached.
 
-The serial model (`model_ms`) is what the H100 does instead (benchmarks/NOTES.md v11): the
-exponentials and the tensor-core work of a tile do not overlap, so a pass costs their sum. Both run
-at the SM clock, an H100 SM doing 4096 dense fp16/bf16 FLOP per clock against 16 exp2, so the matmul
+The serial model (`model_ms`) is what the H100 does instead (benchmarks/NOTES.md v11): a pass
+costs as if the exponentials and the tensor-core work of a tile did not overlap. The reason (v13,
+`python -m benchmarks.power`): with both busy the card runs at its 700 W cap and lowers its clock,
+so a pass costs energy per score, which grows with both terms. Both are priced at the SM clock, an H100 SM doing 4096 dense fp16/bf16 FLOP per clock against 16 exp2, so the matmul
 is priced at 256x the measured exp2 rate and a score costs (1 + K / 128) exp2-times per pass, K
 being the head dim the matmul computes. Our two passes reach 95-103% of it at the large non-causal
 points (FlashAttention-3's published forward numbers reach ~93% of the same model), so

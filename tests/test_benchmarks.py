@@ -77,3 +77,12 @@ def test_demo_run(tmp_path):
         flash = [r for r in csv.DictReader(f) if r["method"] == "flash_colsum"]
     assert flash and all(float(r["ms"]) > 0 for r in flash)
     assert len(rows) >= 2 * len(flash)
+
+
+def test_power_sample_parsing():
+    """benchmarks.power reads nvidia-smi's clock, power and throttle-reason bits."""
+    from benchmarks.power import parse_sample
+
+    assert parse_sample("1815 MHz, 705.14 W, 0x0000000000000004") == (1815.0, 705.14, ["sw_power_cap"])
+    assert parse_sample("1980 MHz, 579.0 W, 0x0000000000000000") == (1980.0, 579.0, [])
+    assert parse_sample(" 1560 MHz , 701 W , 0x0000000000000024") == (1560.0, 701.0, ["sw_power_cap", "sw_thermal"])
