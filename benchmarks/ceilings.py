@@ -9,11 +9,12 @@ hardware a kernel uses; it is a bound, not a target that can be reached.
 The serial model (`model_ms`) is what the H100 does instead (benchmarks/NOTES.md v11): a pass
 costs as if the exponentials and the tensor-core work of a tile did not overlap. The reason (v13,
 `python -m benchmarks.power`): with both busy the card runs at its 700 W cap and lowers its clock,
-so a pass costs energy per score, which grows with both terms. Both are priced at the SM clock, an H100 SM doing 4096 dense fp16/bf16 FLOP per clock against 16 exp2, so the matmul
-is priced at 256x the measured exp2 rate and a score costs (1 + K / 128) exp2-times per pass, K
-being the head dim the matmul computes. Our two passes reach 95-103% of it at the large non-causal
-points (FlashAttention-3's published forward numbers reach ~93% of the same model), so
-`pct_of_model` says how far from that hardware behaviour a point is, where `pct_of_floor` cannot.
+so a pass costs energy per score, which grows with both terms. Both are priced at the SM clock, an
+H100 SM doing 4096 dense fp16/bf16 FLOP per clock against 16 exp2, so the matmul is priced at 256x
+the measured exp2 rate and a score costs (1 + K / 128) exp2-times per pass, K being the head dim the
+matmul computes. Our two passes reach 95-103% of it at the large non-causal points
+(FlashAttention-3's published forward numbers reach ~93% of the same model), so `pct_of_model`
+says how far from that hardware behaviour a point is, where `pct_of_floor` cannot.
 """
 
 from __future__ import annotations

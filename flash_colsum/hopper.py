@@ -36,12 +36,11 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from . import utils
-from .utils import Problem, cdiv, head_dim_blocks
+from .utils import LOG2E, Problem, cdiv, head_dim_blocks
 
 # TMA's global-to-shared copy: async_load from Triton 3.7 on (the old name raises there), the old name before.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
-LOG2E = 1.4426950408889634
 _LN2 = gl.constexpr(0.6931471805599453)
 _LOG2E = gl.constexpr(LOG2E)
 

@@ -32,10 +32,9 @@ import triton
 import triton.language as tl
 
 from . import utils
-from .utils import Problem, cdiv, head_dim_blocks, interpreting
+from .utils import LOG2E, Problem, cdiv, head_dim_blocks, interpreting
 
-LOG2E = 1.4426950408889634  # log2(e)
-_LOG2E = tl.constexpr(LOG2E)  # the same, usable inside kernels
+_LOG2E = tl.constexpr(LOG2E)  # log2(e), usable inside kernels
 _LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = 1.4426950408889634  # log2(e): the kernels work in base 2
 BACKENDS = ("auto", "triton", "torch")
 MAX_TRITON_HEAD_DIM = 256
 
@@ -271,7 +272,7 @@ def padded_lse2(lse: torch.Tensor, length: int) -> torch.Tensor:
     log2(e), then +inf (weight 0) up to ``length``. Pass 2 then loads whole row tiles of it with no
     mask and no multiply per tile."""
     out = torch.full((*lse.shape[:-1], length), float("inf"), dtype=torch.float32, device=lse.device)
-    torch.mul(lse, 1.4426950408889634, out=out[..., : lse.shape[-1]])
+    torch.mul(lse, LOG2E, out=out[..., : lse.shape[-1]])
     return out
 
 
