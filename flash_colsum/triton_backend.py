@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 
 import torch
@@ -204,8 +205,8 @@ def _row_block_kernel(
     stride_ls, stride_lb, stride_lh, stride_lm, stride_lp, n_lse_parts,
     stride_or, stride_ob, stride_oh, stride_on,
     stride_sb, stride_sh, stride_sm,
-    BH, H, GROUP, causal_offset, Sk, D: tl.constexpr, row_start, row_end, n_row_blocks, keys_per_split, qk_scale,
-    out_scale, COLUMNS: tl.constexpr, FUSED: tl.constexpr, LSE_PARTS: tl.constexpr, USE_MAX: tl.constexpr,
+    BH, H, GROUP, causal_offset, Sk, row_start, row_end, n_row_blocks, keys_per_split, qk_scale, out_scale,
+    D: tl.constexpr, COLUMNS: tl.constexpr, FUSED: tl.constexpr, LSE_PARTS: tl.constexpr, USE_MAX: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SPLIT: tl.constexpr, STORE_SCORES: tl.constexpr,
     STRIDE_UNIT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
@@ -435,16 +436,77 @@ def _sm_count(device: torch.device) -> int:
 # (~20-30 us each on the lent H100's host), so a split is worth it only when a program's share of
 # the keys would run longer than that: 4096 keys x 64-128 rows is ~10-15 us of GPU time.
 MIN_KEYS_PER_SPLIT = 4096
+# Splits make whole waves: a grid of 2.06 waves runs its last programs nearly alone, so it takes
+# about three waves' time (causal Sq=128, Sk=262144, pass 2: 544 programs on 264 slots 0.918 ms,
+# 512 programs 0.773 ms; benchmarks/NOTES.md v14). A grid is whole enough when its last wave is
+# at least this full.
+WAVE_FILL = 0.9
 
 
-def _key_splits(p: Problem, n_programs: int, block_n: int, device: torch.device) -> int:
-    """Keys per split for pass 1: split long key ranges until the grid fills the GPU (flash-decoding)."""
-    if device.type == "cpu":  # the interpreter
-        target, min_keys = 16, 2 * block_n  # small enough that the CPU tests take the split path too
+def _key_splits(p: Problem, n_programs: int, block_n: int, device: torch.device, slots: int | None = None) -> int:
+    """Keys per split for the row-stationary kernel: long key ranges split among programs
+    (flash-decoding) until the grid fills the GPU's ``slots`` (programs resident at once; default
+    four per SM) in whole waves."""
+    if device.type == "cpu":  # the interpreter: small enough that the CPU tests take the split path too
+        n_splits = max(1, min(cdiv(16, n_programs), cdiv(p.k_len, 2 * block_n)))
     else:
-        target, min_keys = 4 * _sm_count(device), MIN_KEYS_PER_SPLIT
-    n_splits = max(1, min(cdiv(target, n_programs), cdiv(p.k_len, min_keys)))
+        slots = slots or 4 * _sm_count(device)
+        n_splits = _whole_waves(n_programs, slots, cdiv(p.k_len, MIN_KEYS_PER_SPLIT))
     return cdiv(cdiv(p.k_len, n_splits), block_n) * block_n
+
+
+def _whole_waves(n_programs: int, slots: int, max_splits: int) -> int:
+    """The fewest splits (up to max_splits) whose grid of n_programs * splits fills its last wave of
+    ``slots`` programs to WAVE_FILL, else the best-filled; none for grids of four waves or more."""
+    if n_programs >= 4 * slots:
+        return 1
+    best, best_fill = 1, 0.0
+    for splits in range(1, max_splits + 1):
+        waves = n_programs * splits / slots
+        fill = waves / math.ceil(waves)
+        if fill >= WAVE_FILL:
+            return splits
+        if fill > best_fill:
+            best, best_fill = splits, fill
+        if waves >= 8:
+            break
+    return best
+
+
+def _int_class(value) -> int:
+    """What Triton's specialization sees of an integer argument: 1, a multiple of 16, or neither."""
+    return 1 if value == 1 else 16 if value % 16 == 0 else 17
+
+
+_SLOTS: dict = {}
+
+
+def _resident_slots(tensors: list, ints: list, floats: list, meta: dict, device: torch.device) -> int:
+    """Row-stationary programs that run at once on the GPU for a launch, from the registers and
+    shared memory of its compiled kernel. Cached per specialization (the tensors' dtypes, each
+    integer's class), not per shape: the split count, and with it the result's bits, is a function
+    of the call alone, and a decoding loop whose key length grows each step compiles nothing new."""
+    classes = tuple(map(_int_class, ints))
+    cache_key = (device, *(t.dtype for t in tensors), classes, *meta.items())
+    slots = _SLOTS.get(cache_key)
+    if slots is None:
+        kernel = _row_block_kernel.warmup(*(t.dtype for t in tensors), *classes, *floats, grid=(1,), **meta)
+        slots = _SLOTS[cache_key] = _sm_count(device) * _resident_programs(kernel, device)
+    return slots
+
+
+def _resident_programs(kernel, device: torch.device) -> int:
+    """Programs of a compiled kernel that one SM holds at once: the least of what its registers
+    (allocated per warp in units of 256), shared memory (1 KiB reserved per program) and threads allow."""
+    kernel._init_handles()  # loads the module, which sets n_regs
+    props = torch.cuda.get_device_properties(device)
+    warps = kernel.metadata.num_warps
+    regs_per_warp = cdiv(max(kernel.n_regs, 1) * 32, 256) * 256
+    by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (regs_per_warp * warps)
+    smem = getattr(props, "shared_memory_per_multiprocessor", 0) or 228 * 1024
+    by_smem = smem // (kernel.metadata.shared + 1024)
+    by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * warps)
+    return max(1, min(by_regs, by_smem, by_threads))
 
 
 def _qk_strides(query: torch.Tensor, key: torch.Tensor) -> tuple[tuple, int]:
@@ -474,38 +536,47 @@ def _launch_row_blocks(query, key, p: Problem, rows: range, cfg: dict, lse, out,
     the scaled scores into ``scores`` (B, H, rows, Sk) when given; both passes, no LSE in or out,
     when ``fused``)."""
     n_row_blocks = cdiv(len(rows), cfg["BLOCK_M"])
-    if fused:  # each program needs all the keys of its rows
-        keys_per_split = cdiv(p.k_len, cfg["BLOCK_N"]) * cfg["BLOCK_N"]
-    else:
-        keys_per_split = _key_splits(p, p.batch * p.heads * n_row_blocks, cfg["BLOCK_N"], query.device)
-    n_splits = cdiv(p.k_len, keys_per_split)
-    if out is None:
-        lse = utils.new_output((n_splits, p.batch, p.heads, len(rows)), query.device)
     lse_parts = out is not None and not fused and lse.dim() == 4  # pass 1's key-split partials
-    if fused:
-        lse, lse_strides = out, (0, 0, 0, 0, 0, 1)  # unused
-    elif out is None:
-        lse_strides = (*lse.stride(), 0, 1)
-    elif lse_parts:
-        lse_strides = (0, *lse.stride()[1:], lse.stride(0), lse.shape[0])
-    else:
-        lse_strides = (0, *lse.stride(), 0, 1)
     keep = key if key_keep is None else key_keep.view(torch.uint8)  # K is a dummy pointer when unused
     keep_strides = (0, 0) if key_keep is None else keep.stride()
-    out_arg, out_strides = (lse, (0, 0, 0, 0)) if out is None else (out, out.stride())
     qk_strides, unit = _qk_strides(query, key)
-    scores_arg, scores_strides = (lse, (0, 0, 0)) if scores is None else (scores, scores.stride()[:3])
-    grid = (n_splits * p.batch * p.heads * n_row_blocks,)
+
+    def launch_args(lse, keys_per_split: int) -> tuple[list, list, list]:
+        if fused:
+            lse_strides = (0, 0, 0, 0, 0, 1)  # unused
+        elif out is None:
+            lse_strides = (*lse.stride(), 0, 1)
+        elif lse_parts:
+            lse_strides = (0, *lse.stride()[1:], lse.stride(0), lse.shape[0])
+        else:
+            lse_strides = (0, *lse.stride(), 0, 1)
+        out_arg, out_strides = (lse, (0, 0, 0, 0)) if out is None else (out, out.stride())
+        scores_arg, scores_strides = (lse, (0, 0, 0)) if scores is None else (scores, scores.stride()[:3])
+        tensors = [query, key, keep, lse, out_arg, scores_arg]
+        return tensors, [*qk_strides, *keep_strides, *lse_strides, *out_strides, *scores_strides,
+                         p.batch * p.heads, p.heads, p.group, p.causal_offset, p.k_len, rows.start, rows.stop,
+                         n_row_blocks, keys_per_split], [p.scale * LOG2E, out_scale]
+
+    meta = dict(D=p.head_dim, COLUMNS=out is not None, FUSED=fused, LSE_PARTS=lse_parts, USE_MAX=use_max, CAUSAL=p.causal,
+                HAS_KEY_MASK=key_keep is not None, STORE_SCORES=scores is not None, STRIDE_UNIT=unit,
+                **_dot_flags(query.dtype), **cfg)
     with _on_device(query):
-        _row_block_kernel[grid](
-            query, key, keep, lse, out_arg, scores_arg,
-            *qk_strides, *keep_strides, *lse_strides, *out_strides, *scores_strides,
-            p.batch * p.heads, p.heads, p.group, p.causal_offset, p.k_len, p.head_dim, rows.start, rows.stop,
-            n_row_blocks, keys_per_split, p.scale * LOG2E, out_scale,
-            COLUMNS=out is not None, FUSED=fused, LSE_PARTS=lse_parts, USE_MAX=use_max, CAUSAL=p.causal,
-            HAS_KEY_MASK=key_keep is not None, SPLIT=n_splits > 1, STORE_SCORES=scores is not None, STRIDE_UNIT=unit,
-            **_dot_flags(query.dtype), **cfg,
-        )
+        if fused:  # each program needs all the keys of its rows
+            keys_per_split = cdiv(p.k_len, cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+        else:
+            slots = None
+            if query.is_cuda and p.k_len > MIN_KEYS_PER_SPLIT:  # a split is possible: fill whole waves
+                like_lse = lse if out is not None else torch.empty((1, p.batch, p.heads, len(rows)), device="meta")
+                slots = _resident_slots(*launch_args(like_lse, cfg["BLOCK_N"]), dict(meta, SPLIT=True), query.device)
+            keys_per_split = _key_splits(p, p.batch * p.heads * n_row_blocks, cfg["BLOCK_N"], query.device, slots)
+        n_splits = cdiv(p.k_len, keys_per_split)
+        if fused:
+            lse = out
+        elif out is None:
+            lse = utils.new_output((n_splits, p.batch, p.heads, len(rows)), query.device)
+        grid = (n_splits * p.batch * p.heads * n_row_blocks,)
+        tensors, ints, floats = launch_args(lse, keys_per_split)
+        _row_block_kernel[grid](*tensors, *ints, *floats, SPLIT=n_splits > 1, **meta)
     return lse
 
 

@@ -145,6 +145,59 @@ def test_long_keys_few_rows(backend, device, causal, pass2_layout):
         assert rel_l2(out, reference(q, k, is_causal=causal)) <= TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("n_programs,slots,max_splits,splits", [
+    (64, 396, 64, 6),    # causal Sq=128 Sk=262144 D=128 pass 1 on an H100: 384 of 396 slots, not 576 (1.45 waves)
+    (32, 264, 64, 8),    # its pass 2: 256 of 264, not 544 (2.06 waves)
+    (128, 264, 16, 2),   # causal Sq=512 Sk=65536: 256, not 640
+    (16, 396, 16, 16),   # too few keys to fill the GPU: the most splits allowed
+    (64, 396, 4, 4),
+    (300, 264, 64, 4),   # over a wave: 1200 programs fill 4.5 waves' worth better than 300 do 2
+    (2000, 264, 64, 1),  # four waves or more: no split
+    (10, 264, 1, 1),     # one split allowed
+])
+def test_key_splits_fill_whole_waves(n_programs, slots, max_splits, splits):
+    from flash_colsum.triton_backend import WAVE_FILL, _whole_waves
+
+    assert _whole_waves(n_programs, slots, max_splits) == splits
+    waves = n_programs * splits / slots
+    assert splits == max_splits or n_programs >= 4 * slots or waves / math.ceil(waves) >= WAVE_FILL
+
+
+def test_integer_classes():
+    """Integers map to what Triton specializes them on (1, multiples of 16, others): the cache of
+    resident programs is keyed by these, not by shapes."""
+    from flash_colsum.triton_backend import _int_class
+
+    assert [_int_class(v) for v in (1, 0, 32, 33, 4096 + 8, 2**31 + 16)] == [1, 16, 16, 17, 17, 16]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the driver's occupancy calculator)")
+def test_resident_programs_match_the_driver():
+    """The splits' slots count programs per SM as the CUDA driver's occupancy calculator does."""
+    import ctypes
+
+    from flash_colsum import triton_backend as tb
+    from flash_colsum.utils import make_problem
+
+    libcuda = ctypes.CDLL("libcuda.so.1")
+    for d, sq in ((128, 128), (128, 512), (64, 128)):
+        q, k = make_qk(1, 4, 4, sq, 2 * tb.MIN_KEYS_PER_SPLIT + 1000, d, torch.float16, "cuda")
+        tb._SLOTS.clear()
+        lse = tb.row_lse(q, k, make_problem(q, k, None, True, "triton"), combine=False)
+        assert torch.isfinite(lse).any()
+        assert tb._SLOTS
+        for cache_key in tb._SLOTS:  # (device, six tensor dtypes, integer classes, *meta items)
+            kernel = tb._row_block_kernel.warmup(*cache_key[1:7], *cache_key[7], 1.0, 1.0, grid=(1,),
+                                                 **dict(cache_key[8:]))
+            kernel._init_handles()
+            blocks = ctypes.c_int()
+            err = libcuda.cuOccupancyMaxActiveBlocksPerMultiprocessor(
+                ctypes.byref(blocks), ctypes.c_void_p(kernel.function), kernel.metadata.num_warps * 32,
+                ctypes.c_size_t(kernel.metadata.shared))
+            assert err == 0
+            assert tb._resident_programs(kernel, q.device) == blocks.value, (d, sq, kernel.n_regs, kernel.metadata.shared)
+
+
 @pytest.mark.parametrize("row_width", [72, 73, 76], ids=["aligned", "odd", "8-byte"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 def test_strides_in_16_byte_units(dtype, row_width):
