@@ -478,20 +478,29 @@ def _int_class(value) -> int:
     return 1 if value == 1 else 16 if value % 16 == 0 else 17
 
 
-_SLOTS: dict = {}
+_SLOTS: dict = {}  # by specialization: (device, dtypes, integer classes, constexprs) -> slots
+_SLOTS_BY_CALL: dict = {}  # the same by the integers themselves: a cheaper key for repeated shapes
 
 
-def _resident_slots(tensors: list, ints: list, floats: list, meta: dict, device: torch.device) -> int:
-    """Row-stationary programs that run at once on the GPU for a launch, from the registers and
-    shared memory of its compiled kernel. Cached per specialization (the tensors' dtypes, each
+def _resident_slots(dtypes: tuple, ints: list, floats: list, meta: dict, device: torch.device) -> int:
+    """Row-stationary programs that run at once on the GPU for a launch (Q's, K's and the key mask's
+    dtypes; the integer and float arguments; the constexprs but SPLIT), from the registers and shared
+    memory of its compiled kernel with SPLIT=True. Cached per specialization (the dtypes, each
     integer's class), not per shape: the split count, and with it the result's bits, is a function
     of the call alone, and a decoding loop whose key length grows each step compiles nothing new."""
-    classes = tuple(map(_int_class, ints))
-    cache_key = (device, *(t.dtype for t in tensors), classes, *meta.items())
-    slots = _SLOTS.get(cache_key)
+    call_key = (device, *dtypes, *ints, *meta.values())
+    slots = _SLOTS_BY_CALL.get(call_key)
     if slots is None:
-        kernel = _row_block_kernel.warmup(*(t.dtype for t in tensors), *classes, *floats, grid=(1,), **meta)
-        slots = _SLOTS[cache_key] = _sm_count(device) * _resident_programs(kernel, device)
+        classes = tuple(map(_int_class, ints))
+        cache_key = (device, *dtypes, classes, *meta.items())
+        slots = _SLOTS.get(cache_key)
+        if slots is None:
+            kernel = _row_block_kernel.warmup(*dtypes, torch.float32, torch.float32, torch.float32, *classes, *floats,
+                                              SPLIT=True, grid=(1,), **meta)
+            slots = _SLOTS[cache_key] = _sm_count(device) * _resident_programs(kernel, device)
+        if len(_SLOTS_BY_CALL) > 4096:
+            _SLOTS_BY_CALL.clear()
+        _SLOTS_BY_CALL[call_key] = slots
     return slots
 
 
@@ -540,23 +549,19 @@ def _launch_row_blocks(query, key, p: Problem, rows: range, cfg: dict, lse, out,
     keep = key if key_keep is None else key_keep.view(torch.uint8)  # K is a dummy pointer when unused
     keep_strides = (0, 0) if key_keep is None else keep.stride()
     qk_strides, unit = _qk_strides(query, key)
-
-    def launch_args(lse, keys_per_split: int) -> tuple[list, list, list]:
-        if fused:
-            lse_strides = (0, 0, 0, 0, 0, 1)  # unused
-        elif out is None:
-            lse_strides = (*lse.stride(), 0, 1)
-        elif lse_parts:
-            lse_strides = (0, *lse.stride()[1:], lse.stride(0), lse.shape[0])
-        else:
-            lse_strides = (0, *lse.stride(), 0, 1)
-        out_arg, out_strides = (lse, (0, 0, 0, 0)) if out is None else (out, out.stride())
-        scores_arg, scores_strides = (lse, (0, 0, 0)) if scores is None else (scores, scores.stride()[:3])
-        tensors = [query, key, keep, lse, out_arg, scores_arg]
-        return tensors, [*qk_strides, *keep_strides, *lse_strides, *out_strides, *scores_strides,
-                         p.batch * p.heads, p.heads, p.group, p.causal_offset, p.k_len, rows.start, rows.stop,
-                         n_row_blocks, keys_per_split], [p.scale * LOG2E, out_scale]
-
+    if fused:
+        lse_strides = (0, 0, 0, 0, 0, 1)  # unused
+    elif out is None:  # of the (splits, B, H, rows) output allocated below
+        lse_strides = (p.batch * p.heads * len(rows), p.heads * len(rows), len(rows), 1, 0, 1)
+    elif lse_parts:
+        lse_strides = (0, *lse.stride()[1:], lse.stride(0), lse.shape[0])
+    else:
+        lse_strides = (0, *lse.stride(), 0, 1)
+    out_strides = (0, 0, 0, 0) if out is None else out.stride()
+    scores_strides = (0, 0, 0) if scores is None else scores.stride()[:3]
+    ints = [*qk_strides, *keep_strides, *lse_strides, *out_strides, *scores_strides, p.batch * p.heads, p.heads,
+            p.group, p.causal_offset, p.k_len, rows.start, rows.stop, n_row_blocks]  # then keys_per_split
+    floats = [p.scale * LOG2E, out_scale]
     meta = dict(D=p.head_dim, COLUMNS=out is not None, FUSED=fused, LSE_PARTS=lse_parts, USE_MAX=use_max, CAUSAL=p.causal,
                 HAS_KEY_MASK=key_keep is not None, STORE_SCORES=scores is not None, STRIDE_UNIT=unit,
                 **_dot_flags(query.dtype), **cfg)
@@ -566,17 +571,18 @@ def _launch_row_blocks(query, key, p: Problem, rows: range, cfg: dict, lse, out,
         else:
             slots = None
             if query.is_cuda and p.k_len > MIN_KEYS_PER_SPLIT:  # a split is possible: fill whole waves
-                like_lse = lse if out is not None else torch.empty((1, p.batch, p.heads, len(rows)), device="meta")
-                slots = _resident_slots(*launch_args(like_lse, cfg["BLOCK_N"]), dict(meta, SPLIT=True), query.device)
+                slots = _resident_slots((query.dtype, key.dtype, keep.dtype), [*ints, cfg["BLOCK_N"]], floats, meta,
+                                        query.device)
             keys_per_split = _key_splits(p, p.batch * p.heads * n_row_blocks, cfg["BLOCK_N"], query.device, slots)
         n_splits = cdiv(p.k_len, keys_per_split)
         if fused:
             lse = out
         elif out is None:
             lse = utils.new_output((n_splits, p.batch, p.heads, len(rows)), query.device)
+        # LSE, OUT and SCORES are float32; unused ones alias the LSE
         grid = (n_splits * p.batch * p.heads * n_row_blocks,)
-        tensors, ints, floats = launch_args(lse, keys_per_split)
-        _row_block_kernel[grid](*tensors, *ints, *floats, SPLIT=n_splits > 1, **meta)
+        _row_block_kernel[grid](query, key, keep, lse, lse if out is None else out, lse if scores is None else scores,
+                                *ints, keys_per_split, *floats, SPLIT=n_splits > 1, **meta)
     return lse
 
 

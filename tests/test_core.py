@@ -183,12 +183,13 @@ def test_resident_programs_match_the_driver():
     for d, sq in ((128, 128), (128, 512), (64, 128)):
         q, k = make_qk(1, 4, 4, sq, 2 * tb.MIN_KEYS_PER_SPLIT + 1000, d, torch.float16, "cuda")
         tb._SLOTS.clear()
+        tb._SLOTS_BY_CALL.clear()
         lse = tb.row_lse(q, k, make_problem(q, k, None, True, "triton"), combine=False)
         assert torch.isfinite(lse).any()
         assert tb._SLOTS
-        for cache_key in tb._SLOTS:  # (device, six tensor dtypes, integer classes, *meta items)
-            kernel = tb._row_block_kernel.warmup(*cache_key[1:7], *cache_key[7], 1.0, 1.0, grid=(1,),
-                                                 **dict(cache_key[8:]))
+        for cache_key in tb._SLOTS:  # (device, Q/K/mask dtypes, integer classes, *constexpr items)
+            kernel = tb._row_block_kernel.warmup(*cache_key[1:4], *[torch.float32] * 3, *cache_key[4], 1.0, 1.0,
+                                                 SPLIT=True, grid=(1,), **dict(cache_key[5:]))
             kernel._init_handles()
             blocks = ctypes.c_int()
             err = libcuda.cuOccupancyMaxActiveBlocksPerMultiprocessor(
