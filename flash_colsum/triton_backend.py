@@ -460,8 +460,12 @@ def _whole_waves(n_programs: int, slots: int, max_splits: int) -> int:
     ``slots`` programs to WAVE_FILL, else the best-filled; none for grids of four waves or more."""
     if n_programs >= 4 * slots:
         return 1
-    best, best_fill = 1, 0.0
-    for splits in range(1, max_splits + 1):
+    # Fewer splits than this fill less than WAVE_FILL of a single wave, the fewer the emptier.
+    first = math.ceil(WAVE_FILL * slots / n_programs)
+    if first >= max_splits:
+        return max_splits
+    best, best_fill = first, 0.0
+    for splits in range(first, max_splits + 1):
         waves = n_programs * splits / slots
         fill = waves / math.ceil(waves)
         if fill >= WAVE_FILL:
