@@ -478,7 +478,9 @@ def _whole_waves(n_programs: int, slots: int, max_splits: int) -> int:
 
 
 def _int_class(value) -> int:
-    """What Triton's specialization sees of an integer argument: 1, a multiple of 16, or neither."""
+    """What Triton's specialization sees of an integer argument: 1, a multiple of 16, or neither.
+    (Values past 32 bits, which Triton passes as 64-bit, are classed as 32-bit ones: the occupancy
+    estimate then comes from a kernel that differs only in its address arithmetic.)"""
     return 1 if value == 1 else 16 if value % 16 == 0 else 17
 
 
