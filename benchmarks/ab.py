@@ -9,6 +9,8 @@ a point names a switch, with it on and off, checking that both give the same res
   fused:     small calls in one launch as the library chooses ("on"), never ("off") or wherever the
              result layout allows ("forced").
   scores:    few rows from pass 1's stored scores as the library chooses ("on") or never ("off").
+  waves:     key splits that fill whole waves of resident programs ("on") or v13's rule, cdiv(4 * SMs,
+             programs) splits ("off"; NOTES.md v14).
 """
 
 import argparse
@@ -21,7 +23,7 @@ from triton.testing import do_bench
 from benchmarks.benchmark_colsum import write_csv
 from flash_colsum import flash_colsum
 from flash_colsum import triton_backend as tb
-from flash_colsum.utils import make_problem
+from flash_colsum.utils import cdiv, make_problem
 
 POINTS = [  # (B, H, Sq, Sk, D, causal, switch)
     (1, 16, 16384, 16384, 64, False, "fast"),
@@ -51,12 +53,23 @@ POINTS = [  # (B, H, Sq, Sk, D, causal, switch)
     (1, 32, 1, 16384, 128, True, "scores"),
     (8, 32, 1, 32768, 128, True, "scores"),
     (1, 16, 4, 262144, 64, False, "scores"),
+    (1, 32, 128, 262144, 128, True, "waves"),
+    (1, 32, 512, 65536, 128, True, "waves"),
+    (1, 32, 256, 65536, 128, True, "waves"),
+    (1, 32, 32, 262144, 128, False, "waves"),
+    (1, 16, 128, 65536, 64, False, "waves"),
 ]
+
+
+def _v13_key_splits(p, n_programs, block_n, device, slots=None):
+    """v13's rule: cdiv(4 * SMs, programs) splits, at most one per MIN_KEYS_PER_SPLIT keys."""
+    n_splits = max(1, min(cdiv(4 * tb._sm_count(device), n_programs), cdiv(p.k_len, tb.MIN_KEYS_PER_SPLIT)))
+    return cdiv(cdiv(p.k_len, n_splits), block_n) * block_n
 
 
 # Each state other than "on" swaps one decision of the back end for a fixed answer.
 STATES = {"row_stat": ("on", "off", "forced"), "fast": ("on", "off"), "fused": ("on", "off", "forced"),
-          "scores": ("on", "off")}
+          "scores": ("on", "off"), "waves": ("on", "off")}
 REPLACEMENTS = {
     ("row_stat", "off"): ("_use_row_stationary", lambda n_rows, block_m: False),
     ("row_stat", "forced"): ("_use_row_stationary", lambda n_rows, block_m: True),
@@ -64,6 +77,7 @@ REPLACEMENTS = {
     ("fused", "off"): ("_use_fused", lambda *args: False),
     ("fused", "forced"): ("_use_fused", lambda *args: True),
     ("scores", "off"): ("_keeps_scores", lambda p: False),
+    ("waves", "off"): ("_key_splits", _v13_key_splits),
 }
 
 
