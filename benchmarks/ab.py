@@ -11,6 +11,8 @@ a point names a switch, with it on and off, checking that both give the same res
   scores:    few rows from pass 1's stored scores as the library chooses ("on") or never ("off").
   waves:     key splits that fill whole waves of resident programs ("on") or v13's rule, cdiv(4 * SMs,
              programs) splits ("off"; NOTES.md v14).
+  fused_fast: small calls in one Hopper launch (hopper.fused_columns) as the library chooses ("on"),
+             never (the portable fused kernel, "off") or at any size ("forced").
 """
 
 import argparse
@@ -58,6 +60,16 @@ POINTS = [  # (B, H, Sq, Sk, D, causal, switch)
     (1, 32, 256, 65536, 128, True, "waves"),
     (1, 32, 32, 262144, 128, False, "waves"),
     (1, 16, 128, 65536, 64, False, "waves"),
+    (1, 16, 1024, 1024, 64, False, "fused_fast"),
+    (2, 16, 1024, 1024, 64, False, "fused_fast"),
+    (4, 16, 1024, 1024, 64, False, "fused_fast"),
+    (8, 16, 1024, 1024, 64, False, "fused_fast"),
+    (16, 16, 1024, 1024, 64, False, "fused_fast"),
+    (1, 16, 2048, 2048, 64, False, "fused_fast"),
+    (1, 16, 4096, 4096, 64, False, "fused_fast"),
+    (8, 16, 1024, 1024, 72, False, "fused_fast"),
+    (8, 16, 1024, 1024, 128, False, "fused_fast"),
+    (1, 32, 2048, 2048, 128, False, "fused_fast"),
 ]
 
 
@@ -69,7 +81,7 @@ def _v13_key_splits(p, n_programs, block_n, device, slots=None):
 
 # Each state other than "on" swaps one decision of the back end for a fixed answer.
 STATES = {"row_stat": ("on", "off", "forced"), "fast": ("on", "off"), "fused": ("on", "off", "forced"),
-          "scores": ("on", "off"), "waves": ("on", "off")}
+          "scores": ("on", "off"), "waves": ("on", "off"), "fused_fast": ("on", "off", "forced")}
 REPLACEMENTS = {
     ("row_stat", "off"): ("_use_row_stationary", lambda n_rows, block_m: False),
     ("row_stat", "forced"): ("_use_row_stationary", lambda n_rows, block_m: True),
@@ -78,6 +90,8 @@ REPLACEMENTS = {
     ("fused", "forced"): ("_use_fused", lambda *args: True),
     ("scores", "off"): ("_keeps_scores", lambda p: False),
     ("waves", "off"): ("_key_splits", _v13_key_splits),
+    ("fused_fast", "off"): ("FUSED_FAST_PATH_MIN_SCORES", 2**62),
+    ("fused_fast", "forced"): ("FUSED_FAST_PATH_MIN_SCORES", 0),
 }
 
 

@@ -2,7 +2,7 @@
 count its global loads: scalar `ld.global.b16`, vector `ld.global.v4`, or pipelined `cp.async`.
 
     python -m benchmarks.inspect_ptx --d 72 [--unit 8] [--columns]
-    python -m benchmarks.inspect_ptx --gluon --d 64 [--columns]
+    python -m benchmarks.inspect_ptx --gluon --d 64 [--columns | --fused]
 
 --gluon compiles the Hopper kernel (flash_colsum.hopper) instead and prints what ptxas (shipped with
 Triton) reports: registers, spills, and warning C7514 if it serialized the asynchronous wgmmas
@@ -51,7 +51,7 @@ def compile_row_blocks(d: int, unit: int, columns: bool):
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
 
 
-def compile_gluon(d: int, columns: bool):
+def compile_gluon(d: int, columns: bool, fused: bool = False):
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -59,11 +59,11 @@ def compile_gluon(d: int, columns: bool):
 
     kernel = hopper._stream_kernel
     names = kernel.arg_names
-    block_b, stages, a_in_regs = hopper._config(d, columns)
+    block_b, stages, a_in_regs = (*hopper.FUSED_CONFIG, False) if fused else hopper._config(d, columns)
     block_d, block_d2 = head_dim_blocks(d)
     tiles = dict(a_desc=(hopper.BLOCK_ROWS, block_d), a2_desc=(hopper.BLOCK_ROWS, block_d2 or block_d),
                  b_desc=(block_b, block_d), b2_desc=(block_b, block_d2 or block_d))
-    values = dict(COLUMNS=columns, USE_MAX=False, STAGES=stages, HAS_TAIL=block_d2 > 0, A_IN_REGS=a_in_regs,
+    values = dict(COLUMNS=columns and not fused, FUSED=fused, USE_MAX=False, STAGES=stages, HAS_TAIL=block_d2 > 0, A_IN_REGS=a_in_regs,
                   num_warps=4)
     signature = {}
     for name in names:
@@ -98,9 +98,10 @@ def main():
     parser.add_argument("--unit", type=int, default=8, help="STRIDE_UNIT (8: 16-byte rows in fp16, 1: none)")
     parser.add_argument("--columns", action="store_true", help="pass-2 (COLUMNS) mode instead of pass 1")
     parser.add_argument("--gluon", action="store_true", help="the Hopper Gluon kernel; print ptxas's report")
+    parser.add_argument("--fused", action="store_true", help="with --gluon: both passes in one launch (FUSED)")
     args = parser.parse_args()
     if args.gluon:
-        print(ptxas_report(compile_gluon(args.d, args.columns).asm["ptx"]))
+        print(ptxas_report(compile_gluon(args.d, args.columns, args.fused).asm["ptx"]))
         return
     ptx = compile_row_blocks(args.d, args.unit, args.columns).asm["ptx"]
     print(dict(Counter(re.findall(r"ld\.global[\w.]*|cp\.async\.[\w.]*", ptx))))

@@ -15,6 +15,11 @@ S = A . B^T is [BLOCK_A, BLOCK_B]:
 - pass 2 (COLUMNS=True): A = keys, B = selected query rows of the chunk's heads, with their LSE
   (base 2, padded to whole tiles); each key's sum (or max) of exp(scale * s - lse) over those rows,
   float32 (B, n_chunks, Sk).
+- both passes (FUSED=True, for small calls): pass 1 as above, then, with the rows' LSE kept on chip,
+  the same key tiles stream past again as the A operand (two 64-key halves) against the stationary
+  rows as B, S^T = K . Q^T; each program writes its row block's column sums (maxima), float32
+  (B, H, row blocks, Sk). The ring runs on across the two phases: the first key tiles of the
+  second are in flight while the first ends.
 Head dims that are not a power of two load as a main block and a tail block (72 = 64 + 16), each a
 TMA box; columns past D arrive as zeros.
 
@@ -40,6 +45,8 @@ from .utils import LOG2E, Problem, cdiv, head_dim_blocks
 
 # TMA's global-to-shared copy: async_load from Triton 3.7 on (the old name raises there), the old name before.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+# A CTA-wide barrier: thread_barrier up to Triton 3.6, barrier from 3.7 on.
+_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 _LN2 = gl.constexpr(0.6931471805599453)
 _LOG2E = gl.constexpr(LOG2E)
@@ -108,6 +115,73 @@ def _load_rows(desc, desc2, row, bar, smem, smem2, pred, HAS_TAIL: gl.constexpr)
 
 
 @gluon.jit
+def _issue_keys(q_op, q2_op, k_smem, k2_smem, ready, t, start, zero, WAIT: gl.constexpr, STAGES: gl.constexpr,
+                HAS_TAIL: gl.constexpr, HALF: gl.constexpr):
+    """FUSED's second phase: start one 64-key half of ring tile t (from row ``start``) against the
+    stationary rows, [64, D] @ [D, BLOCK_A] -> [64, BLOCK_A] (after tile t lands, if WAIT)."""
+    if WAIT:
+        mbarrier.wait(ready.index(t % STAGES), (t // STAGES) & 1)
+    acc = warpgroup_mma(k_smem.index(t % STAGES).slice(start, HALF), q_op, zero, use_acc=False, is_async=True)
+    if HAS_TAIL:
+        acc = warpgroup_mma(k2_smem.index(t % STAGES).slice(start, HALF), q2_op, acc, is_async=True)
+    return acc
+
+
+@gluon.jit
+def _store_columns(s, lse2, out_base, stride_on, n0, Sk, qk_scale, out_scale, USE_MAX: gl.constexpr,
+                   HALF: gl.constexpr, layout: gl.constexpr):
+    """Store the column sums (maxima) of one [keys, rows] tile of raw scores, keys n0 onwards; lse2
+    is the rows' base-2 LSE (+inf past the selection: weight 0). Keys past Sk are dropped."""
+    p = gl.exp2(s * qk_scale - lse2[None, :])
+    if USE_MAX:
+        col = gl.max(p, axis=1)
+    else:
+        col = gl.sum(p, axis=1)
+    offs_n = n0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, layout))
+    gl.store(out_base + offs_n * stride_on, col * out_scale, mask=offs_n < Sk)
+
+
+@gluon.jit
+def _fused_columns(q_smem, q2_smem, k_smem, k2_smem, ready, lse2, out_base, stride_on, n_tiles, Sk, qk_scale,
+                   out_scale, USE_MAX: gl.constexpr, STAGES: gl.constexpr, HAS_TAIL: gl.constexpr,
+                   BLOCK_A: gl.constexpr, BLOCK_B: gl.constexpr, layout: gl.constexpr, k_desc, k2_desc, k_row0):
+    """FUSED's second phase: the n_tiles key tiles stream through the ring again (tiles n_tiles ...
+    2 * n_tiles - 1 of it, the first STAGES already in flight), each as two 64-key halves against the
+    stationary rows, [64, D] @ [D, BLOCK_A]; each half's column sums (maxima) go to out_base."""
+    HALF: gl.constexpr = BLOCK_B // 2
+    q_op = q_smem.permute((1, 0))  # [D, BLOCK_A]
+    q2_op = q2_smem.permute((1, 0))
+    zero = gl.zeros([HALF, BLOCK_A], gl.float32, layout=layout)
+    # As in the first phase: each half is issued one step ahead of its exponentials, and a tile's
+    # buffer is refilled once both its halves are done.
+    acc_lo = _issue_keys(q_op, q2_op, k_smem, k2_smem, ready, n_tiles, 0, zero, True, STAGES, HAS_TAIL, HALF)
+    for t in range(n_tiles - 1):
+        acc_hi = _issue_keys(q_op, q2_op, k_smem, k2_smem, ready, n_tiles + t, HALF, zero, False, STAGES, HAS_TAIL,
+                             HALF)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_lo, ))
+        _store_columns(s, lse2, out_base, stride_on, t * BLOCK_B, Sk, qk_scale, out_scale, USE_MAX, HALF, layout)
+        acc_lo = _issue_keys(q_op, q2_op, k_smem, k2_smem, ready, n_tiles + t + 1, 0, zero, True, STAGES, HAS_TAIL,
+                             HALF)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_hi, ))
+        slot = (n_tiles + t) % STAGES
+        _load_rows(k_desc, k2_desc, k_row0 + (t + STAGES) * BLOCK_B, ready.index(slot), k_smem.index(slot),
+                   k2_smem.index(slot), t + STAGES < n_tiles, HAS_TAIL)
+        _store_columns(s, lse2, out_base, stride_on, t * BLOCK_B + HALF, Sk, qk_scale, out_scale, USE_MAX, HALF,
+                       layout)
+    t = n_tiles - 1
+    if t >= 0:  # always; the else branch keeps ptxas from serializing the wgmmas (see _stream_kernel)
+        acc_hi = _issue_keys(q_op, q2_op, k_smem, k2_smem, ready, n_tiles + t, HALF, zero, False, STAGES, HAS_TAIL,
+                             HALF)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_lo, ))
+        _store_columns(s, lse2, out_base, stride_on, t * BLOCK_B, Sk, qk_scale, out_scale, USE_MAX, HALF, layout)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(acc_hi, ))
+        _store_columns(s, lse2, out_base, stride_on, t * BLOCK_B + HALF, Sk, qk_scale, out_scale, USE_MAX, HALF,
+                       layout)
+    else:
+        warpgroup_mma_wait(num_outstanding=0, deps=(acc_lo, ))
+
+
+@gluon.jit
 def _next_tile(head, tile, n_row_tiles):
     """(head, row tile) of the streamed tile after (head, tile): pass 2 streams the row tiles of one
     head, then of the next head of the chunk; pass 1 one head's keys (n_row_tiles = all its tiles).
@@ -124,8 +198,8 @@ def _stream_kernel(
     a_desc, a2_desc, b_desc, b2_desc, LSE, OUT,
     stride_lb, stride_lh, stride_lm, stride_ob, stride_oc, stride_on,
     H, GROUP, HEADS_PER_PROGRAM, Sq, Sk, row_start, row_end, n_a_blocks, qk_scale, out_scale,
-    COLUMNS: gl.constexpr, USE_MAX: gl.constexpr, STAGES: gl.constexpr, HAS_TAIL: gl.constexpr,
-    A_IN_REGS: gl.constexpr, num_warps: gl.constexpr,
+    COLUMNS: gl.constexpr, FUSED: gl.constexpr, USE_MAX: gl.constexpr, STAGES: gl.constexpr,
+    HAS_TAIL: gl.constexpr, A_IN_REGS: gl.constexpr, num_warps: gl.constexpr,
 ):
     BLOCK_A: gl.constexpr = a_desc.block_type.shape[0]  # 128: two halves of 64, one wgmma each
     HALF: gl.constexpr = BLOCK_A // 2
@@ -159,8 +233,9 @@ def _stream_kernel(
         a_row0 = (b * H + h) * Sq + row_start + a_block * BLOCK_A
         b_row0 = (b * (H // GROUP) + h // GROUP) * Sk
         n_tiles = (Sk + BLOCK_B - 1) // BLOCK_B
-        n_row_tiles = n_tiles
+        n_row_tiles = n_tiles  # the fill counter wraps to the first key tile: FUSED streams them twice
         b_head_rows = 0
+    n_fills = 2 * n_tiles if FUSED else n_tiles  # tiles through the ring
 
     a_smem = gl.allocate_shared_memory(a_desc.dtype, [BLOCK_A, BLOCK_D], a_desc.layout)
     b_smem = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_B, BLOCK_D], b_desc.layout)
@@ -180,7 +255,7 @@ def _stream_kernel(
     fill_tile = 0
     for i in gl.static_range(STAGES):
         _load_rows(b_desc, b2_desc, b_row0 + fill_head * b_head_rows + fill_tile * BLOCK_B, ready.index(i),
-                   b_smem.index(i), b2_smem.index(i), i < n_tiles, HAS_TAIL)
+                   b_smem.index(i), b2_smem.index(i), i < n_fills, HAS_TAIL)
         fill_head, fill_tile = _next_tile(fill_head, fill_tile, n_row_tiles)
 
     zero = gl.zeros([HALF, BLOCK_B], gl.float32, layout=layout)
@@ -225,7 +300,7 @@ def _stream_kernel(
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_hi, ))
         # Both halves are done with tile t: its buffer takes tile t + STAGES.
         _load_rows(b_desc, b2_desc, b_row0 + fill_head * b_head_rows + fill_tile * BLOCK_B, ready.index(t % STAGES),
-                   b_smem.index(t % STAGES), b2_smem.index(t % STAGES), t + STAGES < n_tiles, HAS_TAIL)
+                   b_smem.index(t % STAGES), b2_smem.index(t % STAGES), t + STAGES < n_fills, HAS_TAIL)
         fill_head, fill_tile = _next_tile(fill_head, fill_tile, n_row_tiles)
         lse2_next = lse2
         if COLUMNS:
@@ -242,21 +317,39 @@ def _stream_kernel(
         m_lo, l_lo, col_lo = _fold_tile(s, m_lo, l_lo, col_lo, lse2, t, Sk, qk_scale, COLUMNS, USE_MAX, BLOCK_B,
                                         layout, True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(acc_hi, ))
+        if FUSED:  # the last tile's buffer takes the second phase's tile STAGES - 1
+            _load_rows(b_desc, b2_desc, b_row0 + fill_head * b_head_rows + fill_tile * BLOCK_B,
+                       ready.index(t % STAGES), b_smem.index(t % STAGES), b2_smem.index(t % STAGES),
+                       t + STAGES < n_fills, HAS_TAIL)
         m_hi, l_hi, col_hi = _fold_tile(s, m_hi, l_hi, col_hi, lse2, t, Sk, qk_scale, COLUMNS, USE_MAX, BLOCK_B,
                                         layout, True)
     else:
         warpgroup_mma_wait(num_outstanding=0, deps=(acc_lo, ))
+
+    offs_lo = a_block * BLOCK_A + gl.arange(0, HALF, layout=rows_layout)
+    offs_hi = offs_lo + HALF
+    if FUSED:
+        # The rows' base-2 LSE, +inf (weight 0) past the selection, moved through shared memory from
+        # one value per stationary row of each half to one per column of the second phase's tiles.
+        keys_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                              instr_shape=[16, BLOCK_A, 16])
+        lse_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_A], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        lse_smem.slice(0, HALF).store(gl.where(row_start + offs_lo < row_end, m_lo + gl.log2(l_lo), float("inf")))
+        lse_smem.slice(HALF, HALF).store(gl.where(row_start + offs_hi < row_end, m_hi + gl.log2(l_hi), float("inf")))
+        _cta_barrier()
+        lse2 = lse_smem.load(gl.SliceLayout(0, keys_layout))
+        _fused_columns(a_smem, a2_smem, b_smem, b2_smem, ready, lse2, OUT + pid.to(gl.int64) * stride_ob, stride_on,
+                       n_tiles, Sk, qk_scale, out_scale, USE_MAX, STAGES, HAS_TAIL, BLOCK_A, BLOCK_B, keys_layout,
+                       b_desc, b2_desc, b_row0)
     mbarrier.invalidate(a_bar)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
 
-    offs_lo = a_block * BLOCK_A + gl.arange(0, HALF, layout=rows_layout)
-    offs_hi = offs_lo + HALF
     if COLUMNS:
         out_base = OUT + b.to(gl.int64) * stride_ob + chunk.to(gl.int64) * stride_oc
         gl.store(out_base + offs_lo * stride_on, col_lo * out_scale, mask=offs_lo < Sk)
         gl.store(out_base + offs_hi * stride_on, col_hi * out_scale, mask=offs_hi < Sk)
-    else:
+    elif not FUSED:  # FUSED stored its column sums above
         lse_base = LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
         # base 2 -> natural
         gl.store(lse_base + offs_lo * stride_lm, (m_lo + gl.log2(l_lo)) * _LN2, mask=row_start + offs_lo < row_end)
@@ -334,7 +427,7 @@ def row_lse(query, key, p: Problem, config=None) -> torch.Tensor:
         *_rows_views(query, BLOCK_ROWS), *_rows_views(key, block_b), lse, lse,
         *lse.stride(), 0, 0, 0,
         p.heads, p.group, 1, p.q_len, p.k_len, p.row_start, p.row_end, n_a_blocks, p.scale * LOG2E, 1.0,
-        COLUMNS=False, USE_MAX=False, STAGES=stages, HAS_TAIL=head_dim_blocks(p.head_dim)[1] > 0,
+        COLUMNS=False, FUSED=False, USE_MAX=False, STAGES=stages, HAS_TAIL=head_dim_blocks(p.head_dim)[1] > 0,
         A_IN_REGS=a_in_regs, num_warps=4,
     )
     return lse
@@ -355,7 +448,31 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
         *lse2.stride(), *out.stride(),
         p.heads, p.group, heads_per_chunk, p.q_len, p.k_len, p.row_start, p.row_end, n_a_blocks,
         p.scale * LOG2E, 1.0 / divisor,
-        COLUMNS=True, USE_MAX=use_max, STAGES=stages, HAS_TAIL=head_dim_blocks(p.head_dim)[1] > 0,
+        COLUMNS=True, FUSED=False, USE_MAX=use_max, STAGES=stages, HAS_TAIL=head_dim_blocks(p.head_dim)[1] > 0,
         A_IN_REGS=a_in_regs, num_warps=4,
     )
     return out
+
+
+# Both passes in one launch: the ring's key tiles serve as the second phase's 64-key halves, so they
+# are pass 1's 128-key tiles; two stages, as pass 1's.
+FUSED_CONFIG = (128, 2)
+
+
+def fused_columns(query, key, p: Problem, use_max: bool, divisor: float = 1.0, config=None) -> torch.Tensor:
+    """Both passes in one launch (small calls): each program's block of BLOCK_ROWS selected rows
+    gets its LSE over all keys, then its column sums (maxima) of exp(scale * s - lse) over divisor.
+    Returns the partials, float32 (B, H, cdiv(n_rows, BLOCK_ROWS), Sk), for the caller to reduce
+    over row blocks (and heads)."""
+    block_b, stages = config or FUSED_CONFIG
+    n_a_blocks = cdiv(p.n_rows, BLOCK_ROWS)
+    parts = utils.new_output((p.batch, p.heads, n_a_blocks, p.k_len), query.device)
+    grid = (p.batch * p.heads * n_a_blocks,)  # program pid writes plane pid of parts
+    _stream_kernel[grid](
+        *_rows_views(query, BLOCK_ROWS), *_rows_views(key, block_b), parts, parts,
+        0, 0, 0, p.k_len, 0, 1,
+        p.heads, p.group, 1, p.q_len, p.k_len, p.row_start, p.row_end, n_a_blocks, p.scale * LOG2E, 1.0 / divisor,
+        COLUMNS=False, FUSED=True, USE_MAX=use_max, STAGES=stages, HAS_TAIL=head_dim_blocks(p.head_dim)[1] > 0,
+        A_IN_REGS=False, num_warps=4,
+    )
+    return parts

@@ -596,18 +596,22 @@ def _launch_row_blocks(query, key, p: Problem, rows: range, cfg: dict, lse, out,
 # H100's host a launch with TMA descriptors took ~140 us of Python and driver work against ~60 us
 # for the portable kernel, while the B=8, H=16, S=1024 pass (2**27 scores) runs ~60 us on the GPU.
 FAST_PATH_MIN_SCORES = 2**29
+# Both passes in one Hopper launch pay that launch cost once, against two passes' GPU time.
+FUSED_FAST_PATH_MIN_SCORES = 2**26
 
 
-def _fast_path(query, key, p: Problem, rows: range, key_keep=None):
+def _fast_path(query, key, p: Problem, rows: range, key_keep=None, fused=False):
     """The Hopper kernels (`flash_colsum.hopper`) when they cover this call, else None.
 
     They take non-causal fp16/bf16 problems with D a multiple of 8 up to 128, contiguous Q and K
     and no key mask, on a CUDA capability 9.0 GPU, over all selected rows, with at least
-    FAST_PATH_MIN_SCORES scores. FLASH_COLSUM_FAST_PATHS=0 turns them off (the portable kernels
-    then run everywhere, as on the CPU interpreter).
+    FAST_PATH_MIN_SCORES scores (FUSED_FAST_PATH_MIN_SCORES for both passes in one launch).
+    FLASH_COLSUM_FAST_PATHS=0 turns them off (the portable kernels then run everywhere, as on the
+    CPU interpreter).
     """
+    min_scores = FUSED_FAST_PATH_MIN_SCORES if fused else FAST_PATH_MIN_SCORES
     # The cheap tests first: small calls are host-bound, and each environment read costs ~3 us.
-    if (p.batch * p.heads * len(rows) * p.k_len < FAST_PATH_MIN_SCORES or not query.is_cuda or key_keep is not None
+    if (p.batch * p.heads * len(rows) * p.k_len < min_scores or not query.is_cuda or key_keep is not None
             or rows != range(p.row_start, p.row_end) or interpreting()
             or os.environ.get("FLASH_COLSUM_FAST_PATHS", "1") == "0"):
         return None
@@ -642,17 +646,22 @@ def fused_reduce(query, key, p: Problem, key_keep, heads_per_chunk: int, use_max
     sums (maxima) divided by ``divisor``: partials (B, H, R, Sk) for R row blocks. Returns them as
     (B, H * R, Sk) when ``partials_ok`` (the caller reduces them together with the query heads, a
     reduction of the same kind), else only when R = 1 and one head per chunk make them the (B, H, Sk)
-    result. Padded keys' columns are not masked here.
+    result. Padded keys' columns are not masked here. On an H100 the Hopper kernel (`hopper.fused_columns`)
+    runs it where it applies.
     """
     cfg = _row_block_sizes(p.head_dim, query.dtype, p.n_rows, columns=True)
-    n_row_blocks = cdiv(p.n_rows, cfg["BLOCK_M"])
+    fast = _fast_path(query, key, p, range(p.row_start, p.row_end), key_keep, fused=True)
+    n_row_blocks = cdiv(p.n_rows, fast.BLOCK_ROWS if fast else cfg["BLOCK_M"])
     if (not (partials_ok or (n_row_blocks == 1 and heads_per_chunk == 1))
             or not _use_fused(p, p.batch * p.heads * n_row_blocks, cfg["BLOCK_N"], query.device)):
         return None
-    parts = utils.new_output((p.batch, p.heads, n_row_blocks, p.k_len), query.device)
-    # The kernel indexes OUT[row block, b, h, key]: a permuted view writes the planes head-major.
-    _launch_row_blocks(query, key, p, range(p.row_start, p.row_end), cfg, None, parts.permute(2, 0, 1, 3), key_keep,
-                       use_max, out_scale=1.0 / divisor, fused=True)
+    if fast:
+        parts = fast.fused_columns(query, key, p, use_max, divisor)
+    else:
+        parts = utils.new_output((p.batch, p.heads, n_row_blocks, p.k_len), query.device)
+        # The kernel indexes OUT[row block, b, h, key]: a permuted view writes the planes head-major.
+        _launch_row_blocks(query, key, p, range(p.row_start, p.row_end), cfg, None, parts.permute(2, 0, 1, 3),
+                           key_keep, use_max, out_scale=1.0 / divisor, fused=True)
     return parts.view(p.batch, p.heads * n_row_blocks, p.k_len)
 
 

@@ -81,6 +81,52 @@ def test_passes_match_reference(b, h, hk, sq, sk, d, dtype, rows):
 
 
 @hopper_gpu
+@pytest.mark.parametrize("d,dtype", DIMS, ids=[f"d{d}-{str(t)[6:]}" for d, t in DIMS])
+@pytest.mark.parametrize("b,h,hk,sq,sk", SHAPES + [(2, 2, 1, 100, 50)])  # and a single partial key tile
+@pytest.mark.parametrize("rows", ["all", "window"])
+def test_fused_matches_reference(b, h, hk, sq, sk, d, dtype, rows):
+    """Both passes in one launch: each row block's column sums (maxima), against float64 and against
+    the two Hopper passes. Every plane is checked, so a row block or key tile left unwritten (NaN
+    from the poisoned allocation) fails."""
+    q, k = make_qk(b, h, hk, sq, sk, d, dtype, "cuda")
+    p = make_problem(q, k, None, False, "triton")
+    if rows == "window":
+        p = p.with_rows(5, sq - 7)
+    selected = range(p.row_start, p.row_end)
+    lse_ref = _lse_reference(q, k, p.scale, selected)
+    n_blocks = -(-p.n_rows // hopper.BLOCK_ROWS)
+    for use_max in (False, True):
+        parts = hopper.fused_columns(q, k, p, use_max, divisor=3.0)
+        assert parts.shape == (b, h, n_blocks, sk)
+        for block in range(n_blocks):  # each plane: the block's own rows
+            block_rows = selected[block * hopper.BLOCK_ROWS:(block + 1) * hopper.BLOCK_ROWS]
+            ref = _col_reference(q, k, lse_ref[:, :, block * hopper.BLOCK_ROWS:][:, :, :len(block_rows)],
+                                 p.scale, block_rows, 1, use_max) / 3.0
+            assert rel_l2(parts[:, :, block], ref) <= 1e-5, f"row block {block}, max={use_max}"
+        two_passes = hopper.col_reduce(q, k, hopper.row_lse(q, k, p), p, 1, use_max, divisor=3.0)
+        joined = parts.amax(dim=2) if use_max else parts.sum(dim=2)
+        assert rel_l2(joined, two_passes) <= 1e-5, f"against the two Hopper passes, max={use_max}"
+
+
+@hopper_gpu
+@pytest.mark.parametrize("d,hk", [(64, 16), (64, 4), (72, 16), (128, 8)])
+def test_public_api_fuses_on_the_fast_path(monkeypatch, d, hk):
+    """Small calls take the fused Hopper kernel (B=4, H=16, S=1024: 2**26 scores), and the public
+    result (mean over heads and rows, GQA included) matches float64 and the portable kernels."""
+    calls = []
+    original = hopper.fused_columns
+    monkeypatch.setattr(hopper, "fused_columns", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    q, k = make_qk(4, 16, hk, 1024, 1024, d, torch.float16, "cuda")
+    out = flash_colsum(q, k, backend="triton")
+    assert calls == [1]
+    assert rel_l2(out, reference(q, k)) <= TOLERANCE[torch.float16]
+    monkeypatch.setenv("FLASH_COLSUM_FAST_PATHS", "0")
+    portable = flash_colsum(q, k, backend="triton")
+    assert calls == [1]
+    assert rel_l2(out, portable) <= 1e-5
+
+
+@hopper_gpu
 @pytest.mark.parametrize("d", [64, 80, 128])
 def test_public_api_takes_the_fast_path(monkeypatch, d):
     """flash_colsum picks both Hopper passes where they apply, and the result matches float64."""
@@ -128,13 +174,15 @@ def _inspect_ptx(*args: str) -> str:
                           capture_output=True, text=True, check=True).stdout
 
 
-@pytest.mark.parametrize("d,columns", [(64, False), (64, True), (72, False), (80, True), (128, True)])  # pass 2 above D=64: A in registers
-def test_kernels_compile_for_sm90_with_async_wgmma(d, columns):
-    """Both passes build for sm_90 (no GPU needed) with no register spills, and ptxas keeps the
-    wgmmas asynchronous (warning C7514 says it serialized them: with Triton 3.6's ptxas, a plain
-    epilogue did that, NOTES.md v10)."""
+@pytest.mark.parametrize("d,mode", [(64, "lse"), (64, "columns"), (72, "lse"), (80, "columns"), (128, "columns"),
+                                    (64, "fused"), (96, "fused"), (128, "fused")])  # pass 2 above D=64: A in registers
+def test_kernels_compile_for_sm90_with_async_wgmma(d, mode):
+    """Both passes, and both in one launch, build for sm_90 (no GPU needed) with no register spills,
+    and ptxas keeps the wgmmas asynchronous (warning C7514 says it serialized them: with Triton
+    3.6's ptxas, a plain epilogue did that, NOTES.md v10)."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
-    report = _inspect_ptx("--gluon", "--d", str(d), *(["--columns"] if columns else []))
+    columns = mode == "columns"
+    report = _inspect_ptx("--gluon", "--d", str(d), *([] if mode == "lse" else [f"--{mode}"]))
     assert "registers" in report, report
     assert "C7514" not in report, report
     spills = re.search(r"(\d+) bytes spill stores", report)
