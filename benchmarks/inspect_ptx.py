@@ -61,10 +61,13 @@ def compile_gluon(d: int, columns: bool, fused: bool = False):
     names = kernel.arg_names
     block_b, stages, a_in_regs = (*hopper.FUSED_CONFIG, False) if fused else hopper._config(d, columns)
     block_d, block_d2 = head_dim_blocks(d)
-    tiles = dict(a_desc=(hopper.BLOCK_ROWS, block_d), a2_desc=(hopper.BLOCK_ROWS, block_d2 or block_d),
-                 b_desc=(block_b, block_d), b2_desc=(block_b, block_d2 or block_d))
-    values = dict(COLUMNS=columns and not fused, FUSED=fused, USE_MAX=False, STAGES=stages, HAS_TAIL=block_d2 > 0, A_IN_REGS=a_in_regs,
-                  num_warps=4)
+    tiles = dict(a_desc=(hopper.BLOCK_ROWS, block_d), b_desc=(block_b, block_d))
+    if block_d2:
+        tiles.update(a2_desc=(hopper.BLOCK_ROWS, block_d2), b2_desc=(block_b, block_d2))
+    values = dict(COLUMNS=columns and not fused, FUSED=fused, USE_MAX=False, STAGES=stages, HAS_TAIL=block_d2 > 0,
+                  A_IN_REGS=a_in_regs, num_warps=4)
+    if not block_d2:  # no tail: its descriptors are None
+        values.update(a2_desc=None, b2_desc=None)
     signature = {}
     for name in names:
         if name in values:

@@ -407,14 +407,13 @@ def _rows_views(t: torch.Tensor, block_rows: int) -> tuple:
     """TMA descriptors over t (..., rows, D) seen as one 2-D (all rows, D) matrix, in tiles of
     block_rows rows: (main, tail) head-dim blocks as triton_backend splits D (72 = 64 + 16; tile
     widths are powers of two), the tail read from column BLOCK_D on and zero-filled past D.
-    Without a tail, the main descriptor stands in for it (unused)."""
-    flat = t.view(-1, t.shape[-1])
-    views = []
-    for cols in head_dim_blocks(t.shape[-1]):
-        if cols:
-            layout = _shared_layout(block_rows, cols, t.dtype)
-            views.append(TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [block_rows, cols], layout))
-    return views[0], views[-1]
+    Without a tail, None (a constexpr to the kernel: each descriptor argument costs host time at
+    every launch, which small fused calls feel)."""
+    d = t.shape[-1]
+    shape, strides = [t.numel() // d, d], [d, 1]
+    return tuple(None if not cols else
+                 TensorDescriptor(t, shape, strides, [block_rows, cols], _shared_layout(block_rows, cols, t.dtype))
+                 for cols in head_dim_blocks(d))
 
 
 def row_lse(query, key, p: Problem, config=None) -> torch.Tensor:
