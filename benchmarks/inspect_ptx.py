@@ -59,7 +59,12 @@ def compile_gluon(d: int, columns: bool, fused: bool = False):
 
     kernel = hopper._stream_kernel
     names = kernel.arg_names
-    block_b, stages, a_in_regs = (*hopper.FUSED_CONFIG, False) if fused else hopper._config(d, columns)
+    maxnreg = None
+    if fused:
+        block_b, stages, maxnreg = hopper._fused_config(d)
+        a_in_regs = False
+    else:
+        block_b, stages, a_in_regs = hopper._config(d, columns)
     block_d, block_d2 = head_dim_blocks(d)
     tiles = dict(a_desc=(hopper.BLOCK_ROWS, block_d), b_desc=(block_b, block_d))
     if block_d2:
@@ -80,7 +85,8 @@ def compile_gluon(d: int, columns: bool, fused: bool = False):
     source = GluonASTSource(fn=kernel, signature=signature,
                             constexprs={(names.index(n),): v for n, v in values.items()},
                             attrs={(names.index(n),): [["tt.divisibility", 16]] for n in ("LSE", "OUT")})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    options = dict(num_warps=4) if maxnreg is None else dict(num_warps=4, maxnreg=maxnreg)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def ptxas_report(ptx: str) -> str:

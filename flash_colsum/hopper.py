@@ -453,9 +453,13 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
     return out
 
 
-# Both passes in one launch: the ring's key tiles serve as the second phase's 64-key halves, so they
-# are pass 1's 128-key tiles; two stages, as pass 1's.
-FUSED_CONFIG = (128, 2)
+def _fused_config(head_dim: int) -> tuple[int, int, int | None]:
+    """(BLOCK_B, STAGES, maxnreg) for both passes in one launch. The ring's key tiles serve as the
+    second phase's 64-key halves, so they are pass 1's 128-key tiles; 2 stages (3: same time, 4:
+    slower; at D=128 3 and 4 cost a CTA per SM, 142 -> 182 us at B=8 S=1024). At D <= 64 a cap of
+    168 registers (173 uncapped, 4 bytes spilled) fits three CTAs per SM instead of two: 116.6 ->
+    109.2 us; at D=128 it lost (142 -> 147). D=72-96 are unmeasured and uncapped (NOTES.md v15)."""
+    return 128, 2, 168 if head_dim <= 64 else None
 
 
 def fused_columns(query, key, p: Problem, use_max: bool, divisor: float = 1.0, config=None) -> torch.Tensor:
@@ -463,7 +467,7 @@ def fused_columns(query, key, p: Problem, use_max: bool, divisor: float = 1.0, c
     gets its LSE over all keys, then its column sums (maxima) of exp(scale * s - lse) over divisor.
     Returns the partials, float32 (B, H, cdiv(n_rows, BLOCK_ROWS), Sk), for the caller to reduce
     over row blocks (and heads)."""
-    block_b, stages = config or FUSED_CONFIG
+    block_b, stages, maxnreg = config or _fused_config(p.head_dim)
     n_a_blocks = cdiv(p.n_rows, BLOCK_ROWS)
     parts = utils.new_output((p.batch, p.heads, n_a_blocks, p.k_len), query.device)
     grid = (p.batch * p.heads * n_a_blocks,)  # program pid writes plane pid of parts
@@ -472,6 +476,6 @@ def fused_columns(query, key, p: Problem, use_max: bool, divisor: float = 1.0, c
         0, 0, 0, p.k_len, 0, 1,
         p.heads, p.group, 1, p.q_len, p.k_len, p.row_start, p.row_end, n_a_blocks, p.scale * LOG2E, 1.0 / divisor,
         COLUMNS=False, FUSED=True, USE_MAX=use_max, STAGES=stages, HAS_TAIL=head_dim_blocks(p.head_dim)[1] > 0,
-        A_IN_REGS=False, num_warps=4,
+        A_IN_REGS=False, num_warps=4, **({} if maxnreg is None else dict(maxnreg=maxnreg)),
     )
     return parts

@@ -175,7 +175,7 @@ def _inspect_ptx(*args: str) -> str:
 
 
 @pytest.mark.parametrize("d,mode", [(64, "lse"), (64, "columns"), (72, "lse"), (80, "columns"), (128, "columns"),
-                                    (64, "fused"), (96, "fused"), (128, "fused")])  # pass 2 above D=64: A in registers
+                                    (64, "fused"), (32, "fused"), (96, "fused"), (128, "fused")])  # pass 2 above D=64: A in registers
 def test_kernels_compile_for_sm90_with_async_wgmma(d, mode):
     """Both passes, and both in one launch, build for sm_90 (no GPU needed) with no register spills,
     and ptxas keeps the wgmmas asynchronous (warning C7514 says it serialized them: with Triton
@@ -188,7 +188,9 @@ def test_kernels_compile_for_sm90_with_async_wgmma(d, mode):
     spills = re.search(r"(\d+) bytes spill stores", report)
     if d == 128 and columns and NEW_PTXAS:
         pytest.skip("Triton 3.7+'s ptxas spills here (~650 bytes); Triton 3.6's, on the GPU machine, does not")
-    assert spills and spills.group(1) == "0", report
+    # Fused at D <= 64 runs under a register cap (hopper._fused_config): a few bytes spill for a third CTA per SM.
+    allowed = 16 if mode == "fused" and d <= 64 else 0
+    assert spills and int(spills.group(1)) <= allowed, report
 
 
 @pytest.mark.parametrize("unit", [8, 1])
