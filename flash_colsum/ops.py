@@ -286,11 +286,6 @@ def _reduce_heads(chunks: torch.Tensor, p: Problem, heads: str, head_op: str, kv
         per_result = x.shape[2] if kv else x.shape[1] * x.shape[2]  # chunks reduced into each result row
         if per_result == 1:  # nothing to reduce: no kernel
             x = x.view(p.batch, -1, p.k_len) if kv else x.view(p.batch, p.k_len)
-        elif (p.backend == "triton" and x.dtype == torch.float32 and x.is_contiguous()
-              and not torch.compiler.is_compiling()):  # a compiler fuses torch's reduction itself
-            # One pass over the planes in a fixed order (torch's reduction over middle dims is slow here).
-            planes = _backend_module(p).reduce_planes(x.view(-1, per_result, p.k_len), head_op == "max")
-            x = planes.view(*x.shape[: 2 if kv else 1], p.k_len)
         else:
             dims = (2,) if kv else (1, 2)
             x = x.amax(dim=dims) if head_op == "max" else x.sum(dim=dims)

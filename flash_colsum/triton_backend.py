@@ -596,8 +596,11 @@ def _launch_row_blocks(query, key, p: Problem, rows: range, cfg: dict, lse, out,
 # H100's host a launch with TMA descriptors took ~140 us of Python and driver work against ~60 us
 # for the portable kernel, while the B=8, H=16, S=1024 pass (2**27 scores) runs ~60 us on the GPU.
 FAST_PATH_MIN_SCORES = 2**29
-# Both passes in one Hopper launch pay that launch cost once, against two passes' GPU time.
-FUSED_FAST_PATH_MIN_SCORES = 2**26
+# Both passes in one Hopper launch (hopper.fused_columns) pay that host cost once. On the H100 it
+# saved GPU time from B=1 on at H=16, S=1024 (29 vs 32 us) and at B=8 (115 vs 135 us), but below
+# 2**27 scores do_bench timed the host (B=4: 88-91 vs 74-75 us). A head-dim tail adds two descriptor
+# arguments, and B=8 at D=72 was host-bound too (142-256 vs 156-183 us): twice the scores then.
+FUSED_FAST_PATH_MIN_SCORES = 2**27
 
 
 def _fast_path(query, key, p: Problem, rows: range, key_keep=None, fused=False):
@@ -609,7 +612,9 @@ def _fast_path(query, key, p: Problem, rows: range, key_keep=None, fused=False):
     FLASH_COLSUM_FAST_PATHS=0 turns them off (the portable kernels then run everywhere, as on the
     CPU interpreter).
     """
-    min_scores = FUSED_FAST_PATH_MIN_SCORES if fused else FAST_PATH_MIN_SCORES
+    min_scores = FAST_PATH_MIN_SCORES
+    if fused:
+        min_scores = FUSED_FAST_PATH_MIN_SCORES * (2 if head_dim_blocks(p.head_dim)[1] else 1)
     # The cheap tests first: small calls are host-bound, and each environment read costs ~3 us.
     if (p.batch * p.heads * len(rows) * p.k_len < min_scores or not query.is_cuda or key_keep is not None
             or rows != range(p.row_start, p.row_end) or interpreting()
@@ -825,46 +830,6 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
             n_key_blocks, p.scale * LOG2E, 1.0 / divisor,
             CAUSAL=p.causal, USE_MAX=use_max, STRIDE_UNIT=unit, **_dot_flags(query.dtype), **cfg,
         )
-    return out
-
-
-@triton.jit
-def _max_keep_nan(a, b):
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
-def _reduce_planes_kernel(X, OUT, n_planes, n_cols, n_col_blocks, USE_MAX: tl.constexpr, BLOCK_P: tl.constexpr,
-                          BLOCK_N: tl.constexpr):
-    """OUT[r, j] = sum (max) over p of X[r, p, j], X contiguous (rows, n_planes, n_cols), float32.
-    The planes join in a fixed order (bitwise reproducible); a NaN anywhere stays NaN."""
-    pid = tl.program_id(0)
-    r = (pid // n_col_blocks).to(tl.int64)
-    offs_n = (pid % n_col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < n_cols
-    x_base = X + r * n_planes * n_cols
-    neutral: tl.constexpr = float("-inf") if USE_MAX else 0.0
-    acc = tl.full([BLOCK_P, BLOCK_N], neutral, tl.float32)
-    for p0 in range(0, n_planes, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        x = tl.load(x_base + offs_p.to(tl.int64)[:, None] * n_cols + offs_n[None, :],
-                    mask=(offs_p[:, None] < n_planes) & mask_n[None, :], other=neutral)  # [BP, BN]
-        acc = _max_keep_nan(acc, x) if USE_MAX else acc + x
-    col = tl.reduce(acc, 0, _max_keep_nan) if USE_MAX else tl.sum(acc, axis=0)
-    tl.store(OUT + r * n_cols + offs_n, col, mask=mask_n)
-
-
-def reduce_planes(x: torch.Tensor, use_max: bool) -> torch.Tensor:
-    """(R, P, N) contiguous float32 -> (R, N), summed (max) over P: the head (and row-block)
-    reduction of the results. One pass in a fixed order; torch's sum over a middle dimension of
-    (8, 128, 1024) took 11.5 us on the H100, for 4 MiB (NOTES.md v15)."""
-    rows, n_planes, n_cols = x.shape
-    out = utils.new_output((rows, n_cols), x.device)
-    block_p, block_n = (8, 16) if interpreting() else (32, 64)
-    n_col_blocks = cdiv(n_cols, block_n)
-    with _on_device(x):
-        _reduce_planes_kernel[(rows * n_col_blocks,)](x, out, n_planes, n_cols, n_col_blocks, USE_MAX=use_max,
-                                                       BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
     return out
 
 

@@ -111,8 +111,10 @@ def test_fused_matches_reference(b, h, hk, sq, sk, d, dtype, rows):
 @hopper_gpu
 @pytest.mark.parametrize("d,hk", [(64, 16), (64, 4), (72, 16), (128, 8)])
 def test_public_api_fuses_on_the_fast_path(monkeypatch, d, hk):
-    """Small calls take the fused Hopper kernel (B=4, H=16, S=1024: 2**26 scores), and the public
-    result (mean over heads and rows, GQA included) matches float64 and the portable kernels."""
+    """Small calls take the fused Hopper kernel, and the public result (mean over heads and rows,
+    GQA included) matches float64 and the portable kernels. (B=4, H=16, S=1024 is 2**26 scores:
+    the threshold is lowered to reach it, to keep the float64 check quick.)"""
+    monkeypatch.setattr(tb, "FUSED_FAST_PATH_MIN_SCORES", 2**25)
     calls = []
     original = hopper.fused_columns
     monkeypatch.setattr(hopper, "fused_columns", lambda *a, **kw: calls.append(1) or original(*a, **kw))
@@ -151,6 +153,16 @@ def test_falls_back_outside_its_scope():
                            (False, q[..., :48], k[..., :48]), (False, q.transpose(2, 3).contiguous().transpose(2, 3), k)]:
         p = make_problem(qq, kk, None, causal, "triton")
         assert not hopper.supports(qq, kk, p)
+
+
+@hopper_gpu
+def test_fused_fast_path_thresholds():
+    """Both passes in one Hopper launch from 2**27 scores, twice that with a head-dim tail (two
+    descriptor arguments more); below, the portable fused kernel."""
+    for d, b, expected in [(64, 8, True), (64, 4, False), (128, 8, True), (72, 8, False), (72, 16, True)]:
+        q, k = make_qk(b, 16, 16, 1024, 1024, d, torch.float16, "cuda")
+        p = make_problem(q, k, None, False, "triton")
+        assert (tb._fast_path(q, k, p, range(p.row_start, p.row_end), fused=True) is hopper) == expected, (d, b)
 
 
 @hopper_gpu
