@@ -501,13 +501,19 @@ def _resident_slots(dtypes: tuple, ints: list, floats: list, meta: dict, device:
         cache_key = (device, *dtypes, classes, *meta.items())
         slots = _SLOTS.get(cache_key)
         if slots is None:
-            kernel = _row_block_kernel.warmup(*dtypes, torch.float32, torch.float32, torch.float32, *classes, *floats,
-                                              SPLIT=True, grid=(1,), **meta)
+            kernel = _split_kernel(dtypes, classes, floats, meta)
             slots = _SLOTS[cache_key] = _sm_count(device) * _resident_programs(kernel, device)
         if len(_SLOTS_BY_CALL) > 4096:
             _SLOTS_BY_CALL.clear()
         _SLOTS_BY_CALL[call_key] = slots
     return slots
+
+
+def _split_kernel(dtypes: tuple, classes: tuple, floats: list, meta: dict):
+    """The row-stationary kernel compiled, not launched, with SPLIT=True for a specialization: Q's,
+    K's and the key mask's dtypes, the integers' classes (`_int_class`), the constexprs but SPLIT."""
+    return _row_block_kernel.warmup(*dtypes, torch.float32, torch.float32, torch.float32, *classes, *floats,
+                                    SPLIT=True, grid=(1,), **meta)
 
 
 def _resident_programs(kernel, device: torch.device) -> int:

@@ -188,8 +188,7 @@ def test_resident_programs_match_the_driver():
         assert torch.isfinite(lse).any()
         assert tb._SLOTS
         for cache_key in tb._SLOTS:  # (device, Q/K/mask dtypes, integer classes, *constexpr items)
-            kernel = tb._row_block_kernel.warmup(*cache_key[1:4], *[torch.float32] * 3, *cache_key[4], 1.0, 1.0,
-                                                 SPLIT=True, grid=(1,), **dict(cache_key[5:]))
+            kernel = tb._split_kernel(cache_key[1:4], cache_key[4], [1.0, 1.0], dict(cache_key[5:]))
             kernel._init_handles()
             blocks = ctypes.c_int()
             err = libcuda.cuOccupancyMaxActiveBlocksPerMultiprocessor(
