@@ -637,15 +637,17 @@ def _fast_path(query, key, p: Problem, rows: range, key_keep=None, fused=False):
 # and a launch costs more host time (~25-40 us on the lent machines' hosts) than the GPU time a
 # row-stationary pass 2 can lose on them. Fused wins up to 2**28 scores at D=64 (S=4096: 0.245 vs
 # 0.257 ms on an H100, results/fuse_ab_switch_v12_h100.csv) and 2**27 at D=128, loses at 2**29
-# (results/fuse_ab_v11_h200.txt); D > 64 at 2**28 is unmeasured, so it keeps the lower limit.
+# (results/fuse_ab_v11_h200.txt); D > 64 at 2**28 is unmeasured for it, so it keeps the lower limit.
+# The Hopper fused kernel takes 2**28 at every D: at B=16, H=16, S=1024 it ran 259/262/288 us at
+# D=72/96/128 against 320/334/397 for two portable passes (NOTES.md v15).
 FUSED_MAX_SCORES = 2**27
 FUSED_MAX_SCORES_D64 = 2**28
 
 
-def _use_fused(p: Problem, n_programs: int, block_n: int, device: torch.device) -> bool:
+def _use_fused(p: Problem, n_programs: int, block_n: int, device: torch.device, hopper: bool = False) -> bool:
     """Fuse a small call unless pass 1 would split its keys: few programs over long keys need the
     split to fill the GPU (causal Sq=128, Sk=16384: 0.44 ms fused against 0.15 ms split)."""
-    limit = FUSED_MAX_SCORES_D64 if p.head_dim <= 64 else FUSED_MAX_SCORES
+    limit = FUSED_MAX_SCORES_D64 if p.head_dim <= 64 or hopper else FUSED_MAX_SCORES
     return p.batch * p.heads * p.n_rows * p.k_len <= limit and _key_splits(p, n_programs, block_n, device) >= p.k_len
 
 
@@ -664,7 +666,7 @@ def fused_reduce(query, key, p: Problem, key_keep, heads_per_chunk: int, use_max
     fast = _fast_path(query, key, p, range(p.row_start, p.row_end), key_keep, fused=True)
     n_row_blocks = cdiv(p.n_rows, fast.BLOCK_ROWS if fast else cfg["BLOCK_M"])
     if (not (partials_ok or (n_row_blocks == 1 and heads_per_chunk == 1))
-            or not _use_fused(p, p.batch * p.heads * n_row_blocks, cfg["BLOCK_N"], query.device)):
+            or not _use_fused(p, p.batch * p.heads * n_row_blocks, cfg["BLOCK_N"], query.device, fast is not None)):
         return None
     if fast:
         parts = fast.fused_columns(query, key, p, use_max, divisor)

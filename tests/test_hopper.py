@@ -156,6 +156,21 @@ def test_falls_back_outside_its_scope():
 
 
 @hopper_gpu
+@pytest.mark.parametrize("d", [96, 128])
+def test_fused_hopper_up_to_2_28_scores_at_every_head_dim(monkeypatch, d):
+    """Above D=64 the portable fused kernel stops at 2**27 scores, the Hopper one at 2**28: B=16,
+    H=16, S=1024 fuses, and matches the portable kernels' two passes."""
+    calls = []
+    original = hopper.fused_columns
+    monkeypatch.setattr(hopper, "fused_columns", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    q, k = make_qk(16, 16, 16, 1024, 1024, d, torch.float16, "cuda")
+    out = flash_colsum(q, k, backend="triton")
+    assert calls == [1]
+    monkeypatch.setenv("FLASH_COLSUM_FAST_PATHS", "0")
+    assert rel_l2(out, flash_colsum(q, k, backend="triton")) <= 1e-5
+
+
+@hopper_gpu
 def test_fused_fast_path_thresholds():
     """Both passes in one Hopper launch from 2**27 scores, twice that with a head-dim tail (two
     descriptor arguments more); below, the portable fused kernel."""

@@ -134,9 +134,11 @@ def test_small_calls_fuse_both_passes(backend, device, heads, reduce, one_launch
     assert (launches == [True]) == one_launch, launches
 
 
-@pytest.mark.parametrize("d,sq,fused", [(64, 4096, True), (64, 8192, False), (128, 2048, True), (128, 4096, False)])
-def test_fused_size_limit_depends_on_head_dim(d, sq, fused):
-    """One launch up to 2**28 scores at D <= 64 and 2**27 above (measured limits, NOTES v11/v12)."""
+@pytest.mark.parametrize("d,sq,hopper,fused", [(64, 4096, False, True), (64, 8192, False, False), (128, 2048, False, True),
+                                            (128, 4096, False, False), (128, 4096, True, True), (72, 8192, True, False)])
+def test_fused_size_limit_depends_on_head_dim(d, sq, hopper, fused):
+    """One launch up to 2**28 scores at D <= 64 and 2**27 above, 2**28 at every D on the Hopper
+    kernel (measured limits, NOTES v11/v12/v15)."""
     pytest.importorskip("triton")
     import flash_colsum.triton_backend as tb
     from flash_colsum.utils import Problem
@@ -144,7 +146,7 @@ def test_fused_size_limit_depends_on_head_dim(d, sq, fused):
     p = Problem(batch=1, heads=16, kv_heads=16, q_len=sq, k_len=sq, head_dim=d, scale=d**-0.5, causal=False,
                 row_start=0, row_end=sq, backend="triton")
     # A device with many SMs' worth of programs: pass 1 would not split the keys.
-    assert tb._use_fused(p, 10**6, 128, torch.device("cpu")) == fused
+    assert tb._use_fused(p, 10**6, 128, torch.device("cpu"), hopper) == fused
 
 
 @pytest.mark.parametrize("causal", [False, True])
