@@ -457,10 +457,11 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
 def _fused_config(head_dim: int) -> tuple[int, int, int | None]:
     """(BLOCK_B, STAGES, maxnreg) for both passes in one launch. The ring's key tiles serve as the
     second phase's 64-key halves, so they are pass 1's 128-key tiles; 2 stages (3: same time, 4:
-    slower; at D=128 3 and 4 cost a CTA per SM, 142 -> 182 us at B=8 S=1024). At D <= 64 a cap of
-    168 registers (173 uncapped, 4 bytes spilled) fits three CTAs per SM instead of two: 116.6 ->
-    109.2 us; at D=128 it lost (142 -> 147). D=72-96 are unmeasured and uncapped (NOTES.md v15)."""
-    return 128, 2, 168 if head_dim <= 64 else None
+    slower; at D=128 3 and 4 cost a CTA per SM, 142 -> 182 us at B=8 S=1024). Up to D=96 a cap of
+    168 registers (173-183 uncapped, 4-20 bytes spilled) fits three CTAs per SM instead of two:
+    B=8 S=1024 D=64 116.6 -> 109.2 us; B=16 D=72/80/96 250 -> 225, 247 -> 222, 256 -> 238 us. At
+    D=128 shared memory holds two CTAs anyway, and the cap lost (142 -> 147; NOTES.md v15, v16)."""
+    return 128, 2, 168 if head_dim <= 96 else None
 
 
 def fused_columns(query, key, p: Problem, use_max: bool, divisor: float = 1.0, config=None) -> torch.Tensor:

@@ -215,8 +215,8 @@ def test_kernels_compile_for_sm90_with_async_wgmma(d, mode):
     spills = re.search(r"(\d+) bytes spill stores", report)
     if d == 128 and columns and NEW_PTXAS:
         pytest.skip("Triton 3.7+'s ptxas spills here (~650 bytes); Triton 3.6's, on the GPU machine, does not")
-    # Fused at D <= 64 runs under a register cap (hopper._fused_config): a few bytes spill for a third CTA per SM.
-    allowed = 16 if mode == "fused" and d <= 64 else 0
+    # Fused up to D=96 runs under a register cap (hopper._fused_config): a few bytes spill for a third CTA per SM.
+    allowed = 24 if mode == "fused" and d <= 96 else 0
     assert spills and int(spills.group(1)) <= allowed, report
 
 
