@@ -133,6 +133,7 @@ def _store_columns(s, lse2, out_base, stride_on, n0, Sk, qk_scale, out_scale, US
                    HALF: gl.constexpr, layout: gl.constexpr):
     """Store the column sums (maxima) of one [keys, rows] tile of raw scores, keys n0 onwards; lse2
     is the rows' base-2 LSE (+inf past the selection: weight 0). Keys past Sk are dropped."""
+    # Not _col_tile from zeros: adding the zeros costs an FADD per key and half (0.3% at B=8 S=1024, NOTES.md v16).
     p = gl.exp2(s * qk_scale - lse2[None, :])
     if USE_MAX:
         col = gl.max(p, axis=1)
@@ -183,15 +184,15 @@ def _fused_columns(q_smem, q2_smem, k_smem, k2_smem, ready, lse2, out_base, stri
 
 
 @gluon.jit
-def _next_tile(head, tile, n_row_tiles):
-    """(head, row tile) of the streamed tile after (head, tile): pass 2 streams the row tiles of one
-    head, then of the next head of the chunk; pass 1 one head's keys (n_row_tiles = all its tiles).
-    Counting, not dividing: a division by a runtime value costs ~20 instructions per tile."""
+def _next_fill(head, tile, n_row_tiles, b_row0, b_head_rows, BLOCK_B: gl.constexpr):
+    """(head, row tile, first row) of the streamed tile after (head, tile): pass 2 streams the row
+    tiles of one head, then of the next head of the chunk; pass 1 one head's keys (n_row_tiles = all
+    its tiles). Counting, not dividing: a division by a runtime value costs ~20 instructions per tile."""
     tile += 1
     if tile == n_row_tiles:
         tile = 0
         head += 1
-    return head, tile
+    return head, tile, b_row0 + head * b_head_rows + tile * BLOCK_B
 
 
 @gluon.jit
@@ -252,12 +253,12 @@ def _stream_kernel(
         mbarrier.init(ready.index(i), count=1)
 
     _load_rows(a_desc, a2_desc, a_row0, a_bar, a_smem, a2_smem, True, HAS_TAIL)
-    fill_head = 0  # (head, row tile) of the next streamed tile to load
+    fill_head = 0  # (head, row tile, first row) of the next streamed tile to load
     fill_tile = 0
+    fill_row = b_row0
     for i in gl.static_range(STAGES):
-        _load_rows(b_desc, b2_desc, b_row0 + fill_head * b_head_rows + fill_tile * BLOCK_B, ready.index(i),
-                   b_smem.index(i), b2_smem.index(i), i < n_fills, HAS_TAIL)
-        fill_head, fill_tile = _next_tile(fill_head, fill_tile, n_row_tiles)
+        _load_rows(b_desc, b2_desc, fill_row, ready.index(i), b_smem.index(i), b2_smem.index(i), i < n_fills, HAS_TAIL)
+        fill_head, fill_tile, fill_row = _next_fill(fill_head, fill_tile, n_row_tiles, b_row0, b_head_rows, BLOCK_B)
 
     zero = gl.zeros([HALF, BLOCK_B], gl.float32, layout=layout)
     # Per half: the running (max, sum) of pass 1, or the column sums (maxima) of pass 2.
@@ -300,9 +301,9 @@ def _stream_kernel(
         acc_lo = _issue(a_lo, a2_lo, b_smem, b2_smem, ready, t + 1, zero, True, STAGES, HAS_TAIL)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_hi, ))
         # Both halves are done with tile t: its buffer takes tile t + STAGES.
-        _load_rows(b_desc, b2_desc, b_row0 + fill_head * b_head_rows + fill_tile * BLOCK_B, ready.index(t % STAGES),
-                   b_smem.index(t % STAGES), b2_smem.index(t % STAGES), t + STAGES < n_fills, HAS_TAIL)
-        fill_head, fill_tile = _next_tile(fill_head, fill_tile, n_row_tiles)
+        _load_rows(b_desc, b2_desc, fill_row, ready.index(t % STAGES), b_smem.index(t % STAGES),
+                   b2_smem.index(t % STAGES), t + STAGES < n_fills, HAS_TAIL)
+        fill_head, fill_tile, fill_row = _next_fill(fill_head, fill_tile, n_row_tiles, b_row0, b_head_rows, BLOCK_B)
         lse2_next = lse2
         if COLUMNS:
             lse2_next = gl.load(lse_ptrs + (t + 1) * BLOCK_B)
@@ -319,9 +320,8 @@ def _stream_kernel(
                                         layout, True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(acc_hi, ))
         if FUSED:  # the last tile's buffer takes the second phase's tile STAGES - 1
-            _load_rows(b_desc, b2_desc, b_row0 + fill_head * b_head_rows + fill_tile * BLOCK_B,
-                       ready.index(t % STAGES), b_smem.index(t % STAGES), b2_smem.index(t % STAGES),
-                       t + STAGES < n_fills, HAS_TAIL)
+            _load_rows(b_desc, b2_desc, fill_row, ready.index(t % STAGES), b_smem.index(t % STAGES),
+                       b2_smem.index(t % STAGES), t + STAGES < n_fills, HAS_TAIL)
         m_hi, l_hi, col_hi = _fold_tile(s, m_hi, l_hi, col_hi, lse2, t, Sk, qk_scale, COLUMNS, USE_MAX, BLOCK_B,
                                         layout, True)
     else:

@@ -24,6 +24,17 @@ hopper_gpu = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU (Gluon do
 if HOPPER:
     from flash_colsum import hopper
 
+
+@pytest.fixture
+def hopper_calls(monkeypatch):
+    """The Hopper launchers (fused_columns, row_lse, col_reduce) a test's calls reach, in order."""
+    calls = []
+    for name in ("fused_columns", "row_lse", "col_reduce"):
+        original = getattr(hopper, name)
+        monkeypatch.setattr(hopper, name, lambda *a, _f=original, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+    return calls
+
+
 # (B, H, Hk, Sq, Sk): 1, 2, 3 and many key tiles of 128, partial tiles, GQA and MQA.
 SHAPES = [
     (1, 2, 1, 130, 128),
@@ -110,37 +121,30 @@ def test_fused_matches_reference(b, h, hk, sq, sk, d, dtype, rows):
 
 @hopper_gpu
 @pytest.mark.parametrize("d,hk", [(64, 16), (64, 4), (72, 16), (128, 8)])
-def test_public_api_fuses_on_the_fast_path(monkeypatch, d, hk):
+def test_public_api_fuses_on_the_fast_path(monkeypatch, hopper_calls, d, hk):
     """Small calls take the fused Hopper kernel, and the public result (mean over heads and rows,
     GQA included) matches float64 and the portable kernels. (B=4, H=16, S=1024 is 2**26 scores:
     the threshold is lowered to reach it, to keep the float64 check quick.)"""
     monkeypatch.setattr(tb, "FUSED_FAST_PATH_MIN_SCORES", 2**25)
-    calls = []
-    original = hopper.fused_columns
-    monkeypatch.setattr(hopper, "fused_columns", lambda *a, **kw: calls.append(1) or original(*a, **kw))
     q, k = make_qk(4, 16, hk, 1024, 1024, d, torch.float16, "cuda")
     out = flash_colsum(q, k, backend="triton")
-    assert calls == [1]
+    assert hopper_calls == ["fused_columns"]
     assert rel_l2(out, reference(q, k)) <= TOLERANCE[torch.float16]
     monkeypatch.setenv("FLASH_COLSUM_FAST_PATHS", "0")
     portable = flash_colsum(q, k, backend="triton")
-    assert calls == [1]
+    assert hopper_calls == ["fused_columns"]
     assert rel_l2(out, portable) <= 1e-5
 
 
 @hopper_gpu
 @pytest.mark.parametrize("d", [64, 80, 128])
-def test_public_api_takes_the_fast_path(monkeypatch, d):
+def test_public_api_takes_the_fast_path(monkeypatch, hopper_calls, d):
     """flash_colsum picks both Hopper passes where they apply, and the result matches float64."""
     monkeypatch.setattr(tb, "FAST_PATH_MIN_SCORES", 0)  # the shape is small, to keep the float64 check quick,
     monkeypatch.setattr(tb, "_use_fused", lambda *args: False)  # and small calls would fuse both passes
-    calls = []
-    for name in ("row_lse", "col_reduce"):
-        original = getattr(hopper, name)
-        monkeypatch.setattr(hopper, name, lambda *a, _f=original, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
     q, k = make_qk(1, 32, 8, 640, 1000, d, torch.float16, "cuda")
     out = flash_colsum(q, k, backend="triton")
-    assert calls == ["row_lse", "col_reduce"]
+    assert hopper_calls == ["row_lse", "col_reduce"]
     assert rel_l2(out, reference(q, k)) <= TOLERANCE[torch.float16]
 
 
@@ -157,15 +161,12 @@ def test_falls_back_outside_its_scope():
 
 @hopper_gpu
 @pytest.mark.parametrize("d", [96, 128])
-def test_fused_hopper_up_to_2_28_scores_at_every_head_dim(monkeypatch, d):
+def test_fused_hopper_up_to_2_28_scores_at_every_head_dim(monkeypatch, hopper_calls, d):
     """Above D=64 the portable fused kernel stops at 2**27 scores, the Hopper one at 2**28: B=16,
     H=16, S=1024 fuses, and matches the portable kernels' two passes."""
-    calls = []
-    original = hopper.fused_columns
-    monkeypatch.setattr(hopper, "fused_columns", lambda *a, **kw: calls.append(1) or original(*a, **kw))
     q, k = make_qk(16, 16, 16, 1024, 1024, d, torch.float16, "cuda")
     out = flash_colsum(q, k, backend="triton")
-    assert calls == [1]
+    assert hopper_calls == ["fused_columns"]
     monkeypatch.setenv("FLASH_COLSUM_FAST_PATHS", "0")
     assert rel_l2(out, flash_colsum(q, k, backend="triton")) <= 1e-5
 
