@@ -68,6 +68,7 @@ POINTS = [  # (B, H, Sq, Sk, D, causal, switch)
     (1, 16, 2048, 2048, 64, False, "fused_fast"),
     (1, 16, 4096, 4096, 64, False, "fused_fast"),
     (8, 16, 1024, 1024, 72, False, "fused_fast"),
+    (8, 16, 1024, 1024, 96, False, "fused_fast"),
     (8, 16, 1024, 1024, 128, False, "fused_fast"),
     (1, 32, 2048, 2048, 128, False, "fused_fast"),
 ]

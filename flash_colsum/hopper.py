@@ -26,7 +26,7 @@ TMA box; columns past D arrive as zeros.
 Scope (`supports`): CUDA capability 9.0, fp16/bf16, D a multiple of 8 (16-byte rows) from 16 to
 128, no causal mask, no key padding mask, Q and K contiguous (read as 2-D (rows, D) TMA views);
 the caller (triton_backend._fast_path) also wants all selected rows and 2**29 scores or more per
-pass, or, for FUSED (triton_backend.fused_reduce's small calls), 2**27 (2**28 with a head-dim tail).
+pass, or, for FUSED (triton_backend.fused_reduce's small calls), 2**27.
 Everything else, and every CPU/interpreter run, takes the portable kernels, against which the GPU
 suite checks this path. Gluon does not run in the interpreter: this module is imported only on a GPU.
 """

@@ -604,8 +604,9 @@ def _launch_row_blocks(query, key, p: Problem, rows: range, cfg: dict, lse, out,
 FAST_PATH_MIN_SCORES = 2**29
 # Both passes in one Hopper launch (hopper.fused_columns) pay that host cost once. On the H100 it
 # saved GPU time from B=1 on at H=16, S=1024 (29 vs 32 us) and at B=8 (115 vs 135 us), but below
-# 2**27 scores do_bench timed the host (B=4: 88-91 vs 74-75 us). A head-dim tail adds two descriptor
-# arguments, and B=8 at D=72 was host-bound too (142-256 vs 156-183 us): twice the scores then.
+# 2**27 scores do_bench timed the host (B=4: 88-91 vs 74-75 us in v15; B=1 0.060 vs 0.042 ms in
+# v16). With a head-dim tail (two descriptor arguments more) B=8 now wins too, since the register
+# cap up to D=96: D=72 0.130 vs 0.157 ms, D=96 0.133 vs 0.167 (NOTES.md v16).
 FUSED_FAST_PATH_MIN_SCORES = 2**27
 
 
@@ -620,7 +621,7 @@ def _fast_path(query, key, p: Problem, rows: range, key_keep=None, fused=False):
     """
     min_scores = FAST_PATH_MIN_SCORES
     if fused:
-        min_scores = FUSED_FAST_PATH_MIN_SCORES * (2 if head_dim_blocks(p.head_dim)[1] else 1)
+        min_scores = FUSED_FAST_PATH_MIN_SCORES
     # The cheap tests first: small calls are host-bound, and each environment read costs ~3 us.
     if (p.batch * p.heads * len(rows) * p.k_len < min_scores or not query.is_cuda or key_keep is not None
             or rows != range(p.row_start, p.row_end) or interpreting()

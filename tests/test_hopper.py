@@ -173,9 +173,9 @@ def test_fused_hopper_up_to_2_28_scores_at_every_head_dim(monkeypatch, hopper_ca
 
 @hopper_gpu
 def test_fused_fast_path_thresholds():
-    """Both passes in one Hopper launch from 2**27 scores, twice that with a head-dim tail (two
-    descriptor arguments more); below, the portable fused kernel."""
-    for d, b, expected in [(64, 8, True), (64, 4, False), (128, 8, True), (72, 8, False), (72, 16, True)]:
+    """Both passes in one Hopper launch from 2**27 scores, with or without a head-dim tail; below,
+    the portable fused kernel."""
+    for d, b, expected in [(64, 8, True), (64, 4, False), (128, 8, True), (72, 8, True), (72, 4, False), (96, 8, True)]:
         q, k = make_qk(b, 16, 16, 1024, 1024, d, torch.float16, "cuda")
         p = make_problem(q, k, None, False, "triton")
         assert (tb._fast_path(q, k, p, range(p.row_start, p.row_end), fused=True) is hopper) == expected, (d, b)
