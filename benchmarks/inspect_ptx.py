@@ -66,9 +66,9 @@ def compile_gluon(d: int, columns: bool, fused: bool = False):
     else:
         block_b, stages, a_in_regs = hopper._config(d, columns)
     block_d, block_d2 = head_dim_blocks(d)
-    tiles = dict(a_desc=(hopper.BLOCK_ROWS, block_d), b_desc=(block_b, block_d))
+    tiles = dict(a_desc=(1, 1, hopper.BLOCK_ROWS, block_d), b_desc=(1, 1, block_b, block_d))
     if block_d2:
-        tiles.update(a2_desc=(hopper.BLOCK_ROWS, block_d2), b2_desc=(block_b, block_d2))
+        tiles.update(a2_desc=(1, 1, hopper.BLOCK_ROWS, block_d2), b2_desc=(1, 1, block_b, block_d2))
     values = dict(COLUMNS=columns and not fused, FUSED=fused, USE_MAX=False, STAGES=stages, HAS_TAIL=block_d2 > 0,
                   A_IN_REGS=a_in_regs, num_warps=4)
     if not block_d2:  # no tail: its descriptors are None
@@ -79,7 +79,7 @@ def compile_gluon(d: int, columns: bool, fused: bool = False):
             signature[name] = "constexpr"
         elif name in tiles:
             layout = gl.NVMMASharedLayout.get_default_for(list(tiles[name]), gl.float16)
-            signature[name] = f"tensordesc<fp16[{tiles[name][0]}, {tiles[name][1]}],{layout!r}>"
+            signature[name] = f"tensordesc<fp16[{', '.join(map(str, tiles[name]))}],{layout!r}>"
         else:
             signature[name] = POINTERS.get(name, "fp32" if name in ("qk_scale", "out_scale") else "i32")
     source = GluonASTSource(fn=kernel, signature=signature,

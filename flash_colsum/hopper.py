@@ -24,7 +24,8 @@ Head dims that are not a power of two load as a main block and a tail block (72 
 TMA box; columns past D arrive as zeros.
 
 Scope (`supports`): CUDA capability 9.0, fp16/bf16, D a multiple of 8 (16-byte rows) from 16 to
-128, no causal mask, no key padding mask, Q and K contiguous (read as 2-D (rows, D) TMA views);
+128, no causal mask, no key padding mask, Q and K with D contiguous and 16-byte strides (read in
+place through 4-D TMA descriptors: contiguous tensors and transposed (B, S, H, D) views alike);
 the caller (triton_backend._fast_path) also wants all selected rows and 2**29 scores or more per
 pass, or, for FUSED (triton_backend.fused_reduce's small calls), 2**27.
 Everything else, and every CPU/interpreter run, takes the portable kernels, against which the GPU
@@ -89,6 +90,12 @@ def _fold_tile(s, m_i, l_i, col, lse2, t, Sk, qk_scale, COLUMNS: gl.constexpr, U
     return m_i, l_i, col
 
 
+@gluon.constexpr_function
+def _tile_layout(box_layout):
+    """The [rows, cols] shared-memory layout of a descriptor's [1, 1, rows, cols] box: same bytes, same swizzle."""
+    return gl.NVMMASharedLayout(box_layout.swizzle_byte_width, box_layout.element_bitwidth, 2)
+
+
 @gluon.jit
 def _issue(a_half, a2_half, b_smem, b2_smem, ready, t, zero, WAIT: gl.constexpr, STAGES: gl.constexpr,
            HAS_TAIL: gl.constexpr):
@@ -103,16 +110,17 @@ def _issue(a_half, a2_half, b_smem, b2_smem, ready, t, zero, WAIT: gl.constexpr,
 
 
 @gluon.jit
-def _load_rows(desc, desc2, row, bar, smem, smem2, pred, HAS_TAIL: gl.constexpr):
-    """TMA the rows starting at row into smem (head-dim columns [0, BLOCK_D)) and smem2 (the tail
-    block after them, zero-filled past D), completing on bar."""
+def _load_rows(desc, desc2, b, h, s, bar, smem, smem2, pred, HAS_TAIL: gl.constexpr):
+    """TMA rows s, s + 1, ... of (batch b, head h) into smem (head-dim columns [0, BLOCK_D)) and smem2
+    (the tail block after them), completing on bar. Rows past the head's end and columns past D
+    arrive as zeros. smem/smem2 are [rows, cols] views; TMA sees them as the [1, 1, rows, cols] box."""
     if HAS_TAIL:
         mbarrier.expect(bar, desc.block_type.nbytes + desc2.block_type.nbytes, pred=pred)
-        _tma_load(desc, [row, 0], bar, smem, pred=pred)
-        _tma_load(desc2, [row, desc.block_type.shape[1]], bar, smem2, pred=pred)
+        _tma_load(desc, [b, h, s, 0], bar, smem.reshape(desc.block_type.shape), pred=pred)
+        _tma_load(desc2, [b, h, s, desc.block_type.shape[3]], bar, smem2.reshape(desc2.block_type.shape), pred=pred)
     else:
         mbarrier.expect(bar, desc.block_type.nbytes, pred=pred)
-        _tma_load(desc, [row, 0], bar, smem, pred=pred)
+        _tma_load(desc, [b, h, s, 0], bar, smem.reshape(desc.block_type.shape), pred=pred)
 
 
 @gluon.jit
@@ -146,7 +154,7 @@ def _store_columns(s, lse2, out_base, stride_on, n0, Sk, qk_scale, out_scale, US
 @gluon.jit
 def _fused_columns(q_smem, q2_smem, k_smem, k2_smem, ready, lse2, out_base, stride_on, n_tiles, Sk, qk_scale,
                    out_scale, USE_MAX: gl.constexpr, STAGES: gl.constexpr, HAS_TAIL: gl.constexpr,
-                   BLOCK_A: gl.constexpr, BLOCK_B: gl.constexpr, layout: gl.constexpr, k_desc, k2_desc, k_row0):
+                   BLOCK_A: gl.constexpr, BLOCK_B: gl.constexpr, layout: gl.constexpr, k_desc, k2_desc, k_batch, k_head):
     """FUSED's second phase: the n_tiles key tiles stream through the ring again (tiles n_tiles ...
     2 * n_tiles - 1 of it, the first STAGES already in flight), each as two 64-key halves against the
     stationary rows, [64, D] @ [D, BLOCK_A]; each half's column sums (maxima) go to out_base."""
@@ -166,7 +174,7 @@ def _fused_columns(q_smem, q2_smem, k_smem, k2_smem, ready, lse2, out_base, stri
                              HALF)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_hi, ))
         slot = (n_tiles + t) % STAGES
-        _load_rows(k_desc, k2_desc, k_row0 + (t + STAGES) * BLOCK_B, ready.index(slot), k_smem.index(slot),
+        _load_rows(k_desc, k2_desc, k_batch, k_head, (t + STAGES) * BLOCK_B, ready.index(slot), k_smem.index(slot),
                    k2_smem.index(slot), t + STAGES < n_tiles, HAS_TAIL)
         _store_columns(s, lse2, out_base, stride_on, t * BLOCK_B + HALF, Sk, qk_scale, out_scale, USE_MAX, HALF,
                        layout)
@@ -184,15 +192,16 @@ def _fused_columns(q_smem, q2_smem, k_smem, k2_smem, ready, lse2, out_base, stri
 
 
 @gluon.jit
-def _next_fill(head, tile, n_row_tiles, b_row0, b_head_rows, BLOCK_B: gl.constexpr):
-    """(head, row tile, first row) of the streamed tile after (head, tile): pass 2 streams the row
-    tiles of one head, then of the next head of the chunk; pass 1 one head's keys (n_row_tiles = all
-    its tiles). Counting, not dividing: a division by a runtime value costs ~20 instructions per tile."""
+def _next_fill(head, tile, n_row_tiles, h0, s0, head_step, BLOCK_B: gl.constexpr):
+    """(head, row tile) of the streamed tile after (head, tile), and its (head, first row) coordinates:
+    pass 2 streams the row tiles of one head, then of the next head of the chunk (head_step 1); pass 1
+    one head's keys (n_row_tiles = all its tiles, head_step 0). Counting, not dividing: a division by a
+    runtime value costs ~20 instructions per tile."""
     tile += 1
     if tile == n_row_tiles:
         tile = 0
         head += 1
-    return head, tile, b_row0 + head * b_head_rows + tile * BLOCK_B
+    return head, tile, h0 + head * head_step, s0 + tile * BLOCK_B
 
 
 @gluon.jit
@@ -203,10 +212,11 @@ def _stream_kernel(
     COLUMNS: gl.constexpr, FUSED: gl.constexpr, USE_MAX: gl.constexpr, STAGES: gl.constexpr,
     HAS_TAIL: gl.constexpr, A_IN_REGS: gl.constexpr, num_warps: gl.constexpr,
 ):
-    BLOCK_A: gl.constexpr = a_desc.block_type.shape[0]  # 128: two halves of 64, one wgmma each
+    # Descriptors over (B, heads, rows, D) with boxes [1, 1, rows, cols]; the tiles are [rows, cols].
+    BLOCK_A: gl.constexpr = a_desc.block_type.shape[2]  # 128: two halves of 64, one wgmma each
     HALF: gl.constexpr = BLOCK_A // 2
-    BLOCK_B: gl.constexpr = b_desc.block_type.shape[0]
-    BLOCK_D: gl.constexpr = a_desc.block_type.shape[1]  # the main head-dim block; a2/b2: the tail
+    BLOCK_B: gl.constexpr = b_desc.block_type.shape[2]
+    BLOCK_D: gl.constexpr = a_desc.block_type.shape[3]  # the main head-dim block; a2/b2: the tail
     # One warpgroup; wgmma's instruction N spans the whole streamed tile.
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                      instr_shape=[16, BLOCK_B, 16])
@@ -223,42 +233,50 @@ def _stream_kernel(
         b = rest // n_chunks
         chunk = rest % n_chunks
         h_first = chunk * HEADS_PER_PROGRAM
-        a_row0 = (b * (H // GROUP) + h_first // GROUP) * Sk + a_block * BLOCK_A
-        b_row0 = (b * H + h_first) * Sq + row_start
+        a_head = h_first // GROUP
+        a_row0 = a_block * BLOCK_A
+        b_head0 = h_first
+        b_row0 = row_start
         n_row_tiles = (row_end - row_start + BLOCK_B - 1) // BLOCK_B
         n_tiles = HEADS_PER_PROGRAM * n_row_tiles
-        b_head_rows = Sq
+        head_step = 1
     else:
         # rest = (batch, head); A = query rows, B = the head's keys.
         b = rest // H
         h = rest % H
-        a_row0 = (b * H + h) * Sq + row_start + a_block * BLOCK_A
-        b_row0 = (b * (H // GROUP) + h // GROUP) * Sk
+        a_head = h
+        a_row0 = row_start + a_block * BLOCK_A
+        b_head0 = h // GROUP
+        b_row0 = 0
         n_tiles = (Sk + BLOCK_B - 1) // BLOCK_B
         n_row_tiles = n_tiles  # the fill counter wraps to the first key tile: FUSED streams them twice
-        b_head_rows = 0
+        head_step = 0
     n_fills = 2 * n_tiles if FUSED else n_tiles  # tiles through the ring
 
-    a_smem = gl.allocate_shared_memory(a_desc.dtype, [BLOCK_A, BLOCK_D], a_desc.layout)
-    b_smem = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_B, BLOCK_D], b_desc.layout)
+    a_smem = gl.allocate_shared_memory(a_desc.dtype, [BLOCK_A, BLOCK_D], _tile_layout(a_desc.layout))
+    b_smem = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_B, BLOCK_D], _tile_layout(b_desc.layout))
     a2_smem = a_smem  # unused without a tail
     b2_smem = b_smem
     if HAS_TAIL:
-        a2_smem = gl.allocate_shared_memory(a2_desc.dtype, a2_desc.block_type.shape, a2_desc.layout)
-        b2_smem = gl.allocate_shared_memory(b2_desc.dtype, [STAGES] + b2_desc.block_type.shape, b2_desc.layout)
+        BLOCK_D2: gl.constexpr = a2_desc.block_type.shape[3]
+        a2_smem = gl.allocate_shared_memory(a2_desc.dtype, [BLOCK_A, BLOCK_D2], _tile_layout(a2_desc.layout))
+        b2_smem = gl.allocate_shared_memory(b2_desc.dtype, [STAGES, BLOCK_B, BLOCK_D2], _tile_layout(b2_desc.layout))
     a_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(a_bar, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
 
-    _load_rows(a_desc, a2_desc, a_row0, a_bar, a_smem, a2_smem, True, HAS_TAIL)
-    fill_head = 0  # (head, row tile, first row) of the next streamed tile to load
+    _load_rows(a_desc, a2_desc, b, a_head, a_row0, a_bar, a_smem, a2_smem, True, HAS_TAIL)
+    fill_head = 0  # (head, row tile) of the next streamed tile to load, and its coordinates
     fill_tile = 0
-    fill_row = b_row0
+    fill_h = b_head0
+    fill_s = b_row0
     for i in gl.static_range(STAGES):
-        _load_rows(b_desc, b2_desc, fill_row, ready.index(i), b_smem.index(i), b2_smem.index(i), i < n_fills, HAS_TAIL)
-        fill_head, fill_tile, fill_row = _next_fill(fill_head, fill_tile, n_row_tiles, b_row0, b_head_rows, BLOCK_B)
+        _load_rows(b_desc, b2_desc, b, fill_h, fill_s, ready.index(i), b_smem.index(i), b2_smem.index(i), i < n_fills,
+                   HAS_TAIL)
+        fill_head, fill_tile, fill_h, fill_s = _next_fill(fill_head, fill_tile, n_row_tiles, b_head0, b_row0, head_step,
+                                                          BLOCK_B)
 
     zero = gl.zeros([HALF, BLOCK_B], gl.float32, layout=layout)
     # Per half: the running (max, sum) of pass 1, or the column sums (maxima) of pass 2.
@@ -301,9 +319,10 @@ def _stream_kernel(
         acc_lo = _issue(a_lo, a2_lo, b_smem, b2_smem, ready, t + 1, zero, True, STAGES, HAS_TAIL)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_hi, ))
         # Both halves are done with tile t: its buffer takes tile t + STAGES.
-        _load_rows(b_desc, b2_desc, fill_row, ready.index(t % STAGES), b_smem.index(t % STAGES),
+        _load_rows(b_desc, b2_desc, b, fill_h, fill_s, ready.index(t % STAGES), b_smem.index(t % STAGES),
                    b2_smem.index(t % STAGES), t + STAGES < n_fills, HAS_TAIL)
-        fill_head, fill_tile, fill_row = _next_fill(fill_head, fill_tile, n_row_tiles, b_row0, b_head_rows, BLOCK_B)
+        fill_head, fill_tile, fill_h, fill_s = _next_fill(fill_head, fill_tile, n_row_tiles, b_head0, b_row0, head_step,
+                                                          BLOCK_B)
         lse2_next = lse2
         if COLUMNS:
             lse2_next = gl.load(lse_ptrs + (t + 1) * BLOCK_B)
@@ -320,7 +339,7 @@ def _stream_kernel(
                                         layout, True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(acc_hi, ))
         if FUSED:  # the last tile's buffer takes the second phase's tile STAGES - 1
-            _load_rows(b_desc, b2_desc, fill_row, ready.index(t % STAGES), b_smem.index(t % STAGES),
+            _load_rows(b_desc, b2_desc, b, fill_h, fill_s, ready.index(t % STAGES), b_smem.index(t % STAGES),
                        b2_smem.index(t % STAGES), t + STAGES < n_fills, HAS_TAIL)
         m_hi, l_hi, col_hi = _fold_tile(s, m_hi, l_hi, col_hi, lse2, t, Sk, qk_scale, COLUMNS, USE_MAX, BLOCK_B,
                                         layout, True)
@@ -341,7 +360,7 @@ def _stream_kernel(
         lse2 = lse_smem.load(gl.SliceLayout(0, keys_layout))
         _fused_columns(a_smem, a2_smem, b_smem, b2_smem, ready, lse2, OUT + pid.to(gl.int64) * stride_ob, stride_on,
                        n_tiles, Sk, qk_scale, out_scale, USE_MAX, STAGES, HAS_TAIL, BLOCK_A, BLOCK_B, keys_layout,
-                       b_desc, b2_desc, b_row0)
+                       b_desc, b2_desc, b, b_head0)
     mbarrier.invalidate(a_bar)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
@@ -392,29 +411,34 @@ def supports(query: torch.Tensor, key: torch.Tensor, p: Problem) -> bool:
         and p.head_dim % 8 == 0  # 16-byte rows for TMA
         and 16 <= p.head_dim <= 128
         and not p.causal
-        and query.is_contiguous()
-        and key.is_contiguous()
-        and query.data_ptr() % 16 == 0
-        and key.data_ptr() % 16 == 0
+        and _tma_strides(query)
+        and _tma_strides(key)
     )
+
+
+def _tma_strides(t: torch.Tensor) -> bool:
+    """Whether TMA can read t (B, heads, rows, D) in place: D contiguous, every other stride positive
+    and, like the base, a multiple of 16 bytes. Covers contiguous tensors and the (B, S, H, D) memory
+    that transformers' attention layers pass as transposed views; not broadcast (stride 0) ones."""
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(stride > 0 and stride * t.element_size() % 16 == 0 for stride in t.stride()[:-1]))
 
 
 @functools.lru_cache(maxsize=None)
 def _shared_layout(rows: int, cols: int, dtype: torch.dtype):
-    return gl.NVMMASharedLayout.get_default_for([rows, cols], _GL_DTYPES[dtype])
+    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, cols], _GL_DTYPES[dtype])
 
 
 def _rows_views(t: torch.Tensor, block_rows: int) -> tuple:
-    """TMA descriptors over t (..., rows, D) seen as one 2-D (all rows, D) matrix, in tiles of
-    block_rows rows: (main, tail) head-dim blocks as triton_backend splits D (72 = 64 + 16; tile
-    widths are powers of two), the tail read from column BLOCK_D on and zero-filled past D.
-    Without a tail, None (a constexpr to the kernel: each descriptor argument costs host time at
-    every launch, which small fused calls feel)."""
-    d = t.shape[-1]
-    shape, strides = [t.numel() // d, d], [d, 1]
+    """TMA descriptors over t (B, heads, rows, D) with its own strides, in [1, 1, block_rows, cols]
+    boxes: (main, tail) head-dim blocks as triton_backend splits D (72 = 64 + 16; tile widths are
+    powers of two), the tail read from column BLOCK_D on. TMA zero-fills rows past a head's end and
+    columns past D. Without a tail, None (a constexpr to the kernel: each descriptor argument costs
+    host time at every launch, which small fused calls feel)."""
+    shape, strides = list(t.shape), list(t.stride())
     return tuple(None if not cols else
-                 TensorDescriptor(t, shape, strides, [block_rows, cols], _shared_layout(block_rows, cols, t.dtype))
-                 for cols in head_dim_blocks(d))
+                 TensorDescriptor(t, shape, strides, [1, 1, block_rows, cols], _shared_layout(block_rows, cols, t.dtype))
+                 for cols in head_dim_blocks(t.shape[-1]))
 
 
 def row_lse(query, key, p: Problem, config=None) -> torch.Tensor:

@@ -119,6 +119,53 @@ def test_fused_matches_reference(b, h, hk, sq, sk, d, dtype, rows):
         assert rel_l2(joined, two_passes) <= 1e-5, f"against the two Hopper passes, max={use_max}"
 
 
+# Layouts TMA reads in place: (B, S, H, D) memory viewed as (B, H, S, D), as transformers' attention
+# layers pass it; a head-dim slice of wider rows; Q and K in different layouts.
+LAYOUTS = ["seq_major", "d_slice", "mixed"]
+
+
+def _strided_qk(layout, b, h, hk, sq, sk, d, dtype):
+    if layout == "d_slice":  # the first D columns of wider rows: TMA zero-fills the columns past D
+        q, k = make_qk(b, h, hk, sq, sk, d + 16, dtype, "cuda")
+        return q[..., :d], k[..., :d]
+    q, k = make_qk(b, h, hk, sq, sk, d, dtype, "cuda", seq_major=True)
+    return (q, k.contiguous()) if layout == "mixed" else (q, k)
+
+
+@hopper_gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("d,dtype", [(64, torch.float16), (40, torch.bfloat16), (48, torch.float16)])
+@pytest.mark.parametrize("b,h,hk,sq,sk", [(2, 4, 2, 300, 129), (1, 3, 3, 640, 2048), (2, 2, 1, 100, 50)])
+def test_strided_inputs_read_in_place(layout, b, h, hk, sq, sk, d, dtype):
+    """Non-contiguous Q/K take the Hopper kernels through their strides: both passes and the fused
+    launch give the very bits they give on contiguous copies, and match float64."""
+    q, k = _strided_qk(layout, b, h, hk, sq, sk, d, dtype)
+    assert not (q.is_contiguous() and k.is_contiguous())
+    qc, kc = q.contiguous(), k.contiguous()
+    p = make_problem(q, k, None, False, "triton").with_rows(3, sq - 5)
+    assert hopper.supports(q, k, p)
+    lse = hopper.row_lse(q, k, p)
+    assert torch.equal(lse, hopper.row_lse(qc, kc, p))
+    selected = range(p.row_start, p.row_end)
+    assert rel_l2(lse, _lse_reference(q, k, p.scale, selected)) <= 1e-6
+    for use_max in (False, True):
+        out = hopper.col_reduce(q, k, lse, p, p.group, use_max)
+        assert torch.equal(out, hopper.col_reduce(qc, kc, lse, p, p.group, use_max))
+        assert rel_l2(out, _col_reference(q, k, lse, p.scale, selected, p.group, use_max)) <= 1e-5
+        assert torch.equal(hopper.fused_columns(q, k, p, use_max), hopper.fused_columns(qc, kc, p, use_max))
+
+
+@hopper_gpu
+def test_public_api_takes_the_fast_path_on_transposed_views(monkeypatch, hopper_calls):
+    """The layout transformers passes, (B, S, H, D) memory viewed as (B, H, S, D), fuses on the
+    Hopper path with no copy, and matches float64."""
+    monkeypatch.setattr(tb, "FUSED_FAST_PATH_MIN_SCORES", 2**25)
+    q, k = make_qk(4, 16, 4, 1024, 1024, 72, torch.bfloat16, "cuda", seq_major=True)
+    out = flash_colsum(q, k, backend="triton")
+    assert hopper_calls == ["fused_columns"]
+    assert rel_l2(out, reference(q, k)) <= TOLERANCE[torch.bfloat16]
+
+
 @hopper_gpu
 @pytest.mark.parametrize("d,hk", [(64, 16), (64, 4), (72, 16), (128, 8)])
 def test_public_api_fuses_on_the_fast_path(monkeypatch, hopper_calls, d, hk):
@@ -153,8 +200,11 @@ def test_falls_back_outside_its_scope():
     q, k = make_qk(1, 2, 2, 600, 700, 64, torch.float16, "cuda")
     q36, k36 = make_qk(1, 2, 2, 600, 700, 36, torch.float16, "cuda")  # rows of 72 bytes: no TMA
     q256, k256 = make_qk(1, 2, 2, 600, 700, 256, torch.float16, "cuda")
+    broadcast = k[:, :1].expand(-1, 2, -1, -1)  # stride 0 over heads
+    unaligned = torch.empty(1, 2, 700, 72, dtype=torch.float16, device="cuda")[..., 4:68]  # base off by 8 bytes
     for causal, qq, kk in [(True, q, k), (False, q.float(), k.float()), (False, q36, k36), (False, q256, k256),
-                           (False, q[..., :48], k[..., :48]), (False, q.transpose(2, 3).contiguous().transpose(2, 3), k)]:
+                           (False, q.transpose(2, 3).contiguous().transpose(2, 3), k), (False, q, broadcast),
+                           (False, q, unaligned)]:
         p = make_problem(qq, kk, None, causal, "triton")
         assert not hopper.supports(qq, kk, p)
 
