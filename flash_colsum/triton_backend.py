@@ -613,8 +613,8 @@ FUSED_FAST_PATH_MIN_SCORES = 2**27
 def _fast_path(query, key, p: Problem, rows: range, key_keep=None, fused=False):
     """The Hopper kernels (`flash_colsum.hopper`) when they cover this call, else None.
 
-    They take non-causal fp16/bf16 problems with D a multiple of 8 up to 128, contiguous Q and K
-    and no key mask, on a CUDA capability 9.0 GPU, over all selected rows, with at least
+    They take non-causal fp16/bf16 problems with D a multiple of 8 up to 128, Q and K with D
+    contiguous and 16-byte strides (contiguous, or transposed (B, S, H, D) views) and no key mask, on a CUDA capability 9.0 GPU, over all selected rows, with at least
     FAST_PATH_MIN_SCORES scores (FUSED_FAST_PATH_MIN_SCORES for both passes in one launch).
     FLASH_COLSUM_FAST_PATHS=0 turns them off (the portable kernels then run everywhere, as on the
     CPU interpreter).
