@@ -208,7 +208,7 @@ def _next_fill(head, tile, n_row_tiles, h0, s0, head_step, BLOCK_B: gl.constexpr
 def _stream_kernel(
     a_desc, a2_desc, b_desc, b2_desc, LSE, OUT,
     stride_lb, stride_lh, stride_lm, stride_ob, stride_oc, stride_on,
-    H, GROUP, HEADS_PER_PROGRAM, Sq, Sk, row_start, row_end, n_a_blocks, qk_scale, out_scale,
+    H, GROUP, HEADS_PER_PROGRAM, Sk, row_start, row_end, n_a_blocks, qk_scale, out_scale,
     COLUMNS: gl.constexpr, FUSED: gl.constexpr, USE_MAX: gl.constexpr, STAGES: gl.constexpr,
     HAS_TAIL: gl.constexpr, A_IN_REGS: gl.constexpr, num_warps: gl.constexpr,
 ):
@@ -450,7 +450,7 @@ def row_lse(query, key, p: Problem, config=None) -> torch.Tensor:
     _stream_kernel[grid](
         *_rows_views(query, BLOCK_ROWS), *_rows_views(key, block_b), lse, lse,
         *lse.stride(), 0, 0, 0,
-        p.heads, p.group, 1, p.q_len, p.k_len, p.row_start, p.row_end, n_a_blocks, p.scale * LOG2E, 1.0,
+        p.heads, p.group, 1, p.k_len, p.row_start, p.row_end, n_a_blocks, p.scale * LOG2E, 1.0,
         COLUMNS=False, FUSED=False, USE_MAX=False, STAGES=stages, HAS_TAIL=head_dim_blocks(p.head_dim)[1] > 0,
         A_IN_REGS=a_in_regs, num_warps=4,
     )
@@ -470,7 +470,7 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
     _stream_kernel[grid](
         *_rows_views(key, BLOCK_ROWS), *_rows_views(query, block_b), lse2, out,
         *lse2.stride(), *out.stride(),
-        p.heads, p.group, heads_per_chunk, p.q_len, p.k_len, p.row_start, p.row_end, n_a_blocks,
+        p.heads, p.group, heads_per_chunk, p.k_len, p.row_start, p.row_end, n_a_blocks,
         p.scale * LOG2E, 1.0 / divisor,
         COLUMNS=True, FUSED=False, USE_MAX=use_max, STAGES=stages, HAS_TAIL=head_dim_blocks(p.head_dim)[1] > 0,
         A_IN_REGS=a_in_regs, num_warps=4,
@@ -500,7 +500,7 @@ def fused_columns(query, key, p: Problem, use_max: bool, divisor: float = 1.0, c
     _stream_kernel[grid](
         *_rows_views(query, BLOCK_ROWS), *_rows_views(key, block_b), parts, parts,
         0, 0, 0, p.k_len, 0, 1,
-        p.heads, p.group, 1, p.q_len, p.k_len, p.row_start, p.row_end, n_a_blocks, p.scale * LOG2E, 1.0 / divisor,
+        p.heads, p.group, 1, p.k_len, p.row_start, p.row_end, n_a_blocks, p.scale * LOG2E, 1.0 / divisor,
         COLUMNS=False, FUSED=True, USE_MAX=use_max, STAGES=stages, HAS_TAIL=head_dim_blocks(p.head_dim)[1] > 0,
         A_IN_REGS=False, num_warps=4, **({} if maxnreg is None else dict(maxnreg=maxnreg)),
     )
