@@ -382,15 +382,15 @@ BLOCK_ROWS = 128
 
 
 def _config(head_dim: int, columns: bool) -> tuple[int, int, bool]:
-    """(BLOCK_B, STAGES, A_IN_REGS) for a pass (results/tune_hopper_h100_v10*.csv, v12 for D=72-96)."""
+    """(BLOCK_B, STAGES, A_IN_REGS) for a pass (results/tune_hopper_h100_v10*.csv, v12 for D=72-96,
+    v16 for D=96-128)."""
     if columns and head_dim <= 64:
         return 64, 3, False
     # Pass 2 above D=64 reads the stationary keys from registers: D=72 1.89 vs 1.98 ms, D=80 1.85
-    # vs 1.99 (64-key tiles), D=96 1.98 vs 2.14, D=128 2.08 vs 2.21 (128-key tiles).
-    if columns and head_dim <= 80:
-        return 64, 3, True
+    # vs 1.99, D=96 1.98 vs 2.14, D=128 2.08 vs 2.21. Its streamed tiles are 64 rows: at D=128
+    # 2.111 vs 2.160 ms for 128 rows (D=96 1.914 vs 1.930); 3 stages up to D=80 (D=128: 2.223).
     if columns:
-        return 128, 2, True
+        return 64, 3 if head_dim <= 80 else 2, True
     return 128, 2, False
 
 

@@ -11,14 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import triton
 
 from flash_colsum import flash_colsum
 from flash_colsum import triton_backend as tb
 from flash_colsum.utils import make_problem
 from helpers import TOLERANCE, make_qk, reference, rel_l2
 
-NEW_PTXAS = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 7)
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 hopper_gpu = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU (Gluon does not run in the interpreter)")
 if HOPPER:
@@ -259,13 +257,10 @@ def test_kernels_compile_for_sm90_with_async_wgmma(d, mode):
     and ptxas keeps the wgmmas asynchronous (warning C7514 says it serialized them: with Triton
     3.6's ptxas, a plain epilogue did that, NOTES.md v10)."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
-    columns = mode == "columns"
     report = _inspect_ptx("--gluon", "--d", str(d), *([] if mode == "lse" else [f"--{mode}"]))
     assert "registers" in report, report
     assert "C7514" not in report, report
     spills = re.search(r"(\d+) bytes spill stores", report)
-    if d == 128 and columns and NEW_PTXAS:
-        pytest.skip("Triton 3.7+'s ptxas spills here (~650 bytes); Triton 3.6's, on the GPU machine, does not")
     # Fused up to D=96 runs under a register cap (hopper._fused_config): a few bytes spill for a third CTA per SM.
     allowed = 24 if mode == "fused" and d <= 96 else 0
     assert spills and int(spills.group(1)) <= allowed, report
