@@ -153,6 +153,21 @@ def test_strided_inputs_read_in_place(layout, b, h, hk, sq, sk, d, dtype):
         assert torch.equal(hopper.fused_columns(q, k, p, use_max), hopper.fused_columns(qc, kc, p, use_max))
 
 
+@pytest.mark.parametrize("layout,readable", [("contiguous", True), ("seq_major", True), ("d_slice", True),
+                                             ("broadcast_heads", False), ("d_strided", False), ("base_off_8_bytes", False)])
+def test_tma_reads_strided_layouts_in_place(layout, readable):
+    """Which (B, H, S, D) layouts the Hopper kernels read through their descriptors (checked on the
+    CPU; the GPU tests run them): D contiguous, other strides positive multiples of 16 bytes."""
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    from flash_colsum import hopper as hopper_module  # builds no kernel: importable without a GPU
+
+    wide = torch.randn(2, 3, 40, 80, dtype=torch.float16)
+    t = {"contiguous": wide, "seq_major": wide.transpose(1, 2), "d_slice": wide[..., :64],
+         "broadcast_heads": wide[:, :1].expand(-1, 3, -1, -1), "d_strided": wide.transpose(2, 3),
+         "base_off_8_bytes": wide[..., 4:68]}[layout]
+    assert hopper_module._tma_strides(t) == readable
+
+
 @hopper_gpu
 def test_public_api_takes_the_fast_path_on_transposed_views(monkeypatch, hopper_calls):
     """The layout transformers passes, (B, S, H, D) memory viewed as (B, H, S, D), fuses on the
