@@ -614,14 +614,12 @@ def _fast_path(query, key, p: Problem, rows: range, key_keep=None, fused=False):
     """The Hopper kernels (`flash_colsum.hopper`) when they cover this call, else None.
 
     They take non-causal fp16/bf16 problems with D a multiple of 8 up to 128, Q and K with D
-    contiguous and 16-byte strides (contiguous, or transposed (B, S, H, D) views) and no key mask, on a CUDA capability 9.0 GPU, over all selected rows, with at least
-    FAST_PATH_MIN_SCORES scores (FUSED_FAST_PATH_MIN_SCORES for both passes in one launch).
-    FLASH_COLSUM_FAST_PATHS=0 turns them off (the portable kernels then run everywhere, as on the
-    CPU interpreter).
+    contiguous and 16-byte strides (contiguous, or transposed (B, S, H, D) views) and no key mask,
+    on a CUDA capability 9.0 GPU, over all selected rows, with at least FAST_PATH_MIN_SCORES scores
+    (FUSED_FAST_PATH_MIN_SCORES for both passes in one launch). FLASH_COLSUM_FAST_PATHS=0 turns them
+    off (the portable kernels then run everywhere, as on the CPU interpreter).
     """
-    min_scores = FAST_PATH_MIN_SCORES
-    if fused:
-        min_scores = FUSED_FAST_PATH_MIN_SCORES
+    min_scores = FUSED_FAST_PATH_MIN_SCORES if fused else FAST_PATH_MIN_SCORES
     # The cheap tests first: small calls are host-bound, and each environment read costs ~3 us.
     if (p.batch * p.heads * len(rows) * p.k_len < min_scores or not query.is_cuda or key_keep is not None
             or rows != range(p.row_start, p.row_end) or interpreting()
