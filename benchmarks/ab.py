@@ -36,6 +36,12 @@ POINTS = [  # (B, H, Sq, Sk, D, causal, switch)
     (1, 16, 16384, 16384, 128, False, "fast"),
     (8, 16, 1024, 1024, 64, False, "fast"),
     (64, 16, 1024, 1024, 64, False, "fast"),
+    (1, 16, 16384, 16384, 64, True, "fast"),  # causal prefill
+    (1, 16, 16384, 16384, 128, True, "fast"),
+    (1, 32, 8192, 8192, 128, True, "fast"),
+    (1, 16, 16384, 16384, 72, True, "fast"),
+    (1, 16, 4096, 16384, 64, True, "fast"),  # a causal chunk over a longer cache
+    (1, 16, 32768, 32768, 64, True, "fast"),
     (1, 32, 128, 65536, 128, True, "row_stat"),
     (1, 32, 128, 262144, 128, True, "row_stat"),
     (1, 32, 512, 65536, 128, True, "row_stat"),

@@ -2,7 +2,7 @@
 count its global loads: scalar `ld.global.b16`, vector `ld.global.v4`, or pipelined `cp.async`.
 
     python -m benchmarks.inspect_ptx --d 72 [--unit 8] [--columns]
-    python -m benchmarks.inspect_ptx --gluon --d 64 [--columns | --fused]
+    python -m benchmarks.inspect_ptx --gluon --d 64 [--columns | --fused] [--causal]
 
 --gluon compiles the Hopper kernel (flash_colsum.hopper) instead and prints what ptxas (shipped with
 Triton) reports: registers, spills, and warning C7514 if it serialized the asynchronous wgmmas
@@ -51,7 +51,7 @@ def compile_row_blocks(d: int, unit: int, columns: bool):
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
 
 
-def compile_gluon(d: int, columns: bool, fused: bool = False):
+def compile_gluon(d: int, columns: bool, fused: bool = False, causal: bool = False):
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -69,7 +69,7 @@ def compile_gluon(d: int, columns: bool, fused: bool = False):
     tiles = dict(a_desc=(1, 1, hopper.BLOCK_ROWS, block_d), b_desc=(1, 1, block_b, block_d))
     if block_d2:
         tiles.update(a2_desc=(1, 1, hopper.BLOCK_ROWS, block_d2), b2_desc=(1, 1, block_b, block_d2))
-    values = dict(COLUMNS=columns and not fused, FUSED=fused, USE_MAX=False, STAGES=stages, HAS_TAIL=block_d2 > 0,
+    values = dict(COLUMNS=columns and not fused, FUSED=fused, USE_MAX=False, CAUSAL=causal, STAGES=stages, HAS_TAIL=block_d2 > 0,
                   A_IN_REGS=a_in_regs, num_warps=4)
     if not block_d2:  # no tail: its descriptors are None
         values.update(a2_desc=None, b2_desc=None)
@@ -108,9 +108,10 @@ def main():
     parser.add_argument("--columns", action="store_true", help="pass-2 (COLUMNS) mode instead of pass 1")
     parser.add_argument("--gluon", action="store_true", help="the Hopper Gluon kernel; print ptxas's report")
     parser.add_argument("--fused", action="store_true", help="with --gluon: both passes in one launch (FUSED)")
+    parser.add_argument("--causal", action="store_true", help="with --gluon: the causal mask (CAUSAL)")
     args = parser.parse_args()
     if args.gluon:
-        print(ptxas_report(compile_gluon(args.d, args.columns, args.fused).asm["ptx"]))
+        print(ptxas_report(compile_gluon(args.d, args.columns, args.fused, args.causal).asm["ptx"]))
         return
     ptx = compile_row_blocks(args.d, args.unit, args.columns).asm["ptx"]
     print(dict(Counter(re.findall(r"ld\.global[\w.]*|cp\.async\.[\w.]*", ptx))))

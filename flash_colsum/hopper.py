@@ -80,13 +80,42 @@ def _col_tile(s, col, lse2, qk_scale, USE_MAX: gl.constexpr):
 
 
 @gluon.jit
-def _fold_tile(s, m_i, l_i, col, lse2, t, Sk, qk_scale, COLUMNS: gl.constexpr, USE_MAX: gl.constexpr,
-               BLOCK_B: gl.constexpr, layout: gl.constexpr, LAST: gl.constexpr):
-    """Fold tile t's scores into the pass's state: (m_i, l_i) for pass 1, col for pass 2."""
+def _causal_mask(s, a0, b0, causal_offset, COLUMNS: gl.constexpr, layout: gl.constexpr):
+    """-inf where the causal mask hides a score of the [rows a0.., rows b0..] tile (query i sees key j
+    iff j <= i + causal_offset): pass 1's A rows are queries and B rows keys, pass 2's the reverse.
+    Only tiles the diagonal crosses pay the selects; a branch uniform over the CTA skips the rest."""
+    HALF: gl.constexpr = s.shape[0]
+    BLOCK_B: gl.constexpr = s.shape[1]
+    if COLUMNS:
+        crossed = a0 + HALF - 1 > b0 + causal_offset  # the half's last key against the tile's first row
+    else:
+        crossed = b0 + BLOCK_B - 1 > a0 + causal_offset  # the tile's last key against the half's first row
+    if crossed:
+        offs_a = a0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, layout))
+        cols = gl.arange(0, BLOCK_B, layout=gl.SliceLayout(0, layout))
+        # Register-lean forms found with ptxas (benchmarks/NOTES.md v17): pass 2 compares the tile's
+        # column numbers against one threshold per stationary row (164 registers at D=64 instead of
+        # 180); pass 1 offsets its columns (163 instead of 191).
+        if COLUMNS:
+            seen = cols[None, :] >= (offs_a - causal_offset - b0)[:, None]  # key a <= row b + offset
+        else:
+            seen = (b0 + cols)[None, :] <= (offs_a + causal_offset)[:, None]  # key b <= row a + offset
+        s = gl.where(seen, s, float("-inf"))
+    return s
+
+
+@gluon.jit
+def _fold_tile(s, m_i, l_i, col, lse2, t, Sk, qk_scale, a0, b0, causal_offset, COLUMNS: gl.constexpr,
+               USE_MAX: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_B: gl.constexpr, layout: gl.constexpr,
+               LAST: gl.constexpr):
+    """Fold tile t's scores into the pass's state: (m_i, l_i) for pass 1, col for pass 2. With CAUSAL,
+    a0 is the half's first stationary row and b0 the tile's first streamed row (absolute indices)."""
+    if CAUSAL:  # keys past Sk are masked too: j <= i + Sk - Sq < Sk for every query row i < Sq
+        s = _causal_mask(s, a0, b0, causal_offset, COLUMNS, layout)
     if COLUMNS:
         col = _col_tile(s, col, lse2, qk_scale, USE_MAX)
     else:
-        m_i, l_i = _lse_tile(s, m_i, l_i, t * BLOCK_B, Sk, qk_scale, BLOCK_B, layout, LAST)
+        m_i, l_i = _lse_tile(s, m_i, l_i, t * BLOCK_B, Sk, qk_scale, BLOCK_B, layout, LAST and not CAUSAL)
     return m_i, l_i, col
 
 
@@ -192,14 +221,15 @@ def _fused_columns(q_smem, q2_smem, k_smem, k2_smem, ready, lse2, out_base, stri
 
 
 @gluon.jit
-def _next_fill(head, tile, n_row_tiles, h0, s0, head_step, BLOCK_B: gl.constexpr):
+def _next_fill(head, tile, tile0, n_row_tiles, h0, s0, head_step, BLOCK_B: gl.constexpr):
     """(head, row tile) of the streamed tile after (head, tile), and its (head, first row) coordinates:
-    pass 2 streams the row tiles of one head, then of the next head of the chunk (head_step 1); pass 1
-    one head's keys (n_row_tiles = all its tiles, head_step 0). Counting, not dividing: a division by a
+    pass 2 streams row tiles tile0 ... n_row_tiles - 1 of one head (tile0 > 0: the causal mask hides
+    the first rows), then of the next head of the chunk (head_step 1); pass 1 one head's keys
+    (n_row_tiles = all its tiles, tile0 = 0, head_step 0). Counting, not dividing: a division by a
     runtime value costs ~20 instructions per tile."""
     tile += 1
     if tile == n_row_tiles:
-        tile = 0
+        tile = tile0
         head += 1
     return head, tile, h0 + head * head_step, s0 + tile * BLOCK_B
 
@@ -208,8 +238,8 @@ def _next_fill(head, tile, n_row_tiles, h0, s0, head_step, BLOCK_B: gl.constexpr
 def _stream_kernel(
     a_desc, a2_desc, b_desc, b2_desc, LSE, OUT,
     stride_lb, stride_lh, stride_lm, stride_ob, stride_oc, stride_on,
-    H, GROUP, HEADS_PER_PROGRAM, Sk, row_start, row_end, n_a_blocks, qk_scale, out_scale,
-    COLUMNS: gl.constexpr, FUSED: gl.constexpr, USE_MAX: gl.constexpr, STAGES: gl.constexpr,
+    H, GROUP, HEADS_PER_PROGRAM, Sk, row_start, row_end, n_a_blocks, causal_offset, qk_scale, out_scale,
+    COLUMNS: gl.constexpr, FUSED: gl.constexpr, USE_MAX: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
     HAS_TAIL: gl.constexpr, A_IN_REGS: gl.constexpr, num_warps: gl.constexpr,
 ):
     # Descriptors over (B, heads, rows, D) with boxes [1, 1, rows, cols]; the tiles are [rows, cols].
@@ -227,6 +257,8 @@ def _stream_kernel(
     pid = gl.program_id(0)
     a_block = pid % n_a_blocks
     rest = pid // n_a_blocks
+    if CAUSAL and not COLUMNS:  # the last row blocks see the most keys: launch them first
+        a_block = n_a_blocks - 1 - a_block
     if COLUMNS:
         # rest = (batch, head chunk); A = key block, B = query rows of the chunk's heads.
         n_chunks = H // HEADS_PER_PROGRAM
@@ -238,7 +270,10 @@ def _stream_kernel(
         b_head0 = h_first
         b_row0 = row_start
         n_row_tiles = (row_end - row_start + BLOCK_B - 1) // BLOCK_B
-        n_tiles = HEADS_PER_PROGRAM * n_row_tiles
+        tile0 = 0
+        if CAUSAL:  # rows before a_row0 - causal_offset see none of the block's keys: skip their tiles
+            tile0 = gl.minimum(gl.maximum(a_row0 - causal_offset - row_start, 0) // BLOCK_B, n_row_tiles - 1)
+        n_tiles = HEADS_PER_PROGRAM * (n_row_tiles - tile0)
         head_step = 1
     else:
         # rest = (batch, head); A = query rows, B = the head's keys.
@@ -248,8 +283,12 @@ def _stream_kernel(
         a_row0 = row_start + a_block * BLOCK_A
         b_head0 = h // GROUP
         b_row0 = 0
-        n_tiles = (Sk + BLOCK_B - 1) // BLOCK_B
+        n_keys = Sk
+        if CAUSAL:  # the block's last row sees keys up to it + causal_offset
+            n_keys = gl.minimum(Sk, gl.minimum(a_row0 + BLOCK_A, row_end) + causal_offset)
+        n_tiles = (n_keys + BLOCK_B - 1) // BLOCK_B
         n_row_tiles = n_tiles  # the fill counter wraps to the first key tile: FUSED streams them twice
+        tile0 = 0
         head_step = 0
     n_fills = 2 * n_tiles if FUSED else n_tiles  # tiles through the ring
 
@@ -269,14 +308,14 @@ def _stream_kernel(
 
     _load_rows(a_desc, a2_desc, b, a_head, a_row0, a_bar, a_smem, a2_smem, True, HAS_TAIL)
     fill_head = 0  # (head, row tile) of the next streamed tile to load, and its coordinates
-    fill_tile = 0
+    fill_tile = tile0
     fill_h = b_head0
-    fill_s = b_row0
+    fill_s = b_row0 + tile0 * BLOCK_B
     for i in gl.static_range(STAGES):
         _load_rows(b_desc, b2_desc, b, fill_h, fill_s, ready.index(i), b_smem.index(i), b2_smem.index(i), i < n_fills,
                    HAS_TAIL)
-        fill_head, fill_tile, fill_h, fill_s = _next_fill(fill_head, fill_tile, n_row_tiles, b_head0, b_row0, head_step,
-                                                          BLOCK_B)
+        fill_head, fill_tile, fill_h, fill_s = _next_fill(fill_head, fill_tile, tile0, n_row_tiles, b_head0, b_row0,
+                                                          head_step, BLOCK_B)
 
     zero = gl.zeros([HALF, BLOCK_B], gl.float32, layout=layout)
     # Per half: the running (max, sum) of pass 1, or the column sums (maxima) of pass 2.
@@ -289,11 +328,16 @@ def _stream_kernel(
     offs_b = gl.arange(0, BLOCK_B, layout=cols_layout)
     lse_ptrs = LSE + offs_b
     lse2 = gl.zeros([BLOCK_B], gl.float32, layout=cols_layout)
+    # (head, row tile) of the tile being folded, and (_, first row) relative to b_row0: the causal mask's coordinates
+    fold_head = 0
+    fold_tile = tile0
+    fold_s = tile0 * BLOCK_B
     if COLUMNS:
         # Pass 2 reads the rows' base-2 LSE from a copy padded with +inf to whole row tiles per head
-        # (col_reduce): tile t's values are the BLOCK_B after t * BLOCK_B, with no mask.
+        # (col_reduce): tile t's values are the BLOCK_B after t * BLOCK_B, with no mask (after
+        # tile0 * BLOCK_B and skipping tile0 tiles per head when causal).
         lse_ptrs = LSE + (b.to(gl.int64) * H + h_first) * (n_row_tiles * BLOCK_B) + offs_b
-        lse2 = gl.load(lse_ptrs)
+        lse2 = gl.load(lse_ptrs + fold_s)
 
     mbarrier.wait(a_bar, 0)
     a_lo = a_smem.slice(0, HALF)
@@ -310,24 +354,32 @@ def _stream_kernel(
     # compute the next scores while the warps exponentiate these. Two accumulators alternate
     # (acc_lo, acc_hi) and no register copy reads one in flight, which would make ptxas serialize
     # the wgmmas. Both halves share each streamed tile: K (or Q) crosses L2 once per 128 rows.
+    # Causal coordinates: the halves' first stationary rows; the tile's first streamed row is b_row0 + fold_s.
+    a0_lo = a_row0
+    a0_hi = a0_lo + HALF
     acc_lo = _issue(a_lo, a2_lo, b_smem, b2_smem, ready, 0, zero, True, STAGES, HAS_TAIL)
     for t in range(n_tiles - 1):
         acc_hi = _issue(a_hi, a2_hi, b_smem, b2_smem, ready, t, zero, False, STAGES, HAS_TAIL)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_lo, ))
-        m_lo, l_lo, col_lo = _fold_tile(s, m_lo, l_lo, col_lo, lse2, t, Sk, qk_scale, COLUMNS, USE_MAX, BLOCK_B,
-                                        layout, False)
+        m_lo, l_lo, col_lo = _fold_tile(s, m_lo, l_lo, col_lo, lse2, t, Sk, qk_scale, a0_lo, b_row0 + fold_s,
+                                        causal_offset, COLUMNS, USE_MAX, CAUSAL, BLOCK_B, layout, False)
         acc_lo = _issue(a_lo, a2_lo, b_smem, b2_smem, ready, t + 1, zero, True, STAGES, HAS_TAIL)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_hi, ))
         # Both halves are done with tile t: its buffer takes tile t + STAGES.
         _load_rows(b_desc, b2_desc, b, fill_h, fill_s, ready.index(t % STAGES), b_smem.index(t % STAGES),
                    b2_smem.index(t % STAGES), t + STAGES < n_fills, HAS_TAIL)
-        fill_head, fill_tile, fill_h, fill_s = _next_fill(fill_head, fill_tile, n_row_tiles, b_head0, b_row0, head_step,
-                                                          BLOCK_B)
+        fill_head, fill_tile, fill_h, fill_s = _next_fill(fill_head, fill_tile, tile0, n_row_tiles, b_head0, b_row0,
+                                                          head_step, BLOCK_B)
+        b0_hi = b_row0 + fold_s
         lse2_next = lse2
-        if COLUMNS:
+        if CAUSAL:  # the next folded tile, whose row tiles may skip tile0 per head
+            fold_head, fold_tile, fold_h, fold_s = _next_fill(fold_head, fold_tile, tile0, n_row_tiles, 0, 0, 1, BLOCK_B)
+            if COLUMNS:
+                lse2_next = gl.load(lse_ptrs + fold_h * (n_row_tiles * BLOCK_B) + fold_s)
+        elif COLUMNS:
             lse2_next = gl.load(lse_ptrs + (t + 1) * BLOCK_B)
-        m_hi, l_hi, col_hi = _fold_tile(s, m_hi, l_hi, col_hi, lse2, t, Sk, qk_scale, COLUMNS, USE_MAX, BLOCK_B,
-                                        layout, False)
+        m_hi, l_hi, col_hi = _fold_tile(s, m_hi, l_hi, col_hi, lse2, t, Sk, qk_scale, a0_hi, b0_hi, causal_offset,
+                                        COLUMNS, USE_MAX, CAUSAL, BLOCK_B, layout, False)
         lse2 = lse2_next
     t = n_tiles - 1
     # n_tiles >= 1, so the else branch never runs; without it ptxas serializes every wgmma of the
@@ -335,14 +387,14 @@ def _stream_kernel(
     if t >= 0:
         acc_hi = _issue(a_hi, a2_hi, b_smem, b2_smem, ready, t, zero, False, STAGES, HAS_TAIL)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_lo, ))
-        m_lo, l_lo, col_lo = _fold_tile(s, m_lo, l_lo, col_lo, lse2, t, Sk, qk_scale, COLUMNS, USE_MAX, BLOCK_B,
-                                        layout, True)
+        m_lo, l_lo, col_lo = _fold_tile(s, m_lo, l_lo, col_lo, lse2, t, Sk, qk_scale, a0_lo, b_row0 + fold_s,
+                                        causal_offset, COLUMNS, USE_MAX, CAUSAL, BLOCK_B, layout, True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(acc_hi, ))
         if FUSED:  # the last tile's buffer takes the second phase's tile STAGES - 1
             _load_rows(b_desc, b2_desc, b, fill_h, fill_s, ready.index(t % STAGES), b_smem.index(t % STAGES),
                        b2_smem.index(t % STAGES), t + STAGES < n_fills, HAS_TAIL)
-        m_hi, l_hi, col_hi = _fold_tile(s, m_hi, l_hi, col_hi, lse2, t, Sk, qk_scale, COLUMNS, USE_MAX, BLOCK_B,
-                                        layout, True)
+        m_hi, l_hi, col_hi = _fold_tile(s, m_hi, l_hi, col_hi, lse2, t, Sk, qk_scale, a0_hi, b_row0 + fold_s,
+                                        causal_offset, COLUMNS, USE_MAX, CAUSAL, BLOCK_B, layout, True)
     else:
         warpgroup_mma_wait(num_outstanding=0, deps=(acc_lo, ))
 
@@ -402,15 +454,16 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-def supports(query: torch.Tensor, key: torch.Tensor, p: Problem) -> bool:
-    """Whether this path can run the problem (the caller also requires no key mask)."""
+def supports(query: torch.Tensor, key: torch.Tensor, p: Problem, fused: bool = False) -> bool:
+    """Whether this path can run the problem (the caller also requires no key mask); ``fused``: both
+    passes in one launch (`fused_columns`), which takes no causal mask."""
     return (
         query.is_cuda
         and _capability(query.device) == (9, 0)
         and query.dtype in _GL_DTYPES
         and p.head_dim % 8 == 0  # 16-byte rows for TMA
         and 16 <= p.head_dim <= 128
-        and not p.causal
+        and (not p.causal or (not fused and p.causal_offset >= 0))  # every row sees key 0: Sq <= Sk
         and _tma_strides(query)
         and _tma_strides(key)
     )
@@ -450,8 +503,8 @@ def row_lse(query, key, p: Problem, config=None) -> torch.Tensor:
     _stream_kernel[grid](
         *_rows_views(query, BLOCK_ROWS), *_rows_views(key, block_b), lse, lse,
         *lse.stride(), 0, 0, 0,
-        p.heads, p.group, 1, p.k_len, p.row_start, p.row_end, n_a_blocks, p.scale * LOG2E, 1.0,
-        COLUMNS=False, FUSED=False, USE_MAX=False, STAGES=stages, HAS_TAIL=head_dim_blocks(p.head_dim)[1] > 0,
+        p.heads, p.group, 1, p.k_len, p.row_start, p.row_end, n_a_blocks, p.causal_offset, p.scale * LOG2E, 1.0,
+        COLUMNS=False, FUSED=False, USE_MAX=False, CAUSAL=p.causal, STAGES=stages, HAS_TAIL=head_dim_blocks(p.head_dim)[1] > 0,
         A_IN_REGS=a_in_regs, num_warps=4,
     )
     return lse
@@ -470,9 +523,9 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
     _stream_kernel[grid](
         *_rows_views(key, BLOCK_ROWS), *_rows_views(query, block_b), lse2, out,
         *lse2.stride(), *out.stride(),
-        p.heads, p.group, heads_per_chunk, p.k_len, p.row_start, p.row_end, n_a_blocks,
+        p.heads, p.group, heads_per_chunk, p.k_len, p.row_start, p.row_end, n_a_blocks, p.causal_offset,
         p.scale * LOG2E, 1.0 / divisor,
-        COLUMNS=True, FUSED=False, USE_MAX=use_max, STAGES=stages, HAS_TAIL=head_dim_blocks(p.head_dim)[1] > 0,
+        COLUMNS=True, FUSED=False, USE_MAX=use_max, CAUSAL=p.causal, STAGES=stages, HAS_TAIL=head_dim_blocks(p.head_dim)[1] > 0,
         A_IN_REGS=a_in_regs, num_warps=4,
     )
     return out
@@ -500,8 +553,8 @@ def fused_columns(query, key, p: Problem, use_max: bool, divisor: float = 1.0, c
     _stream_kernel[grid](
         *_rows_views(query, BLOCK_ROWS), *_rows_views(key, block_b), parts, parts,
         0, 0, 0, p.k_len, 0, 1,
-        p.heads, p.group, 1, p.k_len, p.row_start, p.row_end, n_a_blocks, p.scale * LOG2E, 1.0 / divisor,
-        COLUMNS=False, FUSED=True, USE_MAX=use_max, STAGES=stages, HAS_TAIL=head_dim_blocks(p.head_dim)[1] > 0,
+        p.heads, p.group, 1, p.k_len, p.row_start, p.row_end, n_a_blocks, 0, p.scale * LOG2E, 1.0 / divisor,
+        COLUMNS=False, FUSED=True, USE_MAX=use_max, CAUSAL=False, STAGES=stages, HAS_TAIL=head_dim_blocks(p.head_dim)[1] > 0,
         A_IN_REGS=False, num_warps=4, **({} if maxnreg is None else dict(maxnreg=maxnreg)),
     )
     return parts

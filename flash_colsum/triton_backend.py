@@ -629,7 +629,7 @@ def _fast_path(query, key, p: Problem, rows: range, key_keep=None, fused=False):
         from . import hopper
     except (ImportError, AttributeError):  # a Triton without Gluon, or with another Gluon API
         return None
-    return hopper if hopper.supports(query, key, p) else None
+    return hopper if hopper.supports(query, key, p, fused) else None
 
 
 # Calls up to this many scores per pass run both passes in one launch (FUSED): they are host-bound,

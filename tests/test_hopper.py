@@ -44,18 +44,23 @@ SHAPES = [
 ]
 
 
-def _scores(q, k, scale, rows):
-    """scale * Q K^T in float64 for the selected rows, query head h against key head h // G."""
+def _scores(q, k, scale, rows, causal=False):
+    """scale * Q K^T in float64 for the selected rows, query head h against key head h // G; -inf
+    where the bottom-right causal mask hides key j from row i (j > i + Sk - Sq)."""
     k = k.cpu().double().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    return scale * torch.einsum("bhqd,bhkd->bhqk", q[:, :, rows].cpu().double(), k)
+    s = scale * torch.einsum("bhqd,bhkd->bhqk", q[:, :, rows].cpu().double(), k)
+    if causal:
+        hidden = torch.arange(k.shape[2])[None, :] > torch.tensor(rows)[:, None] + k.shape[2] - q.shape[2]
+        s = s.masked_fill(hidden, float("-inf"))
+    return s
 
 
-def _lse_reference(q, k, scale, rows):
-    return torch.logsumexp(_scores(q, k, scale, rows), dim=-1)
+def _lse_reference(q, k, scale, rows, causal=False):
+    return torch.logsumexp(_scores(q, k, scale, rows, causal), dim=-1)
 
 
-def _col_reference(q, k, lse, scale, rows, heads_per_chunk, use_max):
-    w = torch.exp(_scores(q, k, scale, rows) - lse.cpu().double()[..., None])
+def _col_reference(q, k, lse, scale, rows, heads_per_chunk, use_max, causal=False):
+    w = torch.exp(_scores(q, k, scale, rows, causal) - lse.cpu().double()[..., None])
     b, h, _, sk = w.shape
     w = w.reshape(b, h // heads_per_chunk, heads_per_chunk * w.shape[2], sk)
     return w.amax(dim=2) if use_max else w.sum(dim=2)
@@ -115,6 +120,62 @@ def test_fused_matches_reference(b, h, hk, sq, sk, d, dtype, rows):
         two_passes = hopper.col_reduce(q, k, hopper.row_lse(q, k, p), p, 1, use_max, divisor=3.0)
         joined = parts.amax(dim=2) if use_max else parts.sum(dim=2)
         assert rel_l2(joined, two_passes) <= 1e-5, f"against the two Hopper passes, max={use_max}"
+
+
+# (B, H, Hk, Sq, Sk) with Sq <= Sk (every row sees key 0): the diagonal in one key tile (Sk - Sq a
+# multiple of 128) or across two, row blocks cut by Sq, skipped row tiles in pass 2, GQA.
+CAUSAL_SHAPES = [
+    (1, 1, 1, 256, 256),
+    (1, 2, 1, 128, 130),
+    (2, 4, 2, 300, 429),
+    (1, 1, 1, 200, 384),
+    (1, 2, 2, 1000, 1000),
+    (1, 3, 3, 640, 2048),
+]
+
+
+@hopper_gpu
+@pytest.mark.parametrize("d,dtype", DIMS, ids=[f"d{d}-{str(t)[6:]}" for d, t in DIMS])
+@pytest.mark.parametrize("b,h,hk,sq,sk", CAUSAL_SHAPES)
+@pytest.mark.parametrize("rows", ["all", "window"])
+def test_causal_passes_match_reference(b, h, hk, sq, sk, d, dtype, rows):
+    """The causal mask: each row's LSE over the keys it sees and each key's column sums (maxima) over
+    the rows that see it, against float64 and the portable pass 2. Keys no selected row sees get 0."""
+    q, k = make_qk(b, h, hk, sq, sk, d, dtype, "cuda")
+    p = make_problem(q, k, None, True, "triton")
+    if rows == "window":
+        p = p.with_rows(5, sq - 7)
+    assert hopper.supports(q, k, p) and not hopper.supports(q, k, p, fused=True)
+    selected = range(p.row_start, p.row_end)
+    lse = hopper.row_lse(q, k, p)
+    lse_ref = _lse_reference(q, k, p.scale, selected, causal=True)
+    assert rel_l2(lse, lse_ref) <= 1e-6, "pass 1"
+    for heads_per_chunk in sorted({1, p.group}):
+        for use_max in (False, True):
+            out = hopper.col_reduce(q, k, lse, p, heads_per_chunk, use_max)
+            ref = _col_reference(q, k, lse, p.scale, selected, heads_per_chunk, use_max, causal=True)
+            assert rel_l2(out, ref) <= 1e-5, f"pass 2, {heads_per_chunk} heads per chunk, max={use_max}"
+            portable = tb.col_reduce(q, k, lse, p, heads_per_chunk, use_max, config=tb._block_sizes(d, dtype))
+            assert rel_l2(out, portable) <= 1e-5, "pass 2 against the portable kernel"
+
+
+@hopper_gpu
+@pytest.mark.parametrize("d", [64, 128])
+def test_public_api_takes_the_fast_path_when_causal(monkeypatch, hopper_calls, d):
+    """A causal prefill (Sq = Sk) and a causal chunk over a longer cache both run the two Hopper
+    passes (thresholds lowered: the shapes stay small for float64) and match the portable kernels
+    and float64."""
+    monkeypatch.setattr(tb, "FAST_PATH_MIN_SCORES", 0)
+    monkeypatch.setattr(tb, "_use_fused", lambda *args, **kwargs: False)
+    for sq, sk in [(1024, 1024), (768, 1024)]:
+        hopper_calls.clear()
+        q, k = make_qk(1, 32, 8, sq, sk, d, torch.float16, "cuda")
+        out = flash_colsum(q, k, is_causal=True, backend="triton")
+        assert hopper_calls == ["row_lse", "col_reduce"], (sq, sk)
+        assert rel_l2(out, reference(q, k, is_causal=True)) <= TOLERANCE[torch.float16]
+        with monkeypatch.context() as env:
+            env.setenv("FLASH_COLSUM_FAST_PATHS", "0")
+            assert rel_l2(out, flash_colsum(q, k, is_causal=True, backend="triton")) <= 1e-5
 
 
 # Layouts TMA reads in place: (B, S, H, D) memory viewed as (B, H, S, D), as transformers' attention
@@ -215,7 +276,7 @@ def test_falls_back_outside_its_scope():
     q256, k256 = make_qk(1, 2, 2, 600, 700, 256, torch.float16, "cuda")
     broadcast = k[:, :1].expand(-1, 2, -1, -1)  # stride 0 over heads
     unaligned = torch.empty(1, 2, 700, 72, dtype=torch.float16, device="cuda")[..., 4:68]  # base off by 8 bytes
-    for causal, qq, kk in [(True, q, k), (False, q.float(), k.float()), (False, q36, k36), (False, q256, k256),
+    for causal, qq, kk in [(True, k, q), (False, q.float(), k.float()), (False, q36, k36), (False, q256, k256),
                            (False, q.transpose(2, 3).contiguous().transpose(2, 3), k), (False, q, broadcast),
                            (False, q, unaligned)]:
         p = make_problem(qq, kk, None, causal, "triton")
@@ -266,13 +327,14 @@ def _inspect_ptx(*args: str) -> str:
 
 
 @pytest.mark.parametrize("d,mode", [(64, "lse"), (64, "columns"), (72, "lse"), (80, "columns"), (128, "columns"),
-                                    (64, "fused"), (32, "fused"), (96, "fused"), (128, "fused")])  # pass 2 above D=64: A in registers
+                                    (64, "fused"), (32, "fused"), (96, "fused"), (128, "fused"),  # pass 2 above D=64: A in registers
+                                    (64, "lse causal"), (64, "columns causal"), (128, "lse causal"), (128, "columns causal")])
 def test_kernels_compile_for_sm90_with_async_wgmma(d, mode):
     """Both passes, and both in one launch, build for sm_90 (no GPU needed) with no register spills,
     and ptxas keeps the wgmmas asynchronous (warning C7514 says it serialized them: with Triton
     3.6's ptxas, a plain epilogue did that, NOTES.md v10)."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
-    report = _inspect_ptx("--gluon", "--d", str(d), *([] if mode == "lse" else [f"--{mode}"]))
+    report = _inspect_ptx("--gluon", "--d", str(d), *[f"--{flag}" for flag in mode.split() if flag != "lse"])
     assert "registers" in report, report
     assert "C7514" not in report, report
     spills = re.search(r"(\d+) bytes spill stores", report)
