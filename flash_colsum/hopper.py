@@ -253,12 +253,19 @@ def _stream_kernel(
     rows_layout: gl.constexpr = gl.SliceLayout(1, layout)  # one value per stationary row
     cols_layout: gl.constexpr = gl.SliceLayout(0, layout)  # one value per streaming row
 
-    # 1-D grid, stationary blocks fastest: neighbours stream the same tiles through L2.
+    # 1-D grid, stationary blocks fastest: neighbours stream the same tiles through L2. Causal
+    # blocks differ in work (pass 1's last row blocks see the most keys, pass 2's first key blocks
+    # the most rows), so there the blocks go slowest, the longest of every head first, and the last
+    # wave is short work.
     pid = gl.program_id(0)
     a_block = pid % n_a_blocks
     rest = pid // n_a_blocks
-    if CAUSAL and not COLUMNS:  # the last row blocks see the most keys: launch them first
-        a_block = n_a_blocks - 1 - a_block
+    if CAUSAL:
+        n_rest = gl.num_programs(0) // n_a_blocks
+        a_block = pid // n_rest
+        rest = pid % n_rest
+        if not COLUMNS:
+            a_block = n_a_blocks - 1 - a_block
     if COLUMNS:
         # rest = (batch, head chunk); A = key block, B = query rows of the chunk's heads.
         n_chunks = H // HEADS_PER_PROGRAM
