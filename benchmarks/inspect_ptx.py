@@ -64,7 +64,7 @@ def compile_gluon(d: int, columns: bool, fused: bool = False, causal: bool = Fal
         block_b, stages, maxnreg = hopper._fused_config(d)
         a_in_regs = False
     else:
-        block_b, stages, a_in_regs = hopper._config(d, columns)
+        block_b, stages, a_in_regs = hopper._config(d, columns, causal)
     block_d, block_d2 = head_dim_blocks(d)
     tiles = dict(a_desc=(1, 1, hopper.BLOCK_ROWS, block_d), b_desc=(1, 1, block_b, block_d))
     if block_d2:

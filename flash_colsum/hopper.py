@@ -440,11 +440,15 @@ def _stream_kernel(
 BLOCK_ROWS = 128
 
 
-def _config(head_dim: int, columns: bool) -> tuple[int, int, bool]:
+def _config(head_dim: int, columns: bool, causal: bool = False) -> tuple[int, int, bool]:
     """(BLOCK_B, STAGES, A_IN_REGS) for a pass (results/tune_hopper_h100_v10*.csv, v12 for D=72-96,
-    v16 for D=96-128)."""
+    v16 for D=96-128, v17 for causal pass 2)."""
     if columns and head_dim <= 64:
         return 64, 3, False
+    # The causal mask costs pass 2 ~50 registers: at D=72/80 the keys from shared memory and 2 stages
+    # fit three CTAs per SM, 0.95-0.98 ms against 1.02-1.04 for these tiles (S=16384, H=16).
+    if columns and causal and head_dim <= 80:
+        return 64, 2, False
     # Pass 2 above D=64 reads the stationary keys from registers: D=72 1.89 vs 1.98 ms, D=80 1.85
     # vs 1.99, D=96 1.98 vs 2.14, D=128 2.08 vs 2.21. Its streamed tiles are 64 rows: at D=128
     # 2.111 vs 2.160 ms for 128 rows (D=96 1.914 vs 1.930); 3 stages up to D=80 (D=128: 2.223).
@@ -461,16 +465,24 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-def supports(query: torch.Tensor, key: torch.Tensor, p: Problem, fused: bool = False) -> bool:
-    """Whether this path can run the problem (the caller also requires no key mask); ``fused``: both
-    passes in one launch (`fused_columns`), which takes no causal mask."""
+# A causal pass 2 lost to the portable kernel at D=96 (1.07-1.10 vs 1.05-1.07 ms, S=16384, H=16;
+# results/causal_tune_v17_h100.txt): between D=80 and 128 the Hopper path runs causal pass 1 only.
+CAUSAL_COLUMNS_SLOWER = range(81, 128)
+
+
+def supports(query: torch.Tensor, key: torch.Tensor, p: Problem, mode: str = "lse") -> bool:
+    """Whether this path can run the problem (the caller also requires no key mask) in ``mode``:
+    ``"lse"`` (`row_lse`), ``"columns"`` (`col_reduce`) or ``"fused"`` (`fused_columns`, no causal
+    mask). A causal mask needs Sq <= Sk, so that every row sees key 0."""
+    if p.causal and (mode == "fused" or p.causal_offset < 0
+                     or (mode == "columns" and p.head_dim in CAUSAL_COLUMNS_SLOWER)):
+        return False
     return (
         query.is_cuda
         and _capability(query.device) == (9, 0)
         and query.dtype in _GL_DTYPES
         and p.head_dim % 8 == 0  # 16-byte rows for TMA
         and 16 <= p.head_dim <= 128
-        and (not p.causal or (not fused and p.causal_offset >= 0))  # every row sees key 0: Sq <= Sk
         and _tma_strides(query)
         and _tma_strides(key)
     )
@@ -521,7 +533,7 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
                divisor: float = 1.0) -> torch.Tensor:
     """Pass 2, key-centric: (B, H // heads_per_chunk, Sk) float32 over divisor, as triton_backend.col_reduce.
     Adds one temporary: the LSE in base 2, padded to whole row tiles, float32 (B, H, ~n_rows)."""
-    block_b, stages, a_in_regs = config or _config(p.head_dim, columns=True)
+    block_b, stages, a_in_regs = config or _config(p.head_dim, columns=True, causal=p.causal)
     n_chunks = p.heads // heads_per_chunk
     out = utils.new_output((p.batch, n_chunks, p.k_len), query.device)
     lse2 = utils.padded_lse2(lse, cdiv(p.n_rows, block_b) * block_b)  # whole row tiles per head

@@ -610,16 +610,18 @@ FAST_PATH_MIN_SCORES = 2**29
 FUSED_FAST_PATH_MIN_SCORES = 2**27
 
 
-def _fast_path(query, key, p: Problem, rows: range, key_keep=None, fused=False):
-    """The Hopper kernels (`flash_colsum.hopper`) when they cover this call, else None.
+def _fast_path(query, key, p: Problem, rows: range, key_keep=None, mode="lse"):
+    """The Hopper kernels (`flash_colsum.hopper`) when they cover this call in ``mode`` ("lse": pass
+    1, "columns": pass 2, "fused": both in one launch), else None.
 
-    They take non-causal fp16/bf16 problems with D a multiple of 8 up to 128, Q and K with D
-    contiguous and 16-byte strides (contiguous, or transposed (B, S, H, D) views) and no key mask,
-    on a CUDA capability 9.0 GPU, over all selected rows, with at least FAST_PATH_MIN_SCORES scores
-    (FUSED_FAST_PATH_MIN_SCORES for both passes in one launch). FLASH_COLSUM_FAST_PATHS=0 turns them
-    off (the portable kernels then run everywhere, as on the CPU interpreter).
+    They take fp16/bf16 problems with D a multiple of 8 up to 128, Q and K with D contiguous and
+    16-byte strides (contiguous, or transposed (B, S, H, D) views) and no key mask, on a CUDA
+    capability 9.0 GPU, over all selected rows, with at least FAST_PATH_MIN_SCORES scores
+    (FUSED_FAST_PATH_MIN_SCORES fused); causal ones with Sq <= Sk, not fused (`hopper.supports`).
+    FLASH_COLSUM_FAST_PATHS=0 turns them off (the portable kernels then run everywhere, as on the
+    CPU interpreter).
     """
-    min_scores = FUSED_FAST_PATH_MIN_SCORES if fused else FAST_PATH_MIN_SCORES
+    min_scores = FUSED_FAST_PATH_MIN_SCORES if mode == "fused" else FAST_PATH_MIN_SCORES
     # The cheap tests first: small calls are host-bound, and each environment read costs ~3 us.
     if (p.batch * p.heads * len(rows) * p.k_len < min_scores or not query.is_cuda or key_keep is not None
             or rows != range(p.row_start, p.row_end) or interpreting()
@@ -629,7 +631,7 @@ def _fast_path(query, key, p: Problem, rows: range, key_keep=None, fused=False):
         from . import hopper
     except (ImportError, AttributeError):  # a Triton without Gluon, or with another Gluon API
         return None
-    return hopper if hopper.supports(query, key, p, fused) else None
+    return hopper if hopper.supports(query, key, p, mode) else None
 
 
 # Calls up to this many scores per pass run both passes in one launch (FUSED): they are host-bound,
@@ -662,7 +664,7 @@ def fused_reduce(query, key, p: Problem, key_keep, heads_per_chunk: int, use_max
     runs it where it applies.
     """
     cfg = _row_block_sizes(p.head_dim, query.dtype, p.n_rows, columns=True)
-    fast = _fast_path(query, key, p, range(p.row_start, p.row_end), key_keep, fused=True)
+    fast = _fast_path(query, key, p, range(p.row_start, p.row_end), key_keep, "fused")
     n_row_blocks = cdiv(p.n_rows, fast.BLOCK_ROWS if fast else cfg["BLOCK_M"])
     if (not (partials_ok or (n_row_blocks == 1 and heads_per_chunk == 1))
             or not _use_fused(p, p.batch * p.heads * n_row_blocks, cfg["BLOCK_N"], query.device, fast is not None)):
@@ -821,7 +823,7 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
         return parts.amax(dim=(0, 3)) if use_max else parts.sum(dim=(0, 3))
     if lse.dim() == 4:
         lse = _combine_lse(lse)
-    fast = None if config else _fast_path(query, key, p, range(p.row_start, p.row_end))
+    fast = None if config else _fast_path(query, key, p, range(p.row_start, p.row_end), mode="columns")
     if fast:
         return fast.col_reduce(query, key, lse, p, heads_per_chunk, use_max, divisor=divisor)
     out = utils.new_output((p.batch, n_chunks, p.k_len), query.device)

@@ -145,7 +145,8 @@ def test_causal_passes_match_reference(b, h, hk, sq, sk, d, dtype, rows):
     p = make_problem(q, k, None, True, "triton")
     if rows == "window":
         p = p.with_rows(5, sq - 7)
-    assert hopper.supports(q, k, p) and not hopper.supports(q, k, p, fused=True)
+    assert hopper.supports(q, k, p) and not hopper.supports(q, k, p, "fused")
+    assert hopper.supports(q, k, p, "columns") == (d not in hopper.CAUSAL_COLUMNS_SLOWER)
     selected = range(p.row_start, p.row_end)
     lse = hopper.row_lse(q, k, p)
     lse_ref = _lse_reference(q, k, p.scale, selected, causal=True)
@@ -160,18 +161,18 @@ def test_causal_passes_match_reference(b, h, hk, sq, sk, d, dtype, rows):
 
 
 @hopper_gpu
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 72, 96, 128])
 def test_public_api_takes_the_fast_path_when_causal(monkeypatch, hopper_calls, d):
     """A causal prefill (Sq = Sk) and a causal chunk over a longer cache both run the two Hopper
-    passes (thresholds lowered: the shapes stay small for float64) and match the portable kernels
-    and float64."""
+    passes (pass 1 only at D=96, where the portable pass 2 is faster; thresholds lowered: the shapes
+    stay small for float64) and match the portable kernels and float64."""
     monkeypatch.setattr(tb, "FAST_PATH_MIN_SCORES", 0)
     monkeypatch.setattr(tb, "_use_fused", lambda *args, **kwargs: False)
     for sq, sk in [(1024, 1024), (768, 1024)]:
         hopper_calls.clear()
         q, k = make_qk(1, 32, 8, sq, sk, d, torch.float16, "cuda")
         out = flash_colsum(q, k, is_causal=True, backend="triton")
-        assert hopper_calls == ["row_lse", "col_reduce"], (sq, sk)
+        assert hopper_calls == (["row_lse"] if d == 96 else ["row_lse", "col_reduce"]), (sq, sk)
         assert rel_l2(out, reference(q, k, is_causal=True)) <= TOLERANCE[torch.float16]
         with monkeypatch.context() as env:
             env.setenv("FLASH_COLSUM_FAST_PATHS", "0")
@@ -271,7 +272,7 @@ def test_public_api_takes_the_fast_path(monkeypatch, hopper_calls, d):
 
 @hopper_gpu
 def test_falls_back_outside_its_scope():
-    q, k = make_qk(1, 2, 2, 600, 700, 64, torch.float16, "cuda")
+    q, k = make_qk(1, 2, 2, 600, 700, 64, torch.float16, "cuda")  # causal (k, q): Sq > Sk, a row sees no key
     q36, k36 = make_qk(1, 2, 2, 600, 700, 36, torch.float16, "cuda")  # rows of 72 bytes: no TMA
     q256, k256 = make_qk(1, 2, 2, 600, 700, 256, torch.float16, "cuda")
     broadcast = k[:, :1].expand(-1, 2, -1, -1)  # stride 0 over heads
@@ -302,7 +303,7 @@ def test_fused_fast_path_thresholds():
     for d, b, expected in [(64, 8, True), (64, 4, False), (128, 8, True), (72, 8, True), (72, 4, False), (96, 8, True)]:
         q, k = make_qk(b, 16, 16, 1024, 1024, d, torch.float16, "cuda")
         p = make_problem(q, k, None, False, "triton")
-        assert (tb._fast_path(q, k, p, range(p.row_start, p.row_end), fused=True) is hopper) == expected, (d, b)
+        assert (tb._fast_path(q, k, p, range(p.row_start, p.row_end), mode="fused") is hopper) == expected, (d, b)
 
 
 @hopper_gpu
@@ -328,7 +329,8 @@ def _inspect_ptx(*args: str) -> str:
 
 @pytest.mark.parametrize("d,mode", [(64, "lse"), (64, "columns"), (72, "lse"), (80, "columns"), (128, "columns"),
                                     (64, "fused"), (32, "fused"), (96, "fused"), (128, "fused"),  # pass 2 above D=64: A in registers
-                                    (64, "lse causal"), (64, "columns causal"), (128, "lse causal"), (128, "columns causal")])
+                                    (64, "lse causal"), (64, "columns causal"), (72, "columns causal"), (128, "lse causal"),
+                                    (128, "columns causal")])
 def test_kernels_compile_for_sm90_with_async_wgmma(d, mode):
     """Both passes, and both in one launch, build for sm_90 (no GPU needed) with no register spills,
     and ptxas keeps the wgmmas asynchronous (warning C7514 says it serialized them: with Triton
@@ -353,3 +355,22 @@ def test_portable_kernel_loads_vectorize_for_sm90(unit):
         assert "ld.global.b16" not in loads and loads.get("cp.async.cg.shared.global", 0) > 0, loads
     else:
         assert loads.get("ld.global.b16", 0) > 0, loads
+
+
+@pytest.mark.parametrize("sq,sk,d,mode,expected", [
+    (600, 700, 64, "lse", True), (600, 700, 64, "columns", True), (600, 700, 64, "fused", False),
+    (700, 600, 64, "lse", False), (700, 700, 96, "lse", True), (700, 700, 96, "columns", False),
+    (700, 700, 128, "columns", True), (700, 700, 80, "columns", True),
+])
+def test_causal_scope_of_the_fast_path(monkeypatch, sq, sk, d, mode, expected):
+    """Which causal calls the Hopper kernels take (checked on the CPU with the capability faked):
+    Sq <= Sk, not fused, and pass 2 not between D=80 and 128 (the portable one is faster there)."""
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    from flash_colsum import hopper as hopper_module
+
+    monkeypatch.setattr(hopper_module, "_capability", lambda device: (9, 0))
+    q, k = make_qk(1, 2, 2, sq, sk, d, torch.float16)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    p = make_problem(q, k, None, True, "torch")
+    assert hopper_module.supports(q, k, p, mode) == expected
+    assert hopper_module.supports(q, k, make_problem(q, k, None, False, "torch"), mode)
