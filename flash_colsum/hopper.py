@@ -22,10 +22,15 @@ S = A . B^T is [BLOCK_A, BLOCK_B]:
   second are in flight while the first ends.
 Head dims that are not a power of two load as a main block and a tail block (72 = 64 + 16), each a
 TMA box; columns past D arrive as zeros.
+CAUSAL (the two passes, not FUSED; Sq <= Sk): pass 1's row block streams keys up to its last row's
+diagonal, pass 2's key block starts at the row tile of its first key's diagonal (skipping whole
+tiles, per head of the chunk); only the tiles the diagonal crosses pay a mask. The blocks launch
+longest first.
 
 Scope (`supports`): CUDA capability 9.0, fp16/bf16, D a multiple of 8 (16-byte rows) from 16 to
-128, no causal mask, no key padding mask, Q and K with D contiguous and 16-byte strides (read in
-place through 4-D TMA descriptors: contiguous tensors and transposed (B, S, H, D) views alike);
+128, no key padding mask, a causal mask only with Sq <= Sk (and pass 2 not between D=80 and 128),
+Q and K with D contiguous and 16-byte strides (read in place through 4-D TMA descriptors:
+contiguous tensors and transposed (B, S, H, D) views alike);
 the caller (triton_backend._fast_path) also wants all selected rows and 2**29 scores or more per
 pass, or, for FUSED (triton_backend.fused_reduce's small calls), 2**27.
 Everything else, and every CPU/interpreter run, takes the portable kernels, against which the GPU
