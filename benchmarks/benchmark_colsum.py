@@ -80,7 +80,8 @@ def sweeps(device: str) -> dict[str, list[Point]]:
             + [Point(1, 32, 512, 65536, 128, causal=True)],
             "variants": [Point(1, 16, 16384, 16384, d) for d in (72, 80, 96, 128)]
             + [Point(1, 16, 16384, 16384, 64, dtype="bfloat16"), Point(1, 32, 16384, 16384, 128, hk=8),
-               Point(1, 32, 128, 65536, 128, causal=True, lse=True)],
+               Point(1, 32, 128, 65536, 128, causal=True, lse=True),
+               Point(1, 16, 16384, 16384, 64, causal=True), Point(1, 32, 8192, 8192, 128, causal=True)],  # prefills
         }
     # CPU: the same kinds of points, small enough that --sweep all takes well under two minutes.
     return {
@@ -92,7 +93,8 @@ def sweeps(device: str) -> dict[str, list[Point]]:
         + [Point(1, 8, 256, 4096, 128, causal=True)],
         "variants": [Point(1, 8, 512, 512, d) for d in (72, 80, 96, 128)]
         + [Point(1, 8, 512, 512, 64, dtype="bfloat16"), Point(1, 8, 512, 512, 128, hk=2),
-           Point(1, 8, 512, 512, 64, lse=True), Point(1, 8, 64, 4096, 128, causal=True, lse=True)],
+           Point(1, 8, 512, 512, 64, lse=True), Point(1, 8, 64, 4096, 128, causal=True, lse=True),
+           Point(1, 8, 1024, 1024, 64, causal=True)],
     }
 
 
