@@ -243,8 +243,7 @@ def _next_fill(head, tile, tile0, n_row_tiles, h0, s0, head_step, BLOCK_B: gl.co
 def _stream_kernel(
     a_desc, a2_desc, b_desc, b2_desc, LSE, OUT,
     stride_lb, stride_lh, stride_lm, stride_ob, stride_oc, stride_on,
-    H, GROUP, HEADS_PER_PROGRAM, Sk, row_start, row_end, n_a_blocks, causal_offset, rests_per_group, qk_scale,
-    out_scale,
+    H, GROUP, HEADS_PER_PROGRAM, Sk, row_start, row_end, n_a_blocks, causal_offset, qk_scale, out_scale,
     COLUMNS: gl.constexpr, FUSED: gl.constexpr, USE_MAX: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
     HAS_TAIL: gl.constexpr, A_IN_REGS: gl.constexpr, num_warps: gl.constexpr,
 ):
@@ -261,18 +260,15 @@ def _stream_kernel(
 
     # 1-D grid, stationary blocks fastest: neighbours stream the same tiles through L2. Causal
     # blocks differ in work (pass 1's last row blocks see the most keys, pass 2's first key blocks
-    # the most rows): there the programs come in groups of rests_per_group (batch, head) pairs whose
-    # streamed rows fit L2 together, and within a group the blocks go slowest, the longest first,
-    # so that each group ends on short work.
+    # the most rows), so there the blocks go slowest, the longest of every head first, and the last
+    # wave is short work.
     pid = gl.program_id(0)
     a_block = pid % n_a_blocks
     rest = pid // n_a_blocks
     if CAUSAL:
-        group_first = (pid // (rests_per_group * n_a_blocks)) * rests_per_group
-        rests_here = gl.minimum(rests_per_group, gl.num_programs(0) // n_a_blocks - group_first)
-        in_group = pid - group_first * n_a_blocks
-        a_block = in_group // rests_here
-        rest = group_first + in_group % rests_here
+        n_rest = gl.num_programs(0) // n_a_blocks
+        a_block = pid // n_rest
+        rest = pid % n_rest
         if not COLUMNS:
             a_block = n_a_blocks - 1 - a_block
     if COLUMNS:
@@ -522,18 +518,6 @@ def _rows_views(t: torch.Tensor, block_rows: int) -> tuple:
                  for cols in head_dim_blocks(t.shape[-1]))
 
 
-@functools.lru_cache(maxsize=None)
-def _l2_bytes(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).L2_cache_size
-
-
-def _rests_per_group(device: torch.device, streamed_bytes: int) -> int:
-    """(batch, head) pairs per group of causal programs: as many as stream at most half of L2 (the
-    rest holds the other group while one ends). At S=32768, D=64 pass 2 streamed every head's Q at
-    once in one group (16 x 4 MiB > 50 MiB), and gained 3% over the portable kernel instead of ~14%."""
-    return max(1, _l2_bytes(device) // 2 // max(1, streamed_bytes))
-
-
 def row_lse(query, key, p: Problem, config=None) -> torch.Tensor:
     """Pass 1 over the selected rows: natural-log LSE, float32 (B, H, n_rows)."""
     block_b, stages, a_in_regs = config or _config(p.head_dim, columns=False)
@@ -543,8 +527,7 @@ def row_lse(query, key, p: Problem, config=None) -> torch.Tensor:
     _stream_kernel[grid](
         *_rows_views(query, BLOCK_ROWS), *_rows_views(key, block_b), lse, lse,
         *lse.stride(), 0, 0, 0,
-        p.heads, p.group, 1, p.k_len, p.row_start, p.row_end, n_a_blocks, p.causal_offset,
-        _rests_per_group(query.device, p.k_len * p.head_dim * key.element_size()), p.scale * LOG2E, 1.0,
+        p.heads, p.group, 1, p.k_len, p.row_start, p.row_end, n_a_blocks, p.causal_offset, p.scale * LOG2E, 1.0,
         COLUMNS=False, FUSED=False, USE_MAX=False, CAUSAL=p.causal, STAGES=stages, HAS_TAIL=head_dim_blocks(p.head_dim)[1] > 0,
         A_IN_REGS=a_in_regs, num_warps=4,
     )
@@ -565,7 +548,6 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
         *_rows_views(key, BLOCK_ROWS), *_rows_views(query, block_b), lse2, out,
         *lse2.stride(), *out.stride(),
         p.heads, p.group, heads_per_chunk, p.k_len, p.row_start, p.row_end, n_a_blocks, p.causal_offset,
-        _rests_per_group(query.device, heads_per_chunk * p.n_rows * (p.head_dim * query.element_size() + 4)),
         p.scale * LOG2E, 1.0 / divisor,
         COLUMNS=True, FUSED=False, USE_MAX=use_max, CAUSAL=p.causal, STAGES=stages, HAS_TAIL=head_dim_blocks(p.head_dim)[1] > 0,
         A_IN_REGS=a_in_regs, num_warps=4,
@@ -595,7 +577,7 @@ def fused_columns(query, key, p: Problem, use_max: bool, divisor: float = 1.0, c
     _stream_kernel[grid](
         *_rows_views(query, BLOCK_ROWS), *_rows_views(key, block_b), parts, parts,
         0, 0, 0, p.k_len, 0, 1,
-        p.heads, p.group, 1, p.k_len, p.row_start, p.row_end, n_a_blocks, 0, 1, p.scale * LOG2E, 1.0 / divisor,
+        p.heads, p.group, 1, p.k_len, p.row_start, p.row_end, n_a_blocks, 0, p.scale * LOG2E, 1.0 / divisor,
         COLUMNS=False, FUSED=True, USE_MAX=use_max, CAUSAL=False, STAGES=stages, HAS_TAIL=head_dim_blocks(p.head_dim)[1] > 0,
         A_IN_REGS=False, num_warps=4, **({} if maxnreg is None else dict(maxnreg=maxnreg)),
     )
