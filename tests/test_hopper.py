@@ -137,14 +137,17 @@ CAUSAL_SHAPES = [
 @hopper_gpu
 @pytest.mark.parametrize("d,dtype", DIMS, ids=[f"d{d}-{str(t)[6:]}" for d, t in DIMS])
 @pytest.mark.parametrize("b,h,hk,sq,sk", CAUSAL_SHAPES)
-@pytest.mark.parametrize("rows", ["all", "window"])
+@pytest.mark.parametrize("rows", ["all", "window", "first"])
 def test_causal_passes_match_reference(b, h, hk, sq, sk, d, dtype, rows):
     """The causal mask: each row's LSE over the keys it sees and each key's column sums (maxima) over
-    the rows that see it, against float64 and the portable pass 2. Keys no selected row sees get 0."""
+    the rows that see it, against float64 and the portable pass 2. Keys no selected row sees get 0:
+    with the first third of the rows, whole key blocks (their one fully masked row tile) do."""
     q, k = make_qk(b, h, hk, sq, sk, d, dtype, "cuda")
     p = make_problem(q, k, None, True, "triton")
     if rows == "window":
         p = p.with_rows(5, sq - 7)
+    elif rows == "first":
+        p = p.with_rows(0, sq // 3)
     assert hopper.supports(q, k, p) and not hopper.supports(q, k, p, "fused")
     assert hopper.supports(q, k, p, "columns") == (d not in hopper.CAUSAL_COLUMNS_SLOWER)
     selected = range(p.row_start, p.row_end)
