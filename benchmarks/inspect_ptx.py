@@ -69,7 +69,7 @@ def compile_gluon(d: int, columns: bool, fused: bool = False, causal: bool = Fal
     tiles = dict(a_desc=(1, 1, hopper.BLOCK_ROWS, block_d), b_desc=(1, 1, block_b, block_d))
     if block_d2:
         tiles.update(a2_desc=(1, 1, hopper.BLOCK_ROWS, block_d2), b2_desc=(1, 1, block_b, block_d2))
-    values = dict(COLUMNS=columns and not fused, FUSED=fused, USE_MAX=False, CAUSAL=causal, STAGES=stages, HAS_TAIL=block_d2 > 0,
+    values = dict(COLUMNS=columns and not fused, FUSED=fused, USE_MAX=False, CAUSAL=causal, STAGES=stages,
                   A_IN_REGS=a_in_regs, num_warps=4)
     if not block_d2:  # no tail: its descriptors are None
         values.update(a2_desc=None, b2_desc=None)

@@ -245,13 +245,14 @@ def _stream_kernel(
     stride_lb, stride_lh, stride_lm, stride_ob, stride_oc, stride_on,
     H, GROUP, HEADS_PER_PROGRAM, Sk, row_start, row_end, n_a_blocks, causal_offset, qk_scale, out_scale,
     COLUMNS: gl.constexpr, FUSED: gl.constexpr, USE_MAX: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
-    HAS_TAIL: gl.constexpr, A_IN_REGS: gl.constexpr, num_warps: gl.constexpr,
+    A_IN_REGS: gl.constexpr, num_warps: gl.constexpr,
 ):
     # Descriptors over (B, heads, rows, D) with boxes [1, 1, rows, cols]; the tiles are [rows, cols].
     BLOCK_A: gl.constexpr = a_desc.block_type.shape[2]  # 128: two halves of 64, one wgmma each
     HALF: gl.constexpr = BLOCK_A // 2
     BLOCK_B: gl.constexpr = b_desc.block_type.shape[2]
     BLOCK_D: gl.constexpr = a_desc.block_type.shape[3]  # the main head-dim block; a2/b2: the tail
+    HAS_TAIL: gl.constexpr = a2_desc is not None  # None (a constexpr) when D is a power of two
     # One warpgroup; wgmma's instruction N spans the whole streamed tile.
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                      instr_shape=[16, BLOCK_B, 16])
@@ -528,7 +529,7 @@ def row_lse(query, key, p: Problem, config=None) -> torch.Tensor:
         *_rows_views(query, BLOCK_ROWS), *_rows_views(key, block_b), lse, lse,
         *lse.stride(), 0, 0, 0,
         p.heads, p.group, 1, p.k_len, p.row_start, p.row_end, n_a_blocks, p.causal_offset, p.scale * LOG2E, 1.0,
-        COLUMNS=False, FUSED=False, USE_MAX=False, CAUSAL=p.causal, STAGES=stages, HAS_TAIL=head_dim_blocks(p.head_dim)[1] > 0,
+        COLUMNS=False, FUSED=False, USE_MAX=False, CAUSAL=p.causal, STAGES=stages,
         A_IN_REGS=a_in_regs, num_warps=4,
     )
     return lse
@@ -549,7 +550,7 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
         *lse2.stride(), *out.stride(),
         p.heads, p.group, heads_per_chunk, p.k_len, p.row_start, p.row_end, n_a_blocks, p.causal_offset,
         p.scale * LOG2E, 1.0 / divisor,
-        COLUMNS=True, FUSED=False, USE_MAX=use_max, CAUSAL=p.causal, STAGES=stages, HAS_TAIL=head_dim_blocks(p.head_dim)[1] > 0,
+        COLUMNS=True, FUSED=False, USE_MAX=use_max, CAUSAL=p.causal, STAGES=stages,
         A_IN_REGS=a_in_regs, num_warps=4,
     )
     return out
@@ -578,7 +579,7 @@ def fused_columns(query, key, p: Problem, use_max: bool, divisor: float = 1.0, c
         *_rows_views(query, BLOCK_ROWS), *_rows_views(key, block_b), parts, parts,
         0, 0, 0, p.k_len, 0, 1,
         p.heads, p.group, 1, p.k_len, p.row_start, p.row_end, n_a_blocks, 0, p.scale * LOG2E, 1.0 / divisor,
-        COLUMNS=False, FUSED=True, USE_MAX=use_max, CAUSAL=False, STAGES=stages, HAS_TAIL=head_dim_blocks(p.head_dim)[1] > 0,
+        COLUMNS=False, FUSED=True, USE_MAX=use_max, CAUSAL=False, STAGES=stages,
         A_IN_REGS=False, num_warps=4, **({} if maxnreg is None else dict(maxnreg=maxnreg)),
     )
     return parts
