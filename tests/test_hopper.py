@@ -71,24 +71,37 @@ DIMS = [(64, torch.float16), (64, torch.bfloat16), (128, torch.float16), (128, t
         (72, torch.float16), (96, torch.bfloat16), (40, torch.float16)]
 
 
+# Causal: the shapes with Sq <= Sk (every row sees key 0), and two more: the diagonal falls in one
+# key tile (Sk - Sq a multiple of 128) or across two, row blocks are cut by Sq, pass 2 skips row tiles.
+CAUSAL_SHAPES = [s for s in SHAPES if s[3] <= s[4]] + [(1, 2, 1, 128, 130), (2, 4, 2, 300, 429)]
+
+
 @hopper_gpu
 @pytest.mark.parametrize("d,dtype", DIMS, ids=[f"d{d}-{str(t)[6:]}" for d, t in DIMS])
-@pytest.mark.parametrize("b,h,hk,sq,sk", SHAPES)
-@pytest.mark.parametrize("rows", ["all", "window"])
-def test_passes_match_reference(b, h, hk, sq, sk, d, dtype, rows):
+@pytest.mark.parametrize("b,h,hk,sq,sk,causal", [(*s, False) for s in SHAPES] + [(*s, True) for s in CAUSAL_SHAPES])
+@pytest.mark.parametrize("rows", ["all", "window", "first"])
+def test_passes_match_reference(b, h, hk, sq, sk, causal, d, dtype, rows):
+    """Each row's LSE (over the keys it sees) and each key's column sums (maxima) over the selected
+    rows (that see it), against float64 and the portable pass 2. Keys no selected row sees get 0:
+    causal with the first third of the rows, whole key blocks (one fully masked row tile) do."""
     q, k = make_qk(b, h, hk, sq, sk, d, dtype, "cuda")
-    p = make_problem(q, k, None, False, "triton")
+    p = make_problem(q, k, None, causal, "triton")
     if rows == "window":
         p = p.with_rows(5, sq - 7)
+    elif rows == "first":
+        p = p.with_rows(0, sq // 3)
     assert hopper.supports(q, k, p)
+    if causal:
+        assert not hopper.supports(q, k, p, "fused")
+        assert hopper.supports(q, k, p, "columns") == (d not in hopper.CAUSAL_COLUMNS_SLOWER)
     selected = range(p.row_start, p.row_end)
     lse = hopper.row_lse(q, k, p)
-    lse_ref = _lse_reference(q, k, p.scale, selected)
+    lse_ref = _lse_reference(q, k, p.scale, selected, causal)
     assert rel_l2(lse, lse_ref) <= 1e-6, "pass 1"
     for heads_per_chunk in sorted({1, p.group}):
         for use_max in (False, True):
             out = hopper.col_reduce(q, k, lse, p, heads_per_chunk, use_max)
-            ref = _col_reference(q, k, lse, p.scale, selected, heads_per_chunk, use_max)
+            ref = _col_reference(q, k, lse, p.scale, selected, heads_per_chunk, use_max, causal)
             assert rel_l2(out, ref) <= 1e-5, f"pass 2, {heads_per_chunk} heads per chunk, max={use_max}"
             portable = tb.col_reduce(q, k, lse, p, heads_per_chunk, use_max, config=tb._block_sizes(d, dtype))
             assert rel_l2(out, portable) <= 1e-5, "pass 2 against the portable kernel"
@@ -120,40 +133,6 @@ def test_fused_matches_reference(b, h, hk, sq, sk, d, dtype, rows):
         two_passes = hopper.col_reduce(q, k, hopper.row_lse(q, k, p), p, 1, use_max, divisor=3.0)
         joined = parts.amax(dim=2) if use_max else parts.sum(dim=2)
         assert rel_l2(joined, two_passes) <= 1e-5, f"against the two Hopper passes, max={use_max}"
-
-
-# The shapes with Sq <= Sk (every row sees key 0), and two more: the diagonal falls in one key tile
-# (Sk - Sq a multiple of 128) or across two, row blocks are cut by Sq, pass 2 skips row tiles, GQA.
-CAUSAL_SHAPES = [s for s in SHAPES if s[3] <= s[4]] + [(1, 2, 1, 128, 130), (2, 4, 2, 300, 429)]
-
-
-@hopper_gpu
-@pytest.mark.parametrize("d,dtype", DIMS, ids=[f"d{d}-{str(t)[6:]}" for d, t in DIMS])
-@pytest.mark.parametrize("b,h,hk,sq,sk", CAUSAL_SHAPES)
-@pytest.mark.parametrize("rows", ["all", "window", "first"])
-def test_causal_passes_match_reference(b, h, hk, sq, sk, d, dtype, rows):
-    """The causal mask: each row's LSE over the keys it sees and each key's column sums (maxima) over
-    the rows that see it, against float64 and the portable pass 2. Keys no selected row sees get 0:
-    with the first third of the rows, whole key blocks (their one fully masked row tile) do."""
-    q, k = make_qk(b, h, hk, sq, sk, d, dtype, "cuda")
-    p = make_problem(q, k, None, True, "triton")
-    if rows == "window":
-        p = p.with_rows(5, sq - 7)
-    elif rows == "first":
-        p = p.with_rows(0, sq // 3)
-    assert hopper.supports(q, k, p) and not hopper.supports(q, k, p, "fused")
-    assert hopper.supports(q, k, p, "columns") == (d not in hopper.CAUSAL_COLUMNS_SLOWER)
-    selected = range(p.row_start, p.row_end)
-    lse = hopper.row_lse(q, k, p)
-    lse_ref = _lse_reference(q, k, p.scale, selected, causal=True)
-    assert rel_l2(lse, lse_ref) <= 1e-6, "pass 1"
-    for heads_per_chunk in sorted({1, p.group}):
-        for use_max in (False, True):
-            out = hopper.col_reduce(q, k, lse, p, heads_per_chunk, use_max)
-            ref = _col_reference(q, k, lse, p.scale, selected, heads_per_chunk, use_max, causal=True)
-            assert rel_l2(out, ref) <= 1e-5, f"pass 2, {heads_per_chunk} heads per chunk, max={use_max}"
-            portable = tb.col_reduce(q, k, lse, p, heads_per_chunk, use_max, config=tb._block_sizes(d, dtype))
-            assert rel_l2(out, portable) <= 1e-5, "pass 2 against the portable kernel"
 
 
 @hopper_gpu
