@@ -27,8 +27,10 @@ diagonal, pass 2's key block starts at the row tile of its first key's diagonal 
 tiles, per head of the chunk); only the tiles the diagonal crosses pay a mask. The blocks launch
 longest first.
 
+KEY PADDING MASK (HAS_KEY_MASK, pass 1 and FUSED's first phase): dropped keys' scores become -inf,
+so a row may see no key (its LSE is then +inf); pass 2 needs no mask, its caller zeroes the columns.
 Scope (`supports`): CUDA capability 9.0, fp16/bf16, D a multiple of 8 (16-byte rows) from 16 to
-128, no key padding mask, a causal mask only with Sq <= Sk (and pass 2 not between D=80 and 128),
+128, a causal mask only with Sq <= Sk (and pass 2 not between D=80 and 128),
 Q and K with D contiguous and 16-byte strides (read in place through 4-D TMA descriptors:
 contiguous tensors and transposed (B, S, H, D) views alike);
 the caller (triton_backend._fast_path) also wants all selected rows and 2**29 scores or more per
@@ -61,18 +63,47 @@ _LOG2E = gl.constexpr(LOG2E)
 
 @gluon.jit
 def _lse_tile(s, m_i, l_i, n0, n_valid, qk_scale, BLOCK_B: gl.constexpr, layout: gl.constexpr,
-              LAST: gl.constexpr):
+              LAST: gl.constexpr, MAY_SEE_NONE: gl.constexpr):
     """Fold one [BLOCK_A, BLOCK_B] tile of raw scores into the rows' running (max, sum), base 2.
     Only the LAST tile can run past the key range: the others skip the mask, which ptxas would
     otherwise turn into selects on every tile (128 FSEL per thread and tile at D=64)."""
     if LAST and n0 + BLOCK_B > n_valid:  # the rows past the key range belong to the next head
         offs_n = n0 + gl.arange(0, BLOCK_B, layout=gl.SliceLayout(0, layout))
         s = gl.where(offs_n[None, :] < n_valid, s, float("-inf"))
-    # qk_scale > 0, so the max of the raw scores gives the max of the scaled ones; every row sees a
-    # key in its first tile, so m_new is finite from then on.
+    # qk_scale > 0, so the max of the raw scores gives the max of the scaled ones. Without a key
+    # mask every row sees a key in its first tile, so m_new is finite from then on; with one
+    # (MAY_SEE_NONE) a row may have seen none yet, and exp2(-inf - -inf) would be NaN.
     m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-    l_i = l_i * gl.exp2(m_i - m_new) + gl.sum(gl.exp2(s * qk_scale - m_new[:, None]), axis=1)
+    m_ref = m_new
+    if MAY_SEE_NONE:
+        m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)
+    l_i = l_i * gl.exp2(m_i - m_ref) + gl.sum(gl.exp2(s * qk_scale - m_ref[:, None]), axis=1)
     return m_new, l_i
+
+
+@gluon.jit
+def _lse2(m_i, l_i, MAY_SEE_NONE: gl.constexpr):
+    """A row's base-2 LSE from its running (max, sum); +inf (weight 0) for a row that saw no key."""
+    lse2 = m_i + gl.log2(l_i)
+    if MAY_SEE_NONE:
+        lse2 = gl.where(l_i > 0, lse2, float("inf"))
+    return lse2
+
+
+@gluon.jit
+def _key_mask(s, keep_base, stride_keep_n, n0, Sk, layout: gl.constexpr):
+    """-inf where the key padding mask drops key n0 + j of a [rows, keys] tile (keys past Sk too).
+    Only tiles that drop a key pay the selects (padding drops whole runs of keys): a branch uniform
+    over the CTA skips the rest."""
+    # One byte per thread, coalesced; then to the score columns through shared memory: a load in the
+    # accumulator's column layout would hold 32 64-bit addresses per thread.
+    flat: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    offs_n = n0 + gl.arange(0, s.shape[1], layout=flat)
+    keep = gl.load(keep_base + offs_n * stride_keep_n, mask=offs_n < Sk, other=0)
+    if gl.min(keep, axis=0) == 0:
+        seen = gl.convert_layout(keep != 0, gl.SliceLayout(0, layout))
+        s = gl.where(seen[None, :], s, float("-inf"))
+    return s
 
 
 @gluon.jit
@@ -110,17 +141,21 @@ def _causal_mask(s, a0, b0, causal_offset, COLUMNS: gl.constexpr, layout: gl.con
 
 
 @gluon.jit
-def _fold_tile(s, m_i, l_i, col, lse2, t, Sk, qk_scale, a0, b0, causal_offset, COLUMNS: gl.constexpr,
-               USE_MAX: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_B: gl.constexpr, layout: gl.constexpr,
-               LAST: gl.constexpr):
+def _fold_tile(s, m_i, l_i, col, lse2, t, Sk, qk_scale, a0, b0, causal_offset, keep_base, stride_keep_n,
+               COLUMNS: gl.constexpr, USE_MAX: gl.constexpr, CAUSAL: gl.constexpr, HAS_KEY_MASK: gl.constexpr,
+               BLOCK_B: gl.constexpr, layout: gl.constexpr, LAST: gl.constexpr):
     """Fold tile t's scores into the pass's state: (m_i, l_i) for pass 1, col for pass 2. With CAUSAL,
-    a0 is the half's first stationary row and b0 the tile's first streamed row (absolute indices)."""
+    a0 is the half's first stationary row and b0 the tile's first streamed row (absolute indices).
+    The key padding mask applies to pass 1 only: pass 2's caller zeroes the dropped keys' columns."""
     if CAUSAL:  # keys past Sk are masked too: j <= i + Sk - Sq < Sk for every query row i < Sq
         s = _causal_mask(s, a0, b0, causal_offset, COLUMNS, layout)
     if COLUMNS:
         col = _col_tile(s, col, lse2, qk_scale, USE_MAX)
     else:
-        m_i, l_i = _lse_tile(s, m_i, l_i, t * BLOCK_B, Sk, qk_scale, BLOCK_B, layout, LAST and not CAUSAL)
+        if HAS_KEY_MASK:  # keys past Sk are masked too
+            s = _key_mask(s, keep_base, stride_keep_n, t * BLOCK_B, Sk, layout)
+        m_i, l_i = _lse_tile(s, m_i, l_i, t * BLOCK_B, Sk, qk_scale, BLOCK_B, layout,
+                             LAST and not (CAUSAL or HAS_KEY_MASK), HAS_KEY_MASK)
     return m_i, l_i, col
 
 
@@ -241,11 +276,11 @@ def _next_fill(head, tile, tile0, n_row_tiles, h0, s0, head_step, BLOCK_B: gl.co
 
 @gluon.jit
 def _stream_kernel(
-    a_desc, a2_desc, b_desc, b2_desc, LSE, OUT,
-    stride_lb, stride_lh, stride_lm, stride_ob, stride_oc, stride_on,
+    a_desc, a2_desc, b_desc, b2_desc, LSE, OUT, KEY_KEEP,
+    stride_lb, stride_lh, stride_lm, stride_ob, stride_oc, stride_on, stride_keep_b, stride_keep_n,
     H, GROUP, HEADS_PER_PROGRAM, Sk, row_start, row_end, n_a_blocks, causal_offset, qk_scale, out_scale,
-    COLUMNS: gl.constexpr, FUSED: gl.constexpr, USE_MAX: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
-    A_IN_REGS: gl.constexpr, num_warps: gl.constexpr,
+    COLUMNS: gl.constexpr, FUSED: gl.constexpr, USE_MAX: gl.constexpr, CAUSAL: gl.constexpr,
+    HAS_KEY_MASK: gl.constexpr, STAGES: gl.constexpr, A_IN_REGS: gl.constexpr, num_warps: gl.constexpr,
 ):
     # Descriptors over (B, heads, rows, D) with boxes [1, 1, rows, cols]; the tiles are [rows, cols].
     BLOCK_A: gl.constexpr = a_desc.block_type.shape[2]  # 128: two halves of 64, one wgmma each
@@ -304,6 +339,7 @@ def _stream_kernel(
         tile0 = 0
         head_step = 0
     n_fills = 2 * n_tiles if FUSED else n_tiles  # tiles through the ring
+    keep_base = KEY_KEEP + b.to(gl.int64) * stride_keep_b  # the batch row's key padding mask (pass 1)
 
     a_smem = gl.allocate_shared_memory(a_desc.dtype, [BLOCK_A, BLOCK_D], _tile_layout(a_desc.layout))
     b_smem = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_B, BLOCK_D], _tile_layout(b_desc.layout))
@@ -375,7 +411,8 @@ def _stream_kernel(
         acc_hi = _issue(a_hi, a2_hi, b_smem, b2_smem, ready, t, zero, False, STAGES, HAS_TAIL)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_lo, ))
         m_lo, l_lo, col_lo = _fold_tile(s, m_lo, l_lo, col_lo, lse2, t, Sk, qk_scale, a0_lo, b_row0 + fold_s,
-                                        causal_offset, COLUMNS, USE_MAX, CAUSAL, BLOCK_B, layout, False)
+                                        causal_offset, keep_base, stride_keep_n, COLUMNS, USE_MAX, CAUSAL, HAS_KEY_MASK,
+                                        BLOCK_B, layout, False)
         acc_lo = _issue(a_lo, a2_lo, b_smem, b2_smem, ready, t + 1, zero, True, STAGES, HAS_TAIL)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_hi, ))
         # Both halves are done with tile t: its buffer takes tile t + STAGES.
@@ -392,7 +429,8 @@ def _stream_kernel(
         elif COLUMNS:
             lse2_next = gl.load(lse_ptrs + (t + 1) * BLOCK_B)
         m_hi, l_hi, col_hi = _fold_tile(s, m_hi, l_hi, col_hi, lse2, t, Sk, qk_scale, a0_hi, b0_hi, causal_offset,
-                                        COLUMNS, USE_MAX, CAUSAL, BLOCK_B, layout, False)
+                                        keep_base, stride_keep_n, COLUMNS, USE_MAX, CAUSAL, HAS_KEY_MASK, BLOCK_B,
+                                        layout, False)
         lse2 = lse2_next
     t = n_tiles - 1
     # n_tiles >= 1, so the else branch never runs; without it ptxas serializes every wgmma of the
@@ -401,13 +439,15 @@ def _stream_kernel(
         acc_hi = _issue(a_hi, a2_hi, b_smem, b2_smem, ready, t, zero, False, STAGES, HAS_TAIL)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_lo, ))
         m_lo, l_lo, col_lo = _fold_tile(s, m_lo, l_lo, col_lo, lse2, t, Sk, qk_scale, a0_lo, b_row0 + fold_s,
-                                        causal_offset, COLUMNS, USE_MAX, CAUSAL, BLOCK_B, layout, True)
+                                        causal_offset, keep_base, stride_keep_n, COLUMNS, USE_MAX, CAUSAL, HAS_KEY_MASK,
+                                        BLOCK_B, layout, True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(acc_hi, ))
         if FUSED:  # the last tile's buffer takes the second phase's tile STAGES - 1
             _load_rows(b_desc, b2_desc, b, fill_h, fill_s, ready.index(t % STAGES), b_smem.index(t % STAGES),
                        b2_smem.index(t % STAGES), t + STAGES < n_fills, HAS_TAIL)
         m_hi, l_hi, col_hi = _fold_tile(s, m_hi, l_hi, col_hi, lse2, t, Sk, qk_scale, a0_hi, b_row0 + fold_s,
-                                        causal_offset, COLUMNS, USE_MAX, CAUSAL, BLOCK_B, layout, True)
+                                        causal_offset, keep_base, stride_keep_n, COLUMNS, USE_MAX, CAUSAL, HAS_KEY_MASK,
+                                        BLOCK_B, layout, True)
     else:
         warpgroup_mma_wait(num_outstanding=0, deps=(acc_lo, ))
 
@@ -419,8 +459,10 @@ def _stream_kernel(
         keys_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                               instr_shape=[16, BLOCK_A, 16])
         lse_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_A], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-        lse_smem.slice(0, HALF).store(gl.where(row_start + offs_lo < row_end, m_lo + gl.log2(l_lo), float("inf")))
-        lse_smem.slice(HALF, HALF).store(gl.where(row_start + offs_hi < row_end, m_hi + gl.log2(l_hi), float("inf")))
+        lse_smem.slice(0, HALF).store(gl.where(row_start + offs_lo < row_end, _lse2(m_lo, l_lo, HAS_KEY_MASK),
+                                               float("inf")))
+        lse_smem.slice(HALF, HALF).store(gl.where(row_start + offs_hi < row_end, _lse2(m_hi, l_hi, HAS_KEY_MASK),
+                                                  float("inf")))
         _cta_barrier()
         lse2 = lse_smem.load(gl.SliceLayout(0, keys_layout))
         _fused_columns(a_smem, a2_smem, b_smem, b2_smem, ready, lse2, OUT + pid.to(gl.int64) * stride_ob, stride_on,
@@ -437,8 +479,10 @@ def _stream_kernel(
     elif not FUSED:  # FUSED stored its column sums above
         lse_base = LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
         # base 2 -> natural
-        gl.store(lse_base + offs_lo * stride_lm, (m_lo + gl.log2(l_lo)) * _LN2, mask=row_start + offs_lo < row_end)
-        gl.store(lse_base + offs_hi * stride_lm, (m_hi + gl.log2(l_hi)) * _LN2, mask=row_start + offs_hi < row_end)
+        lse_lo = _lse2(m_lo, l_lo, HAS_KEY_MASK) * _LN2
+        lse_hi = _lse2(m_hi, l_hi, HAS_KEY_MASK) * _LN2
+        gl.store(lse_base + offs_lo * stride_lm, lse_lo, mask=row_start + offs_lo < row_end)
+        gl.store(lse_base + offs_hi * stride_lm, lse_hi, mask=row_start + offs_hi < row_end)
 
 
 # The stationary block: 128 rows, two halves of one warpgroup. The streamed tiles, ring depth and
@@ -477,7 +521,7 @@ CAUSAL_COLUMNS_SLOWER = range(81, 128)
 
 
 def supports(query: torch.Tensor, key: torch.Tensor, p: Problem, mode: str = "lse") -> bool:
-    """Whether this path can run the problem (the caller also requires no key mask) in ``mode``:
+    """Whether this path can run the problem (with or without a key padding mask) in ``mode``:
     ``"lse"`` (`row_lse`), ``"columns"`` (`col_reduce`) or ``"fused"`` (`fused_columns`, no causal
     mask). A causal mask needs Sq <= Sk, so that every row sees key 0."""
     if p.causal and (mode == "fused" or p.causal_offset < 0
@@ -519,18 +563,28 @@ def _rows_views(t: torch.Tensor, block_rows: int) -> tuple:
                  for cols in head_dim_blocks(t.shape[-1]))
 
 
-def row_lse(query, key, p: Problem, config=None) -> torch.Tensor:
-    """Pass 1 over the selected rows: natural-log LSE, float32 (B, H, n_rows)."""
+def _key_keep_args(key_keep, dummy: torch.Tensor) -> tuple:
+    """KEY_KEEP and its (batch, key) strides: the (B, Sk) bool mask as bytes, or a dummy pointer."""
+    if key_keep is None:
+        return dummy, 0, 0
+    return key_keep.view(torch.uint8), *key_keep.stride()
+
+
+def row_lse(query, key, p: Problem, key_keep=None, config=None) -> torch.Tensor:
+    """Pass 1 over the selected rows: natural-log LSE, float32 (B, H, n_rows); key_keep: optional
+    (B, Sk) bool, False drops a key from every softmax. A row that sees no key gets +inf."""
     block_b, stages, a_in_regs = config or _config(p.head_dim, columns=False)
     lse = utils.new_output((p.batch, p.heads, p.n_rows), query.device)
     n_a_blocks = cdiv(p.n_rows, BLOCK_ROWS)
     grid = (p.batch * p.heads * n_a_blocks,)
-    _stream_kernel[grid](
-        *_rows_views(query, BLOCK_ROWS), *_rows_views(key, block_b), lse, lse,
-        *lse.stride(), 0, 0, 0,
+    keep, stride_keep_b, stride_keep_n = _key_keep_args(key_keep, lse)
+    utils.launch(
+        _stream_kernel, grid,
+        *_rows_views(query, BLOCK_ROWS), *_rows_views(key, block_b), lse, lse, keep,
+        *lse.stride(), 0, 0, 0, stride_keep_b, stride_keep_n,
         p.heads, p.group, 1, p.k_len, p.row_start, p.row_end, n_a_blocks, p.causal_offset, p.scale * LOG2E, 1.0,
-        COLUMNS=False, FUSED=False, USE_MAX=False, CAUSAL=p.causal, STAGES=stages,
-        A_IN_REGS=a_in_regs, num_warps=4,
+        COLUMNS=False, FUSED=False, USE_MAX=False, CAUSAL=p.causal, HAS_KEY_MASK=key_keep is not None,
+        STAGES=stages, A_IN_REGS=a_in_regs, num_warps=4,
     )
     return lse
 
@@ -545,12 +599,13 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
     lse2 = utils.padded_lse2(lse, cdiv(p.n_rows, block_b) * block_b)  # whole row tiles per head
     n_a_blocks = cdiv(p.k_len, BLOCK_ROWS)
     grid = (p.batch * n_chunks * n_a_blocks,)
-    _stream_kernel[grid](
-        *_rows_views(key, BLOCK_ROWS), *_rows_views(query, block_b), lse2, out,
-        *lse2.stride(), *out.stride(),
+    utils.launch(
+        _stream_kernel, grid,
+        *_rows_views(key, BLOCK_ROWS), *_rows_views(query, block_b), lse2, out, out,
+        *lse2.stride(), *out.stride(), 0, 0,
         p.heads, p.group, heads_per_chunk, p.k_len, p.row_start, p.row_end, n_a_blocks, p.causal_offset,
         p.scale * LOG2E, 1.0 / divisor,
-        COLUMNS=True, FUSED=False, USE_MAX=use_max, CAUSAL=p.causal, STAGES=stages,
+        COLUMNS=True, FUSED=False, USE_MAX=use_max, CAUSAL=p.causal, HAS_KEY_MASK=False, STAGES=stages,
         A_IN_REGS=a_in_regs, num_warps=4,
     )
     return out
@@ -566,20 +621,23 @@ def _fused_config(head_dim: int) -> tuple[int, int, int | None]:
     return 128, 2, 168 if head_dim <= 96 else None
 
 
-def fused_columns(query, key, p: Problem, use_max: bool, divisor: float = 1.0, config=None) -> torch.Tensor:
+def fused_columns(query, key, p: Problem, use_max: bool, divisor: float = 1.0, key_keep=None,
+                  config=None) -> torch.Tensor:
     """Both passes in one launch (small calls): each program's block of BLOCK_ROWS selected rows
-    gets its LSE over all keys, then its column sums (maxima) of exp(scale * s - lse) over divisor.
-    Returns the partials, float32 (B, H, cdiv(n_rows, BLOCK_ROWS), Sk), for the caller to reduce
-    over row blocks (and heads)."""
+    gets its LSE over all keys (but those key_keep drops), then its column sums (maxima) of
+    exp(scale * s - lse) over divisor. Returns the partials, float32 (B, H, cdiv(n_rows, BLOCK_ROWS),
+    Sk), for the caller to reduce over row blocks (and heads); dropped keys' columns are not zeroed."""
     block_b, stages, maxnreg = config or _fused_config(p.head_dim)
     n_a_blocks = cdiv(p.n_rows, BLOCK_ROWS)
     parts = utils.new_output((p.batch, p.heads, n_a_blocks, p.k_len), query.device)
     grid = (p.batch * p.heads * n_a_blocks,)  # program pid writes plane pid of parts
-    _stream_kernel[grid](
-        *_rows_views(query, BLOCK_ROWS), *_rows_views(key, block_b), parts, parts,
-        0, 0, 0, p.k_len, 0, 1,
+    keep, stride_keep_b, stride_keep_n = _key_keep_args(key_keep, parts)
+    utils.launch(
+        _stream_kernel, grid,
+        *_rows_views(query, BLOCK_ROWS), *_rows_views(key, block_b), parts, parts, keep,
+        0, 0, 0, p.k_len, 0, 1, stride_keep_b, stride_keep_n,
         p.heads, p.group, 1, p.k_len, p.row_start, p.row_end, n_a_blocks, 0, p.scale * LOG2E, 1.0 / divisor,
-        COLUMNS=False, FUSED=True, USE_MAX=use_max, CAUSAL=False, STAGES=stages,
+        COLUMNS=False, FUSED=True, USE_MAX=use_max, CAUSAL=False, HAS_KEY_MASK=key_keep is not None, STAGES=stages,
         A_IN_REGS=False, num_warps=4, **({} if maxnreg is None else dict(maxnreg=maxnreg)),
     )
     return parts

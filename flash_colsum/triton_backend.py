@@ -593,8 +593,8 @@ def _launch_row_blocks(query, key, p: Problem, rows: range, cfg: dict, lse, out,
             lse = utils.new_output((n_splits, p.batch, p.heads, len(rows)), query.device)
         # LSE, OUT and SCORES are float32; unused ones alias the LSE
         grid = (n_splits * p.batch * p.heads * n_row_blocks,)
-        _row_block_kernel[grid](query, key, keep, lse, lse if out is None else out, lse if scores is None else scores,
-                                *ints, keys_per_split, *floats, SPLIT=n_splits > 1, **meta)
+        utils.launch(_row_block_kernel, grid, query, key, keep, lse, lse if out is None else out,
+                     lse if scores is None else scores, *ints, keys_per_split, *floats, SPLIT=n_splits > 1, **meta)
     return lse
 
 
@@ -615,15 +615,16 @@ def _fast_path(query, key, p: Problem, rows: range, key_keep=None, mode="lse"):
     1, "columns": pass 2, "fused": both in one launch), else None.
 
     They take fp16/bf16 problems with D a multiple of 8 up to 128, Q and K with D contiguous and
-    16-byte strides (contiguous, or transposed (B, S, H, D) views) and no key mask, on a CUDA
-    capability 9.0 GPU, over all selected rows, with at least FAST_PATH_MIN_SCORES scores
-    (FUSED_FAST_PATH_MIN_SCORES fused); causal ones with Sq <= Sk, not fused (`hopper.supports`).
+    16-byte strides (contiguous, or transposed (B, S, H, D) views), on a CUDA capability 9.0 GPU,
+    over all selected rows, with at least FAST_PATH_MIN_SCORES scores (FUSED_FAST_PATH_MIN_SCORES
+    fused); causal ones with Sq <= Sk, not fused (`hopper.supports`). A key padding mask
+    (``key_keep``) goes to pass 1 and the fused launch; pass 2 needs none (the caller zeroes its columns).
     FLASH_COLSUM_FAST_PATHS=0 turns them off (the portable kernels then run everywhere, as on the
     CPU interpreter).
     """
     min_scores = FUSED_FAST_PATH_MIN_SCORES if mode == "fused" else FAST_PATH_MIN_SCORES
     # The cheap tests first: small calls are host-bound, and each environment read costs ~3 us.
-    if (p.batch * p.heads * len(rows) * p.k_len < min_scores or not query.is_cuda or key_keep is not None
+    if (p.batch * p.heads * len(rows) * p.k_len < min_scores or not query.is_cuda
             or rows != range(p.row_start, p.row_end) or interpreting()
             or os.environ.get("FLASH_COLSUM_FAST_PATHS", "1") == "0"):
         return None
@@ -670,7 +671,7 @@ def fused_reduce(query, key, p: Problem, key_keep, heads_per_chunk: int, use_max
             or not _use_fused(p, p.batch * p.heads * n_row_blocks, cfg["BLOCK_N"], query.device, fast is not None)):
         return None
     if fast:
-        parts = fast.fused_columns(query, key, p, use_max, divisor)
+        parts = fast.fused_columns(query, key, p, use_max, divisor, key_keep)
     else:
         parts = utils.new_output((p.batch, p.heads, n_row_blocks, p.k_len), query.device)
         # The kernel indexes OUT[row block, b, h, key]: a permuted view writes the planes head-major.
@@ -752,7 +753,8 @@ def scores_reduce(query, key, p: Problem, key_keep, row_keep, heads_per_chunk: i
     block_n = 32 if interpreting() else 256
     grid = (p.batch * n_chunks * cdiv(p.k_len, block_n),)
     with _on_device(query):
-        _scores_reduce_kernel[grid](
+        utils.launch(
+            _scores_reduce_kernel, grid,
             scores, lse, out, *scores.stride()[:3], *lse.stride()[-3:], lse.stride(0) if lse_parts else 0,
             lse.shape[0] if lse_parts else 1, *out.stride()[:2], p.n_rows, heads_per_chunk, n_chunks, p.k_len,
             1.0 / divisor, USE_MAX=use_max, LSE_PARTS=lse_parts, BLOCK_R=min(16, rows_pow2),
@@ -781,7 +783,7 @@ def row_lse(query, key, p: Problem, key_keep=None, rows=None, config=None, combi
     fast = None if config or scores is not None else _fast_path(query, key, p, rows, key_keep)
     # The fast path does not split keys: it needs a row block per SM at least.
     if fast and p.batch * p.heads * cdiv(len(rows), fast.BLOCK_ROWS) >= _sm_count(query.device):
-        return fast.row_lse(query, key, p)
+        return fast.row_lse(query, key, p, key_keep)
     cfg = config or _row_block_sizes(p.head_dim, query.dtype, len(rows), columns=False)
     lse = _launch_row_blocks(query, key, p, rows, cfg, None, None, key_keep, scores=scores)
     if lse.shape[0] == 1:
@@ -832,7 +834,8 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
     qk_strides, unit = _qk_strides(query, key)
     grid = (p.batch * n_chunks * n_key_blocks,)
     with _on_device(query):
-        _col_reduce_kernel[grid](
+        utils.launch(
+            _col_reduce_kernel, grid,
             query, key, lse, out,
             *qk_strides, *lse.stride(), *out.stride(),
             p.heads, p.group, heads_per_chunk, p.causal_offset, p.k_len, p.head_dim, p.row_start, p.row_end,

@@ -282,6 +282,50 @@ def new_output(shape, device) -> torch.Tensor:
     return torch.empty(shape, device=device, dtype=torch.float32)
 
 
+# Compiled kernels by launch: Triton's `kernel[grid](...)` derives the kernel's specialization from
+# every argument at each call (a binder over ~40 arguments, a cache key, a lookup): on the lent
+# H100's host that is a third of a small call's host time. A call whose arguments specialize alike
+# reuses the compiled kernel that lookup returned. Bounded: cleared when full (a decoding loop with a
+# growing key length makes a new entry per step and only pays for the key).
+_COMPILED: dict = {}
+_COMPILED_MAX = 1024
+_PLAIN = (int, float, bool, str, type(None))
+
+
+def _arg_key(a):
+    """What a compiled kernel depends on of an argument: a tensor's dtype, device (compiled kernels
+    are per device; launchers run on their tensors' device) and whether its data is 16-byte aligned,
+    not its address; a TMA descriptor's base as well, with its shapes; any other value exactly
+    (an integer's divisibility and width follow from its value)."""
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.device, a.data_ptr() % 16 == 0
+    base = getattr(a, "base", None)
+    if isinstance(base, torch.Tensor):  # a TensorDescriptor (a dataclass: not hashable)
+        return (base.dtype, base.data_ptr() % 16 == 0, tuple(a.shape), tuple(a.strides), tuple(a.block_shape),
+                getattr(a, "padding", None), getattr(a, "layout", None))
+    return a
+
+
+def launch(kernel, grid: tuple, *args, **meta):
+    """``kernel[grid](*args, **meta)`` (constexprs and launch options by keyword), through the
+    compiled kernel of an earlier call with the same `_arg_key`s and keywords. Under the interpreter,
+    or where Triton returns no compiled kernel, every call takes the JIT path."""
+    key = (kernel, *[a if type(a) in _PLAIN else _arg_key(a) for a in args], *meta.items())
+    entry = _COMPILED.get(key)
+    if entry is not None:
+        compiled, constexprs = entry
+        compiled[grid + (1,) * (3 - len(grid))](*args, *[meta[name] for name in constexprs])
+        return
+    compiled = kernel[grid](*args, **meta)
+    if not hasattr(compiled, "packed_metadata"):  # not a CompiledKernel (Triton 3.x): the interpreter's None
+        return
+    constexprs = kernel.arg_names[len(args):]  # the compiled launcher takes every parameter in order
+    if all(name in meta for name in constexprs):
+        if len(_COMPILED) >= _COMPILED_MAX:
+            _COMPILED.clear()
+        _COMPILED[key] = compiled, constexprs
+
+
 def cdiv(a: int, b: int) -> int:
     """Ceiling division for launch arithmetic (triton.cdiv is a JIT function: ~5 us per host call)."""
     return -(-a // b)
