@@ -671,7 +671,8 @@ def fused_reduce(query, key, p: Problem, key_keep, heads_per_chunk: int, use_max
             or not _use_fused(p, p.batch * p.heads * n_row_blocks, cfg["BLOCK_N"], query.device, fast is not None)):
         return None
     if fast:
-        parts = fast.fused_columns(query, key, p, use_max, divisor, key_keep)
+        with _on_device(query):
+            parts = fast.fused_columns(query, key, p, use_max, divisor, key_keep)
     else:
         parts = utils.new_output((p.batch, p.heads, n_row_blocks, p.k_len), query.device)
         # The kernel indexes OUT[row block, b, h, key]: a permuted view writes the planes head-major.
@@ -783,7 +784,8 @@ def row_lse(query, key, p: Problem, key_keep=None, rows=None, config=None, combi
     fast = None if config or scores is not None else _fast_path(query, key, p, rows, key_keep)
     # The fast path does not split keys: it needs a row block per SM at least.
     if fast and p.batch * p.heads * cdiv(len(rows), fast.BLOCK_ROWS) >= _sm_count(query.device):
-        return fast.row_lse(query, key, p, key_keep)
+        with _on_device(query):
+            return fast.row_lse(query, key, p, key_keep)
     cfg = config or _row_block_sizes(p.head_dim, query.dtype, len(rows), columns=False)
     lse = _launch_row_blocks(query, key, p, rows, cfg, None, None, key_keep, scores=scores)
     if lse.shape[0] == 1:
@@ -827,7 +829,8 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
         lse = _combine_lse(lse)
     fast = None if config else _fast_path(query, key, p, range(p.row_start, p.row_end), mode="columns")
     if fast:
-        return fast.col_reduce(query, key, lse, p, heads_per_chunk, use_max, divisor=divisor)
+        with _on_device(query):
+            return fast.col_reduce(query, key, lse, p, heads_per_chunk, use_max, divisor=divisor)
     out = utils.new_output((p.batch, n_chunks, p.k_len), query.device)
     cfg = config or _block_sizes(p.head_dim, query.dtype)
     n_key_blocks = cdiv(p.k_len, cfg["BLOCK_N"])

@@ -30,3 +30,19 @@ def test_auto_picks_triton_on_cuda():
     q = torch.randn(1, 2, 64, 64, device="cuda", dtype=torch.float16)
     auto = flash_colsum(q, q)
     assert torch.equal(auto, flash_colsum(q, q, backend="triton"))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("b,s,d,causal", [(1, 1024, 64, False), (8, 1024, 64, False), (1, 16384, 64, False),
+                                          (1, 4096, 128, True)])
+def test_tensors_on_a_device_that_is_not_the_current_one(b, s, d, causal):
+    """Inputs on cuda:1 while cuda:0 is current: every launch (portable, fused, Hopper passes on an
+    H100) runs on the inputs' device and gives the bits it gives with cuda:1 current."""
+    q = torch.randn(b, 16, s, d, device="cuda:1", dtype=torch.float16)
+    k = torch.randn(b, 16, s, d, device="cuda:1", dtype=torch.float16)
+    with torch.cuda.device(0):
+        away = flash_colsum(q, k, is_causal=causal, backend="triton")
+        torch.cuda.synchronize(1)
+    with torch.cuda.device(1):
+        home = flash_colsum(q, k, is_causal=causal, backend="triton")
+    assert away.device == q.device and torch.equal(away, home)
