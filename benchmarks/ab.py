@@ -1,9 +1,11 @@
 """A/B timings of the Triton back end's switches, in one process (same GPU, same run).
 
-    python -m benchmarks.ab [--out DIR] [--switch row_stat]
+    python -m benchmarks.ab [--out DIR] [--switch row_stat] [--rounds 2]
 
 For each point, times `flash_colsum` and each pass (medians of `triton.testing.do_bench`); where
-a point names a switch, with it on and off, checking that both give the same result:
+a point names a switch, with it on and off, checking that both give the same result. Each round
+runs the states in the other order (on, off, ... then ..., off, on): whatever runs second in a
+round (a warmer clock, a quieter host) is not always the same state.
   row_stat:  pass 2 as the library chooses ("on"), key-centric ("off") and row-stationary ("forced").
   fast:      the Hopper Gluon kernels where they apply ("on") or the portable kernels only ("off").
   fused:     small calls in one launch as the library chooses ("on"), never ("off") or wherever the
@@ -124,6 +126,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     parser.add_argument("--switch", default=None, help="only the points with this switch")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per point, the states' order alternating")
     args = parser.parse_args()
     rows = []
     for b, h, sq, sk, d, causal, switch in POINTS:
@@ -132,23 +135,25 @@ def main():
         q = torch.randn(b, h, sq, d, device="cuda", dtype=torch.float16)
         k = torch.randn(b, h, sk, d, device="cuda", dtype=torch.float16)
         p = make_problem(q, k, None, causal, "triton")
-        result = {}
-        for state in STATES[switch] if switch else ("on",):
-            with switched(switch, state):
-                out = flash_colsum(q, k, is_causal=causal)
-                result[state] = out
-                lse = tb.row_lse(q, k, p)
-                rows.append(dict(
-                    point=f"B={b} H={h} Sq={sq} Sk={sk} D={d}{' causal' if causal else ''}", switch=switch, state=state,
-                    total_ms=bench(lambda: flash_colsum(q, k, is_causal=causal)),
-                    pass1_ms=bench(lambda: tb.row_lse(q, k, p)),
-                    pass2_ms=bench(lambda: tb.col_reduce(q, k, lse, p, 1, False)),
-                ))
+        result, first = {}, len(rows)
+        states = STATES[switch] if switch else ("on",)
+        for round_ in range(args.rounds):
+            for state in states if round_ % 2 == 0 else states[::-1]:
+                with switched(switch, state):
+                    result[state] = flash_colsum(q, k, is_causal=causal)
+                    lse = tb.row_lse(q, k, p)
+                    rows.append(dict(
+                        point=f"B={b} H={h} Sq={sq} Sk={sk} D={d}{' causal' if causal else ''}", switch=switch,
+                        state=state, round=round_,
+                        total_ms=bench(lambda: flash_colsum(q, k, is_causal=causal)),
+                        pass1_ms=bench(lambda: tb.row_lse(q, k, p)),
+                        pass2_ms=bench(lambda: tb.col_reduce(q, k, lse, p, 1, False)),
+                    ))
         diff = max(((out - result["on"]).norm() / result["on"].norm()).item() for out in result.values())
-        for r in rows[-len(result):]:
+        for r in rows[first:]:
             r["rel_diff"] = diff
-        for r in rows[-len(result):]:
-            print(f"{r['point']:<42} {switch or '':>8} {r['state']:>6}: total {r['total_ms']:.3f} ms  "
+        for r in rows[first:]:
+            print(f"{r['point']:<42} {switch or '':>8} {r['state']:>6} (round {r['round']}): total {r['total_ms']:.3f} ms  "
                   f"pass 1 {r['pass1_ms']:.3f}  pass 2 {r['pass2_ms']:.3f}  (largest difference between states {diff:.1e})", flush=True)
         del q, k, lse
     write_csv(rows, args.out / "ab.csv")
