@@ -253,7 +253,8 @@ def _fused_columns(q_smem, q2_smem, k_smem, k2_smem, ready, lse2, out_base, stri
                              HALF)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_lo, ))
         _store_columns(s, lse2, out_base, stride_on, t * BLOCK_B, Sk, qk_scale, out_scale, USE_MAX, HALF, layout)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(acc_hi, ))
+        # As in _stream_kernel: the buffers stay allocated until the last wgmma is done with them.
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(acc_hi, q_smem, q2_smem, k_smem, k2_smem))[0]
         _store_columns(s, lse2, out_base, stride_on, t * BLOCK_B + HALF, Sk, qk_scale, out_scale, USE_MAX, HALF,
                        layout)
     else:
@@ -441,7 +442,10 @@ def _stream_kernel(
         m_lo, l_lo, col_lo = _fold_tile(s, m_lo, l_lo, col_lo, lse2, t, Sk, qk_scale, a0_lo, b_row0 + fold_s,
                                         causal_offset, keep_base, stride_keep_n, COLUMNS, USE_MAX, CAUSAL, HAS_KEY_MASK,
                                         BLOCK_B, layout, True)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(acc_hi, ))
+        # The buffers the last wgmma reads stay allocated until it is done: after their last issue
+        # the allocator would otherwise hand them to the fold's scratch (the key mask's shared-memory
+        # reduction and conversion), which then overwrote the keys that wgmma was still reading.
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(acc_hi, a_smem, a2_smem, b_smem, b2_smem))[0]
         if FUSED:  # the last tile's buffer takes the second phase's tile STAGES - 1
             _load_rows(b_desc, b2_desc, b, fill_h, fill_s, ready.index(t % STAGES), b_smem.index(t % STAGES),
                        b2_smem.index(t % STAGES), t + STAGES < n_fills, HAS_TAIL)
