@@ -567,13 +567,6 @@ def _rows_views(t: torch.Tensor, block_rows: int) -> tuple:
                  for cols in head_dim_blocks(t.shape[-1]))
 
 
-def _key_keep_args(key_keep, dummy: torch.Tensor) -> tuple:
-    """KEY_KEEP and its (batch, key) strides: the (B, Sk) bool mask as bytes, or a dummy pointer."""
-    if key_keep is None:
-        return dummy, 0, 0
-    return key_keep.view(torch.uint8), *key_keep.stride()
-
-
 def row_lse(query, key, p: Problem, key_keep=None, config=None) -> torch.Tensor:
     """Pass 1 over the selected rows: natural-log LSE, float32 (B, H, n_rows); key_keep: optional
     (B, Sk) bool, False drops a key from every softmax. A row that sees no key gets +inf."""
@@ -581,7 +574,7 @@ def row_lse(query, key, p: Problem, key_keep=None, config=None) -> torch.Tensor:
     lse = utils.new_output((p.batch, p.heads, p.n_rows), query.device)
     n_a_blocks = cdiv(p.n_rows, BLOCK_ROWS)
     grid = (p.batch * p.heads * n_a_blocks,)
-    keep, stride_keep_b, stride_keep_n = _key_keep_args(key_keep, lse)
+    keep, stride_keep_b, stride_keep_n = utils.key_keep_args(key_keep, lse)
     utils.launch(
         _stream_kernel, grid,
         *_rows_views(query, BLOCK_ROWS), *_rows_views(key, block_b), lse, lse, keep,
@@ -635,7 +628,7 @@ def fused_columns(query, key, p: Problem, use_max: bool, divisor: float = 1.0, k
     n_a_blocks = cdiv(p.n_rows, BLOCK_ROWS)
     parts = utils.new_output((p.batch, p.heads, n_a_blocks, p.k_len), query.device)
     grid = (p.batch * p.heads * n_a_blocks,)  # program pid writes plane pid of parts
-    keep, stride_keep_b, stride_keep_n = _key_keep_args(key_keep, parts)
+    keep, stride_keep_b, stride_keep_n = utils.key_keep_args(key_keep, parts)
     utils.launch(
         _stream_kernel, grid,
         *_rows_views(query, BLOCK_ROWS), *_rows_views(key, block_b), parts, parts, keep,

@@ -558,8 +558,7 @@ def _launch_row_blocks(query, key, p: Problem, rows: range, cfg: dict, lse, out,
     when ``fused``)."""
     n_row_blocks = cdiv(len(rows), cfg["BLOCK_M"])
     lse_parts = out is not None and not fused and lse.dim() == 4  # pass 1's key-split partials
-    keep = key if key_keep is None else key_keep.view(torch.uint8)  # K is a dummy pointer when unused
-    keep_strides = (0, 0) if key_keep is None else keep.stride()
+    keep, *keep_strides = utils.key_keep_args(key_keep, key)  # K is a dummy pointer when unused
     qk_strides, unit = _qk_strides(query, key)
     if fused:
         lse_strides = (0, 0, 0, 0, 0, 1)  # unused

@@ -277,6 +277,14 @@ def padded_lse2(lse: torch.Tensor, length: int) -> torch.Tensor:
     return out
 
 
+def key_keep_args(key_keep, dummy: torch.Tensor) -> tuple:
+    """A kernel's KEY_KEEP pointer and its (batch, key) strides: the (B, Sk) bool mask viewed as
+    bytes, or ``dummy`` (any tensor: the kernel never reads it) and zero strides."""
+    if key_keep is None:
+        return dummy, 0, 0
+    return key_keep.view(torch.uint8), *key_keep.stride()
+
+
 def new_output(shape, device) -> torch.Tensor:
     """Allocate a float32 result that a kernel fully overwrites (tests swap in a NaN-filled one)."""
     return torch.empty(shape, device=device, dtype=torch.float32)
