@@ -183,7 +183,7 @@ def test_key_padding_mask_in_pass_1_and_fused(b, h, hk, sq, sk, d, dtype, kind, 
     keys (+inf where it keeps none) and the fused column sums of the kept keys, against float64;
     pass 1 also against the portable kernel. Dropped keys' columns are the caller's to zero."""
     if causal and sq > sk:
-        return
+        pytest.skip("the Hopper path takes causal calls with Sq <= Sk only")
     q, k = make_qk(b, h, hk, sq, sk, d, dtype, "cuda")
     keep = _key_keep(kind, b, sk)
     p = make_problem(q, k, None, causal, "triton").with_rows(3, sq - 5)
@@ -195,7 +195,8 @@ def test_key_padding_mask_in_pass_1_and_fused(b, h, hk, sq, sk, d, dtype, kind, 
     assert torch.equal(torch.isinf(lse).cpu(), empty), "rows that see no key get +inf"
     assert rel_l2(lse.cpu()[~empty], lse_ref[~empty]) <= 1e-6, "pass 1"
     portable = tb.row_lse(q, k, p, keep, config=tb._row_block_sizes(d, dtype, p.n_rows, False))
-    assert torch.equal(torch.isinf(portable), torch.isinf(lse)) and rel_l2(lse.cpu()[~empty], portable.cpu()[~empty]) <= 1e-6
+    assert torch.equal(torch.isinf(portable), torch.isinf(lse))
+    assert rel_l2(lse.cpu()[~empty], portable.cpu()[~empty]) <= 1e-6, "pass 1 against the portable kernel"
     if causal:
         return  # not fused
     n_blocks = -(-p.n_rows // hopper.BLOCK_ROWS)
