@@ -297,28 +297,29 @@ def new_output(shape, device) -> torch.Tensor:
 # growing key length makes a new entry per step and only pays for the key).
 _COMPILED: dict = {}
 _COMPILED_MAX = 1024
-_PLAIN = (int, float, bool, str, type(None))
 
 
 def _arg_key(a):
     """What a compiled kernel depends on of an argument: a tensor's dtype, device (compiled kernels
     are per device; launchers run on their tensors' device) and whether its data is 16-byte aligned,
-    not its address; a TMA descriptor's base as well, with its shapes; any other value exactly
-    (an integer's divisibility and width follow from its value)."""
+    not its address; a TMA descriptor's base as well, with its shapes; any other value exactly, with
+    its type (1, True and 1.0 are equal in Python but specialize differently). `launch` keys plain
+    ints, most arguments, by value alone: their divisibility and width follow from it."""
     if isinstance(a, torch.Tensor):
         return a.dtype, a.device, a.data_ptr() % 16 == 0
     base = getattr(a, "base", None)
     if isinstance(base, torch.Tensor):  # a TensorDescriptor (a dataclass: not hashable)
         return (base.dtype, base.data_ptr() % 16 == 0, tuple(a.shape), tuple(a.strides), tuple(a.block_shape),
                 getattr(a, "padding", None), getattr(a, "layout", None))
-    return a
+    return type(a), a
 
 
 def launch(kernel, grid: tuple, *args, **meta):
     """``kernel[grid](*args, **meta)`` (constexprs and launch options by keyword), through the
-    compiled kernel of an earlier call with the same `_arg_key`s and keywords. Under the interpreter,
-    or where Triton returns no compiled kernel, every call takes the JIT path."""
-    key = (kernel, *[a if type(a) in _PLAIN else _arg_key(a) for a in args], *meta.items())
+    compiled kernel of an earlier call with the same `_arg_key`s and keywords (each call site passes
+    its keywords with fixed types). Under the interpreter, or where Triton returns no compiled
+    kernel, every call takes the JIT path."""
+    key = (kernel, *[a if type(a) is int else _arg_key(a) for a in args], *meta.items())
     entry = _COMPILED.get(key)
     if entry is not None:
         compiled, constexprs = entry

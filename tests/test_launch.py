@@ -90,6 +90,27 @@ def test_cache_is_bounded(monkeypatch):
     assert len(utils._COMPILED) <= 3
 
 
+def test_arguments_with_one_key_specialize_alike():
+    """Whenever two arguments get the same key, Triton's own specialization of them (type, and
+    divisibility by 16 or value 1) is the same: a coarser key would launch a kernel compiled for
+    other arguments (a key of plain values alone fails here: 0 == False). Integers at the
+    boundaries, bools and floats equal to them, tensors of several dtypes at every byte offset."""
+    libtriton = pytest.importorskip("triton._C.libtriton")
+    if not hasattr(libtriton, "native_specialize_impl"):
+        pytest.skip("this Triton specializes arguments otherwise")
+    from triton.backends.compiler import BaseBackend
+
+    base = torch.zeros(64, dtype=torch.float16)
+    values = [0, 1, 2, 15, 16, 17, 32, 2**31 - 1, 2**31, 2**32 + 16, True, False, 1.0, 16.0, 0.5, None,
+              *[base[i:] for i in range(9)], *[base.view(torch.uint8)[i:] for i in range(17)], base.float(), base.bool()]
+    key = lambda a: a if type(a) is int else utils._arg_key(a)  # as launch builds it
+    spec = lambda a: libtriton.native_specialize_impl(BaseBackend, a, False, True, True)
+    for a in values:
+        for b in values:
+            if key(a) == key(b):
+                assert spec(a) == spec(b), (a, b)
+
+
 class CountingCache(dict):
     hits = 0
 
