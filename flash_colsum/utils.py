@@ -323,16 +323,17 @@ def launch(kernel, grid: tuple, *args, **meta):
     entry = _COMPILED.get(key)
     if entry is not None:
         compiled, constexprs = entry
-        compiled[grid + (1,) * (3 - len(grid))](*args, *[meta[name] for name in constexprs])
+        compiled[grid + (1,) * (3 - len(grid))](*args, *constexprs)
         return
     compiled = kernel[grid](*args, **meta)
     if not hasattr(compiled, "packed_metadata"):  # not a CompiledKernel (Triton 3.x): the interpreter's None
         return
-    constexprs = kernel.arg_names[len(args):]  # the compiled launcher takes every parameter in order
-    if all(name in meta for name in constexprs):
+    names = kernel.arg_names[len(args):]  # the compiled launcher takes every parameter in order
+    if all(name in meta for name in names):
         if len(_COMPILED) >= _COMPILED_MAX:
             _COMPILED.clear()
-        _COMPILED[key] = compiled, constexprs
+        # The keywords are part of the key: their values, in parameter order, serve every later hit.
+        _COMPILED[key] = compiled, tuple(meta[name] for name in names)
 
 
 def cdiv(a: int, b: int) -> int:
