@@ -112,10 +112,12 @@ def switched(switch: str, state: str):
     name, replacement = REPLACEMENTS[switch, state]
     saved = getattr(tb, name)
     setattr(tb, name, replacement)
+    tb._row_blocks_plan.cache_clear()  # launch plans memoize what the switches change
     try:
         yield
     finally:
         setattr(tb, name, saved)
+        tb._row_blocks_plan.cache_clear()
 
 
 def bench(fn) -> float:

@@ -7,7 +7,8 @@ import torch
 
 from . import torch_backend
 from .reference import naive_colsum
-from .utils import Problem, check_mask, check_tensor_arg, drop_rows, make_problem, problem_from_shapes, resolve_rows
+from .utils import (Problem, check_mask, check_tensor_arg, drop_rows, interpreting, make_problem, problem_from_shapes,
+                    resolve_rows)
 
 __all__ = ["column_stats", "flash_colsum", "naive_colsum"]
 
@@ -114,6 +115,55 @@ def _visible_row_counts(p: Problem, row_keep, normalize: str, device):
     return suffix[:, first_row].clamp_min_(1)
 
 
+def _validated_plan(query, key, scale, is_causal, reduce, normalize, heads, rows, backend) -> tuple:
+    """Check the arguments that every call has; (Problem with the selected rows, `head_plan`, result shape)."""
+    p = make_problem(query, key, scale, is_causal, backend)
+    if reduce not in ROW_REDUCTIONS:
+        raise ValueError(f"reduce must be one of {ROW_REDUCTIONS}; got {reduce!r}")
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}; got {normalize!r}")
+    if normalize != "rows" and reduce != "mean":
+        raise ValueError(f"normalize={normalize!r} applies to reduce='mean' only; got reduce={reduce!r}")
+    if heads not in HEAD_MODES:
+        raise ValueError(f"heads must be one of {HEAD_MODES}; got {heads!r}")
+    p = p.with_rows(*resolve_rows(rows, p.q_len))
+    out_shape = (p.batch, *_head_rows(heads, p.heads, p.kv_heads), p.k_len)
+    return p, head_plan(heads, reduce, p.group), out_shape
+
+
+# Validated plans by call signature. A small call spends more host time checking and planning than
+# launching (on the lent H100's host ~80 us of Python for ~30 us of GPU work at B=1, S=1024), and
+# callers repeat signatures: every layer of a model, every step of a loop. The key holds everything
+# the checks read: shapes, dtypes and devices of both tensors, the arguments (with their types: 1 and
+# True are equal keys in Python), and for CPU tensors whether the interpreter is on (the Triton
+# back end's availability). Only arguments of plain types are keyed; others take the checks each time.
+_PLANS: dict = {}
+_PLANS_MAX = 1024
+_PLAIN = frozenset((type(None), bool, int, float, str))
+
+
+def _call_plan(query, key, scale, is_causal, reduce, normalize, heads, rows, backend) -> tuple:
+    """`_validated_plan`, memoized by call signature in eager mode."""
+    if (type(query) is not torch.Tensor or type(key) is not torch.Tensor or torch.compiler.is_compiling()
+            or not {type(scale), type(is_causal), type(reduce), type(normalize), type(heads), type(backend)} <= _PLAIN):
+        return _validated_plan(query, key, scale, is_causal, reduce, normalize, heads, rows, backend)
+    rows_key = None
+    if rows is not None:
+        if type(rows) not in (slice, range) or not {type(rows.start), type(rows.stop), type(rows.step)} <= _PLAIN:
+            return _validated_plan(query, key, scale, is_causal, reduce, normalize, heads, rows, backend)
+        rows_key = (type(rows), rows.start, rows.stop, rows.step)
+    device = query.device
+    signature = (query.shape, key.shape, query.dtype, key.dtype, device, key.device, device.type == "cuda" or interpreting(),
+                 type(scale), scale, type(is_causal), is_causal, reduce, normalize, heads, rows_key, backend)
+    plan = _PLANS.get(signature)
+    if plan is None:
+        plan = _validated_plan(query, key, scale, is_causal, reduce, normalize, heads, rows, backend)
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        _PLANS[signature] = plan
+    return plan
+
+
 def column_stats(
     query,
     key,
@@ -179,19 +229,10 @@ def column_stats(
             conflicts=dict(row_mask=row_mask, query_padding_mask=query_padding_mask, key_padding_mask=key_padding_mask),
             scale=scale, is_causal=is_causal, reduce=reduce, normalize=normalize, heads=heads, rows=rows, backend=backend,
         )
-    p = make_problem(query, key, scale, is_causal, backend)
-    if reduce not in ROW_REDUCTIONS:
-        raise ValueError(f"reduce must be one of {ROW_REDUCTIONS}; got {reduce!r}")
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"normalize must be one of {NORMALIZATIONS}; got {normalize!r}")
-    if normalize != "rows" and reduce != "mean":
-        raise ValueError(f"normalize={normalize!r} applies to reduce='mean' only; got reduce={reduce!r}")
-    if heads not in HEAD_MODES:
-        raise ValueError(f"heads must be one of {HEAD_MODES}; got {heads!r}")
     if rows is not None and row_mask is not None:
         raise ValueError("give rows or row_mask, not both: they are two ways to select query rows")
-    row_start, row_end = resolve_rows(rows, p.q_len)
-    p = p.with_rows(row_start, row_end)
+    p, (head_op, kv, use_max, heads_per_chunk), out_shape = _call_plan(
+        query, key, scale, is_causal, reduce, normalize, heads, rows, backend)
     b, sq, sk = p.batch, p.q_len, p.k_len
     row_keep = check_mask("row_mask", row_mask, (b, sq), query.device)
     pad_keep = check_mask("query_padding_mask", query_padding_mask, (b, sq), query.device)
@@ -202,9 +243,6 @@ def column_stats(
         check_tensor_arg("lse", lse, torch.float32, query.device)
         if lse.dim() != 3 or tuple(lse.shape[:2]) != (b, p.heads) or lse.shape[2] < sq:
             raise ValueError(f"lse must be (B, H, Sq) = ({b}, {p.heads}, {sq}) (extra trailing rows allowed); got {tuple(lse.shape)}")
-
-    head_op, kv, use_max, heads_per_chunk = head_plan(heads, reduce, p.group)
-    out_shape = (b, *_head_rows(heads, p.heads, p.kv_heads), sk)
     _check_accumulator(accumulate_into, out_shape, query.device)
 
     if b == 0 or sk == 0:

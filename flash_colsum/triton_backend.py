@@ -556,45 +556,60 @@ def _launch_row_blocks(query, key, p: Problem, rows: range, cfg: dict, lse, out,
     """Launch the row-stationary kernel over the rows (LSE mode when ``out`` is None, also storing
     the scaled scores into ``scores`` (B, H, rows, Sk) when given; both passes, no LSE in or out,
     when ``fused``)."""
-    n_row_blocks = cdiv(len(rows), cfg["BLOCK_M"])
-    lse_parts = out is not None and not fused and lse.dim() == 4  # pass 1's key-split partials
     keep, *keep_strides = utils.key_keep_args(key_keep, key)  # K is a dummy pointer when unused
-    qk_strides, unit = _qk_strides(query, key)
-    if fused:
-        lse_strides = (0, 0, 0, 0, 0, 1)  # unused
-    elif out is None:  # of the (splits, B, H, rows) output allocated below
-        lse_strides = (p.batch * p.heads * len(rows), p.heads * len(rows), len(rows), 1, 0, 1)
-    elif lse_parts:
-        lse_strides = (0, *lse.stride()[1:], lse.stride(0), lse.shape[0])
-    else:
-        lse_strides = (0, *lse.stride(), 0, 1)
-    out_strides = (0, 0, 0, 0) if out is None else out.stride()
-    scores_strides = (0, 0, 0) if scores is None else scores.stride()[:3]
-    ints = [*qk_strides, *keep_strides, *lse_strides, *out_strides, *scores_strides, p.batch * p.heads, p.heads,
-            p.group, p.causal_offset, p.k_len, rows.start, rows.stop, n_row_blocks]  # then keys_per_split
-    floats = [p.scale * LOG2E, out_scale]
-    meta = dict(D=p.head_dim, COLUMNS=out is not None, FUSED=fused, LSE_PARTS=lse_parts, USE_MAX=use_max, CAUSAL=p.causal,
-                HAS_KEY_MASK=key_keep is not None, STORE_SCORES=scores is not None, STRIDE_UNIT=unit,
-                **_dot_flags(query.dtype), **cfg)
+    grid, lse_shape, args, meta = _row_blocks_plan(
+        p, rows, tuple(cfg.items()), query.stride(), key.stride(), key_keep is not None, tuple(keep_strides),
+        None if fused or out is None else (lse.stride(), lse.shape[0]), None if out is None else out.stride(),
+        None if scores is None else scores.stride(), query.dtype, key.dtype, keep.dtype, query.device, use_max,
+        out_scale, fused)
     with _on_device(query):
-        if fused:  # each program needs all the keys of its rows
-            keys_per_split = cdiv(p.k_len, cfg["BLOCK_N"]) * cfg["BLOCK_N"]
-        else:
-            slots = None
-            if query.is_cuda and p.k_len > MIN_KEYS_PER_SPLIT:  # a split is possible: fill whole waves
-                slots = _resident_slots((query.dtype, key.dtype, keep.dtype), [*ints, cfg["BLOCK_N"]], floats, meta,
-                                        query.device)
-            keys_per_split = _key_splits(p, p.batch * p.heads * n_row_blocks, cfg["BLOCK_N"], query.device, slots)
-        n_splits = cdiv(p.k_len, keys_per_split)
         if fused:
             lse = out
         elif out is None:
-            lse = utils.new_output((n_splits, p.batch, p.heads, len(rows)), query.device)
+            lse = utils.new_output(lse_shape, query.device)
         # LSE, OUT and SCORES are float32; unused ones alias the LSE
-        grid = (n_splits * p.batch * p.heads * n_row_blocks,)
         utils.launch(_row_block_kernel, grid, query, key, keep, lse, lse if out is None else out,
-                     lse if scores is None else scores, *ints, keys_per_split, *floats, SPLIT=n_splits > 1, **meta)
+                     lse if scores is None else scores, *args, **meta)
     return lse
+
+
+@functools.lru_cache(maxsize=1024)  # small calls are host-bound, and callers repeat their shapes
+def _row_blocks_plan(p: Problem, rows: range, cfg: tuple, q_strides: tuple, k_strides: tuple, has_key_mask: bool,
+                     keep_strides: tuple, lse_layout, out_strides, scores_strides, q_dtype, k_dtype, keep_dtype,
+                     device: torch.device, use_max: bool, out_scale: float, fused: bool) -> tuple:
+    """(grid, shape of pass 1's LSE output, the arguments after the tensors, constexprs) of a
+    `_launch_row_blocks` call, a pure function of its shapes, strides and flags. ``lse_layout``:
+    (strides, size of dim 0) of a given LSE (pass 2), else None; a stride tuple or None for OUT and SCORES."""
+    cfg = dict(cfg)
+    n_row_blocks = cdiv(len(rows), cfg["BLOCK_M"])
+    qk_strides, unit = _strides_in_units(q_strides, k_strides, q_dtype.itemsize)
+    lse_parts = lse_layout is not None and len(lse_layout[0]) == 4  # pass 1's key-split partials (splits, B, H, rows)
+    if fused:
+        lse_strides = (0, 0, 0, 0, 0, 1)  # unused
+    elif out_strides is None:  # of the (splits, B, H, rows) output allocated by the launcher
+        lse_strides = (p.batch * p.heads * len(rows), p.heads * len(rows), len(rows), 1, 0, 1)
+    elif lse_parts:
+        strides, parts = lse_layout
+        lse_strides = (0, *strides[1:], strides[0], parts)
+    else:
+        lse_strides = (0, *lse_layout[0], 0, 1)
+    ints = [*qk_strides, *keep_strides, *lse_strides, *(out_strides or (0, 0, 0, 0)), *(scores_strides or (0, 0, 0))[:3],
+            p.batch * p.heads, p.heads, p.group, p.causal_offset, p.k_len, rows.start, rows.stop, n_row_blocks]
+    floats = [p.scale * LOG2E, out_scale]
+    meta = dict(D=p.head_dim, COLUMNS=out_strides is not None, FUSED=fused, LSE_PARTS=lse_parts, USE_MAX=use_max,
+                CAUSAL=p.causal, HAS_KEY_MASK=has_key_mask, STORE_SCORES=scores_strides is not None, STRIDE_UNIT=unit,
+                **_dot_flags(q_dtype), **cfg)
+    if fused:  # each program needs all the keys of its rows
+        keys_per_split = cdiv(p.k_len, cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    else:
+        slots = None
+        if device.type == "cuda" and p.k_len > MIN_KEYS_PER_SPLIT:  # a split is possible: fill whole waves
+            slots = _resident_slots((q_dtype, k_dtype, keep_dtype), [*ints, cfg["BLOCK_N"]], floats, meta, device)
+        keys_per_split = _key_splits(p, p.batch * p.heads * n_row_blocks, cfg["BLOCK_N"], device, slots)
+    n_splits = cdiv(p.k_len, keys_per_split)
+    lse_shape = None if fused or out_strides is not None else (n_splits, p.batch, p.heads, len(rows))
+    grid = (n_splits * p.batch * p.heads * n_row_blocks,)
+    return grid, lse_shape, (*ints, keys_per_split, *floats), dict(meta, SPLIT=n_splits > 1)
 
 
 # Below this many scores per pass the Hopper kernels lose to their own launch cost: on the lent
