@@ -91,16 +91,22 @@ def _lse2(m_i, l_i, MAY_SEE_NONE: gl.constexpr):
 
 
 @gluon.jit
-def _key_mask(s, keep_base, stride_keep_n, n0, Sk, layout: gl.constexpr):
-    """-inf where the key padding mask drops key n0 + j of a [rows, keys] tile (keys past Sk too).
-    Only tiles that drop a key pay the selects (padding drops whole runs of keys): a branch uniform
-    over the CTA skips the rest."""
-    # One byte per thread, coalesced; then to the score columns through shared memory: a load in the
-    # accumulator's column layout would hold 32 64-bit addresses per thread.
+def _load_keep(keep_base, stride_keep_n, n0, Sk, BLOCK_B: gl.constexpr):
+    """The key padding mask's bytes of keys n0 .. n0 + BLOCK_B (0 past Sk), one per thread, coalesced.
+    The kernel loads each tile's one tile ahead, so the load's latency hides behind a tile's work."""
     flat: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-    offs_n = n0 + gl.arange(0, s.shape[1], layout=flat)
-    keep = gl.load(keep_base + offs_n * stride_keep_n, mask=offs_n < Sk, other=0)
-    if gl.min(keep, axis=0) == 0:
+    offs_n = n0 + gl.arange(0, BLOCK_B, layout=flat)
+    return gl.load(keep_base + offs_n * stride_keep_n, mask=offs_n < Sk, other=0)
+
+
+@gluon.jit
+def _key_mask(s, keep, drops, layout: gl.constexpr):
+    """-inf where ``keep`` (`_load_keep`'s bytes of the tile's keys) drops a key of a [rows, keys]
+    tile. Only tiles that drop a key (``drops``, uniform over the CTA; padding drops whole runs of
+    keys) pay the conversion and the selects."""
+    if drops:
+        # To the score columns through shared memory: a load in the accumulator's column layout
+        # would hold 32 64-bit addresses per thread.
         seen = gl.convert_layout(keep != 0, gl.SliceLayout(0, layout))
         s = gl.where(seen[None, :], s, float("-inf"))
     return s
@@ -141,19 +147,20 @@ def _causal_mask(s, a0, b0, causal_offset, COLUMNS: gl.constexpr, layout: gl.con
 
 
 @gluon.jit
-def _fold_tile(s, m_i, l_i, col, lse2, t, Sk, qk_scale, a0, b0, causal_offset, keep_base, stride_keep_n,
+def _fold_tile(s, m_i, l_i, col, lse2, t, Sk, qk_scale, a0, b0, causal_offset, keep, drops,
                COLUMNS: gl.constexpr, USE_MAX: gl.constexpr, CAUSAL: gl.constexpr, HAS_KEY_MASK: gl.constexpr,
                BLOCK_B: gl.constexpr, layout: gl.constexpr, LAST: gl.constexpr):
     """Fold tile t's scores into the pass's state: (m_i, l_i) for pass 1, col for pass 2. With CAUSAL,
     a0 is the half's first stationary row and b0 the tile's first streamed row (absolute indices).
-    The key padding mask applies to pass 1 only: pass 2's caller zeroes the dropped keys' columns."""
+    The key padding mask (``keep``, ``drops``: `_key_mask`) applies to pass 1 only: pass 2's caller
+    zeroes the dropped keys' columns."""
     if CAUSAL:  # keys past Sk are masked too: j <= i + Sk - Sq < Sk for every query row i < Sq
         s = _causal_mask(s, a0, b0, causal_offset, COLUMNS, layout)
     if COLUMNS:
         col = _col_tile(s, col, lse2, qk_scale, USE_MAX)
     else:
         if HAS_KEY_MASK:  # keys past Sk are masked too
-            s = _key_mask(s, keep_base, stride_keep_n, t * BLOCK_B, Sk, layout)
+            s = _key_mask(s, keep, drops, layout)
         m_i, l_i = _lse_tile(s, m_i, l_i, t * BLOCK_B, Sk, qk_scale, BLOCK_B, layout,
                              LAST and not (CAUSAL or HAS_KEY_MASK), HAS_KEY_MASK)
     return m_i, l_i, col
@@ -389,7 +396,15 @@ def _stream_kernel(
         lse_ptrs = LSE + (b.to(gl.int64) * H + h_first) * (n_row_tiles * BLOCK_B) + offs_b
         lse2 = gl.load(lse_ptrs + fold_s)
 
+    # Pass 1's key padding mask: the bytes of the tile to fold next, and whether it drops a key (one
+    # CTA-wide reduction per tile, shared by both halves).
+    keep = 0
+    drops = False
+    if HAS_KEY_MASK:
+        keep = _load_keep(keep_base, stride_keep_n, 0, Sk, BLOCK_B)
     mbarrier.wait(a_bar, 0)
+    if HAS_KEY_MASK:
+        drops = gl.min(keep, axis=0) == 0
     a_lo = a_smem.slice(0, HALF)
     a_hi = a_smem.slice(HALF, HALF)
     a2_lo = a2_smem.slice(0, HALF)
@@ -410,9 +425,11 @@ def _stream_kernel(
     acc_lo = _issue(a_lo, a2_lo, b_smem, b2_smem, ready, 0, zero, True, STAGES, HAS_TAIL)
     for t in range(n_tiles - 1):
         acc_hi = _issue(a_hi, a2_hi, b_smem, b2_smem, ready, t, zero, False, STAGES, HAS_TAIL)
+        if HAS_KEY_MASK:  # the next tile's mask bytes, in flight while both halves fold this one
+            keep_next = _load_keep(keep_base, stride_keep_n, (t + 1) * BLOCK_B, Sk, BLOCK_B)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_lo, ))
         m_lo, l_lo, col_lo = _fold_tile(s, m_lo, l_lo, col_lo, lse2, t, Sk, qk_scale, a0_lo, b_row0 + fold_s,
-                                        causal_offset, keep_base, stride_keep_n, COLUMNS, USE_MAX, CAUSAL, HAS_KEY_MASK,
+                                        causal_offset, keep, drops, COLUMNS, USE_MAX, CAUSAL, HAS_KEY_MASK,
                                         BLOCK_B, layout, False)
         acc_lo = _issue(a_lo, a2_lo, b_smem, b2_smem, ready, t + 1, zero, True, STAGES, HAS_TAIL)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_hi, ))
@@ -430,9 +447,12 @@ def _stream_kernel(
         elif COLUMNS:
             lse2_next = gl.load(lse_ptrs + (t + 1) * BLOCK_B)
         m_hi, l_hi, col_hi = _fold_tile(s, m_hi, l_hi, col_hi, lse2, t, Sk, qk_scale, a0_hi, b0_hi, causal_offset,
-                                        keep_base, stride_keep_n, COLUMNS, USE_MAX, CAUSAL, HAS_KEY_MASK, BLOCK_B,
+                                        keep, drops, COLUMNS, USE_MAX, CAUSAL, HAS_KEY_MASK, BLOCK_B,
                                         layout, False)
         lse2 = lse2_next
+        if HAS_KEY_MASK:
+            keep = keep_next
+            drops = gl.min(keep, axis=0) == 0
     t = n_tiles - 1
     # n_tiles >= 1, so the else branch never runs; without it ptxas serializes every wgmma of the
     # kernel (warning C7514, each HGMMA followed by a full wait), as seen in benchmarks/NOTES.md v10.
@@ -440,7 +460,7 @@ def _stream_kernel(
         acc_hi = _issue(a_hi, a2_hi, b_smem, b2_smem, ready, t, zero, False, STAGES, HAS_TAIL)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_lo, ))
         m_lo, l_lo, col_lo = _fold_tile(s, m_lo, l_lo, col_lo, lse2, t, Sk, qk_scale, a0_lo, b_row0 + fold_s,
-                                        causal_offset, keep_base, stride_keep_n, COLUMNS, USE_MAX, CAUSAL, HAS_KEY_MASK,
+                                        causal_offset, keep, drops, COLUMNS, USE_MAX, CAUSAL, HAS_KEY_MASK,
                                         BLOCK_B, layout, True)
         # The buffers the last wgmma reads stay allocated until it is done: after their last issue
         # the allocator would otherwise hand them to the fold's scratch (the key mask's shared-memory
@@ -450,7 +470,7 @@ def _stream_kernel(
             _load_rows(b_desc, b2_desc, b, fill_h, fill_s, ready.index(t % STAGES), b_smem.index(t % STAGES),
                        b2_smem.index(t % STAGES), t + STAGES < n_fills, HAS_TAIL)
         m_hi, l_hi, col_hi = _fold_tile(s, m_hi, l_hi, col_hi, lse2, t, Sk, qk_scale, a0_hi, b_row0 + fold_s,
-                                        causal_offset, keep_base, stride_keep_n, COLUMNS, USE_MAX, CAUSAL, HAS_KEY_MASK,
+                                        causal_offset, keep, drops, COLUMNS, USE_MAX, CAUSAL, HAS_KEY_MASK,
                                         BLOCK_B, layout, True)
     else:
         warpgroup_mma_wait(num_outstanding=0, deps=(acc_lo, ))
