@@ -463,8 +463,8 @@ def _stream_kernel(
                                         causal_offset, keep, drops, COLUMNS, USE_MAX, CAUSAL, HAS_KEY_MASK,
                                         BLOCK_B, layout, True)
         # The buffers the last wgmma reads stay allocated until it is done: after their last issue
-        # the allocator would otherwise hand them to the fold's scratch (the key mask's shared-memory
-        # reduction and conversion), which then overwrote the keys that wgmma was still reading.
+        # the allocator would otherwise hand them to the fold's scratch (the key mask's conversion through
+        # shared memory), which then overwrote the keys that wgmma was still reading.
         s = warpgroup_mma_wait(num_outstanding=0, deps=(acc_hi, a_smem, a2_smem, b_smem, b2_smem))[0]
         if FUSED:  # the last tile's buffer takes the second phase's tile STAGES - 1
             _load_rows(b_desc, b2_desc, b, fill_h, fill_s, ready.index(t % STAGES), b_smem.index(t % STAGES),

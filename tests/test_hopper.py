@@ -410,7 +410,7 @@ def test_kernels_compile_for_sm90_with_async_wgmma(d, mode):
     assert "C7514" not in report, report
     spills = re.search(r"(\d+) bytes spill stores", report)
     # Fused up to D=96 runs under a register cap (hopper._fused_config): a few bytes spill for a third CTA per
-    # SM; with a key mask a few more (16-32 bytes at D=72 on Triton 3.6/3.9).
+    # SM; with a key mask a few more (16-28 bytes at D=72, up to 48 at D=96, on Triton 3.6/3.9).
     allowed = (48 if "key-mask" in mode else 24) if mode.startswith("fused") and d <= 96 else 0
     assert spills and int(spills.group(1)) <= allowed, report
 
