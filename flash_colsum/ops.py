@@ -142,25 +142,31 @@ _PLANS_MAX = 1024
 _PLAIN = frozenset((type(None), bool, int, float, str))
 
 
-def _call_plan(query, key, scale, is_causal, reduce, normalize, heads, rows, backend) -> tuple:
-    """`_validated_plan`, memoized by call signature in eager mode."""
+def _plan_key(query, key, scale, is_causal, reduce, normalize, heads, rows, backend):
+    """A call's signature for `_PLANS`, or None where an argument is not of a plain type (or under
+    torch.compile, which traces the checks)."""
     if (type(query) is not torch.Tensor or type(key) is not torch.Tensor or torch.compiler.is_compiling()
             or not {type(scale), type(is_causal), type(reduce), type(normalize), type(heads), type(backend)} <= _PLAIN):
-        return _validated_plan(query, key, scale, is_causal, reduce, normalize, heads, rows, backend)
-    rows_key = None
+        return None
     if rows is not None:
         if type(rows) not in (slice, range) or not {type(rows.start), type(rows.stop), type(rows.step)} <= _PLAIN:
-            return _validated_plan(query, key, scale, is_causal, reduce, normalize, heads, rows, backend)
-        rows_key = (type(rows), rows.start, rows.stop, rows.step)
+            return None
+        rows = (type(rows), rows.start, rows.stop, rows.step)
     device = query.device
-    signature = (query.shape, key.shape, query.dtype, key.dtype, device, key.device, device.type == "cuda" or interpreting(),
-                 type(scale), scale, type(is_causal), is_causal, reduce, normalize, heads, rows_key, backend)
-    plan = _PLANS.get(signature)
+    return (query.shape, key.shape, query.dtype, key.dtype, device, key.device, device.type == "cuda" or interpreting(),
+            type(scale), scale, type(is_causal), is_causal, reduce, normalize, heads, rows, backend)
+
+
+def _call_plan(*args) -> tuple:
+    """`_validated_plan(*args)`, memoized by `_plan_key(*args)` where there is one."""
+    signature = _plan_key(*args)
+    plan = None if signature is None else _PLANS.get(signature)
     if plan is None:
-        plan = _validated_plan(query, key, scale, is_causal, reduce, normalize, heads, rows, backend)
-        if len(_PLANS) >= _PLANS_MAX:
-            _PLANS.clear()
-        _PLANS[signature] = plan
+        plan = _validated_plan(*args)
+        if signature is not None:
+            if len(_PLANS) >= _PLANS_MAX:
+                _PLANS.clear()
+            _PLANS[signature] = plan
     return plan
 
 
