@@ -1,6 +1,6 @@
 """Benchmark driver: flash_colsum against naive, chunked, SDPA and the published packages.
 
-    python -m benchmarks.benchmark_colsum --sweep {demo,noncausal_batched,noncausal,causal,variants,all}
+    python -m benchmarks.benchmark_colsum --sweep {demo,noncausal_batched,noncausal,causal,variants,window,all}
         [--out DIR] [--wheels DIR] [--device cuda|cpu] [--naive-limit-gib N]
 
 "all" runs every sweep but demo, which only samples the others. On the CPU every sweep has small
@@ -38,7 +38,7 @@ from benchmarks.baselines import DEFAULT_WHEEL_DIR, load_baselines
 from benchmarks.ceilings import floor_ms, measure_ceilings, model_ms
 from flash_colsum import column_stats, flash_colsum, naive_colsum
 
-SWEEPS = ["demo", "noncausal_batched", "noncausal", "causal", "variants"]
+SWEEPS = ["demo", "noncausal_batched", "noncausal", "causal", "variants", "window"]
 LSE_ROW_MIN_SCORES = 2**26  # non-causal points from this Sq*Sk on also time the LSE-given path
 
 
@@ -82,6 +82,9 @@ def sweeps(device: str) -> dict[str, list[Point]]:
             + [Point(1, 16, 16384, 16384, 64, dtype="bfloat16"), Point(1, 32, 16384, 16384, 128, hk=8),
                Point(1, 32, 128, 65536, 128, causal=True, lse=True),
                Point(1, 16, 16384, 16384, 64, causal=True), Point(1, 32, 8192, 8192, 128, causal=True)],  # prefills
+            # SnapKV's observation window: the last 32 queries of a prompt score the KV cache (GQA)
+            "window": [Point(1, 32, 32, sk, 128, causal=True, hk=8) for sk in (4096, 16384, 65536)]
+            + [Point(1, 32, 64, 2048, 128, hk=8)],  # text queries over image tokens
         }
     # CPU: the same kinds of points, small enough that --sweep all takes well under two minutes.
     return {
@@ -95,6 +98,7 @@ def sweeps(device: str) -> dict[str, list[Point]]:
         + [Point(1, 8, 512, 512, 64, dtype="bfloat16"), Point(1, 8, 512, 512, 128, hk=2),
            Point(1, 8, 512, 512, 64, lse=True), Point(1, 8, 64, 4096, 128, causal=True, lse=True),
            Point(1, 8, 1024, 1024, 64, causal=True)],
+        "window": [Point(1, 8, 16, sk, 128, causal=True, hk=2) for sk in (1024, 4096)],
     }
 
 

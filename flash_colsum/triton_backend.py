@@ -417,14 +417,29 @@ def _row_block_sizes(head_dim: int, dtype: torch.dtype, n_rows: int, columns: bo
         return cfg
     row_bytes = (cfg["BLOCK_D"] + cfg["BLOCK_D2"]) * (4 if dtype == torch.float32 else 2)
     if row_bytes <= 192:
-        return dict(cfg, BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3)
-    if row_bytes <= 256:
+        cfg = dict(cfg, BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3)
+    elif row_bytes <= 256:
         if columns:
-            return dict(cfg, BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-        if n_rows <= 128:
-            return dict(cfg, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
-        return dict(cfg, BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2)
-    return dict(cfg, BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+            cfg = dict(cfg, BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+        elif n_rows <= 128:
+            cfg = dict(cfg, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+        else:
+            cfg = dict(cfg, BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2)
+    else:
+        cfg = dict(cfg, BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+    return _fit_rows(cfg, n_rows, dtype)
+
+
+def _fit_rows(cfg: dict, n_rows: int, dtype: torch.dtype) -> dict:
+    """Row blocks no taller than the rows (16 at least, for the tensor cores): a window of 32 rows
+    in 128-row blocks would exponentiate three rows of padding per row. The keys then come 128 at
+    a time (fp16/bf16), each load feeding fewer rows. On the H100, H=32, Hk=8, Sq=32, D=128,
+    causal, same key splits: GPU time 94 -> 71 us at Sk=16384, 234 -> 170 us at Sk=65536 (NOTES.md v20)."""
+    block_m = max(16, utils.next_power_of_2(n_rows))
+    if block_m >= cfg["BLOCK_M"]:
+        return cfg
+    block_n = cfg["BLOCK_N"] if dtype == torch.float32 else max(cfg["BLOCK_N"], 128)
+    return dict(cfg, BLOCK_M=block_m, BLOCK_N=block_n)
 
 
 @functools.lru_cache(maxsize=None)
@@ -432,10 +447,17 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-# A split of pass 1 costs three small torch kernels on the host to combine the partial LSEs
-# (~20-30 us each on the lent H100's host), so a split is worth it only when a program's share of
-# the keys would run longer than that: 4096 keys x 64-128 rows is ~10-15 us of GPU time.
+# A split costs a second launch (pass 2 then runs on its own, combining the partial LSEs), so a
+# grid that already covers the GPU splits only key ranges that a program would take long over:
+# 4096 keys x 64-128 rows is ~10-15 us of GPU time.
 MIN_KEYS_PER_SPLIT = 4096
+# A grid of at most half as many programs as SMs (a window of few rows: one row block per head)
+# leaves most of the GPU idle while each program runs its keys one tile after another. From
+# FEW_PROGRAMS_MIN_KEYS keys on it splits them down to FEW_PROGRAMS_KEYS_PER_SPLIT per program: on
+# the H100 at H=32, Hk=8, Sq=32, Sk=4096, D=128, causal, GPU time 114 -> 22 us (one fused launch
+# before); 1024 keys per split took 26 us (NOTES.md v20).
+FEW_PROGRAMS_KEYS_PER_SPLIT = 512
+FEW_PROGRAMS_MIN_KEYS = 2048
 # Splits make whole waves: a grid of 2.06 waves runs its last programs nearly alone, so it takes
 # about three waves' time (causal Sq=128, Sk=262144, pass 2: 544 programs on 264 slots 0.918 ms,
 # 512 programs 0.773 ms; benchmarks/NOTES.md v14). A grid is whole enough when its last wave is
@@ -451,8 +473,15 @@ def _key_splits(p: Problem, n_programs: int, block_n: int, device: torch.device,
         n_splits = max(1, min(cdiv(16, n_programs), cdiv(p.k_len, 2 * block_n)))
     else:
         slots = slots or 4 * _sm_count(device)
-        n_splits = _whole_waves(n_programs, slots, cdiv(p.k_len, MIN_KEYS_PER_SPLIT))
+        n_splits = _whole_waves(n_programs, slots, cdiv(p.k_len, _min_keys_per_split(p.k_len, n_programs, device)))
     return cdiv(cdiv(p.k_len, n_splits), block_n) * block_n
+
+
+def _min_keys_per_split(k_len: int, n_programs: int, device: torch.device) -> int:
+    """The fewest keys a split of the row-stationary kernel gets on a GPU (`_key_splits`)."""
+    if n_programs <= _sm_count(device) // 2 and k_len >= FEW_PROGRAMS_MIN_KEYS:
+        return FEW_PROGRAMS_KEYS_PER_SPLIT
+    return MIN_KEYS_PER_SPLIT
 
 
 def _whole_waves(n_programs: int, slots: int, max_splits: int) -> int:
@@ -603,9 +632,11 @@ def _row_blocks_plan(p: Problem, rows: range, cfg: tuple, q_strides: tuple, k_st
         keys_per_split = cdiv(p.k_len, cfg["BLOCK_N"]) * cfg["BLOCK_N"]
     else:
         slots = None
-        if device.type == "cuda" and p.k_len > MIN_KEYS_PER_SPLIT:  # a split is possible: fill whole waves
+        n_programs = p.batch * p.heads * n_row_blocks
+        if device.type == "cuda" and p.k_len > _min_keys_per_split(p.k_len, n_programs, device):
+            # a split is possible: fill whole waves
             slots = _resident_slots((q_dtype, k_dtype, keep_dtype), [*ints, cfg["BLOCK_N"]], floats, meta, device)
-        keys_per_split = _key_splits(p, p.batch * p.heads * n_row_blocks, cfg["BLOCK_N"], device, slots)
+        keys_per_split = _key_splits(p, n_programs, cfg["BLOCK_N"], device, slots)
     n_splits = cdiv(p.k_len, keys_per_split)
     lse_shape = None if fused or out_strides is not None else (n_splits, p.batch, p.heads, len(rows))
     grid = (n_splits * p.batch * p.heads * n_row_blocks,)
@@ -754,11 +785,8 @@ def scores_reduce(query, key, p: Problem, key_keep, row_keep, heads_per_chunk: i
         return None
     rows = range(p.row_start, p.row_end)
     scores = utils.new_output((p.batch, p.heads, p.n_rows, p.k_len), query.device)
-    # Row blocks no taller than the rows (16 at least, for the tensor cores): the usual 64-128 would
-    # exponentiate and store mostly padding.
-    cfg = _row_block_sizes(p.head_dim, query.dtype, p.n_rows, columns=False)
+    cfg = _row_block_sizes(p.head_dim, query.dtype, p.n_rows, columns=False)  # row blocks fitted to the rows
     rows_pow2 = utils.next_power_of_2(p.n_rows)
-    cfg = dict(cfg, BLOCK_M=min(cfg["BLOCK_M"], max(16, rows_pow2)))
     lse = row_lse(query, key, p, key_keep, rows, config=cfg, combine=False, scores=scores)
     if row_keep is not None:
         lse = utils.drop_rows(_combine_lse(lse) if lse.dim() == 4 else lse, row_keep, p)

@@ -163,6 +163,45 @@ def test_key_splits_fill_whole_waves(n_programs, slots, max_splits, splits):
     assert splits == max_splits or n_programs >= 4 * slots or waves / math.ceil(waves) >= WAVE_FILL
 
 
+def test_row_blocks_fitted_to_few_rows():
+    """A window of few rows gets row blocks no taller than itself (16 at least), and 128-key tiles in
+    fp16/bf16; rows that fill a block keep the tuned tiles."""
+    pytest.importorskip("triton")
+    from flash_colsum.triton_backend import _fit_rows
+
+    cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=128, BLOCK_D2=0, num_warps=4, num_stages=3)
+    assert _fit_rows(cfg, 32, torch.float16) == dict(cfg, BLOCK_M=32, BLOCK_N=128)
+    assert _fit_rows(cfg, 1, torch.bfloat16) == dict(cfg, BLOCK_M=16, BLOCK_N=128)
+    assert _fit_rows(cfg, 33, torch.float32) == dict(cfg, BLOCK_M=64)  # fp32 keeps its key tiles
+    for n_rows in (100, 128, 4096):  # a block of 128 rows either way
+        assert _fit_rows(cfg, n_rows, torch.float16) is cfg
+
+
+def test_few_programs_split_shorter_key_ranges(monkeypatch):
+    """A grid of at most half as many programs as SMs splits key ranges from 2048 keys on, down to
+    512 keys per program (SnapKV's window: one row block per head), and then runs two passes; a
+    grid that covers the GPU keeps its keys up to MIN_KEYS_PER_SPLIT and fuses small calls."""
+    pytest.importorskip("triton")
+    import dataclasses
+
+    import flash_colsum.triton_backend as tb
+    from flash_colsum.utils import Problem
+
+    monkeypatch.setattr(tb, "_sm_count", lambda device: 132)
+    gpu = torch.device("cuda")  # a device object only: nothing runs
+    window = Problem(batch=1, heads=32, kv_heads=8, q_len=32, k_len=4096, head_dim=128, scale=128**-0.5,
+                     causal=True, row_start=0, row_end=32, backend="triton")
+    assert tb._key_splits(window, 32, 128, gpu) == 512
+    assert not tb._use_fused(window, 32, 128, gpu)
+    assert tb._key_splits(window, 66, 128, gpu) == 512  # half the SMs
+    assert tb._key_splits(window, 67, 128, gpu) == 4096 and tb._use_fused(window, 67, 128, gpu)
+    short = dataclasses.replace(window, k_len=2047)
+    assert tb._key_splits(short, 32, 128, gpu) == 2048 and tb._use_fused(short, 32, 128, gpu)
+    long = dataclasses.replace(window, k_len=65536)
+    assert tb._key_splits(long, 32, 128, gpu) == 4480  # 15 splits: 480 of the 528 default slots
+    assert tb._key_splits(long, 200, 128, gpu) == 13184  # 5 splits (two waves, 95% full), >= 4096 keys each
+
+
 def test_integer_classes():
     """Integers map to what Triton specializes them on (1, multiples of 16, others): the cache of
     resident programs is keyed by these, not by shapes."""
