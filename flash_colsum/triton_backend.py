@@ -454,10 +454,12 @@ MIN_KEYS_PER_SPLIT = 4096
 # A grid of at most half as many programs as SMs (a window of few rows: one row block per head)
 # leaves most of the GPU idle while each program runs its keys one tile after another. From
 # FEW_PROGRAMS_MIN_KEYS keys on it splits them down to FEW_PROGRAMS_KEYS_PER_SPLIT per program: on
-# the H100 at H=32, Hk=8, Sq=32, Sk=4096, D=128, causal, GPU time 114 -> 22 us (one fused launch
-# before); 1024 keys per split took 26 us (NOTES.md v20).
+# the H100 at H=32, Hk=8, Sq=32, Sk=4096, D=128, causal, GPU time 115 -> 22 us (one fused launch
+# before; 1024 keys per split: 26 us). The second launch costs 45-70 us of host time on the lent
+# machines, more than the 40 us of GPU time a split saved at Sk=2048 (Sq=64): shorter ranges stay
+# in one launch (NOTES.md v20).
 FEW_PROGRAMS_KEYS_PER_SPLIT = 512
-FEW_PROGRAMS_MIN_KEYS = 2048
+FEW_PROGRAMS_MIN_KEYS = 4096
 # Splits make whole waves: a grid of 2.06 waves runs its last programs nearly alone, so it takes
 # about three waves' time (causal Sq=128, Sk=262144, pass 2: 544 programs on 264 slots 0.918 ms,
 # 512 programs 0.773 ms; benchmarks/NOTES.md v14). A grid is whole enough when its last wave is

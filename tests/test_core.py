@@ -178,7 +178,7 @@ def test_row_blocks_fitted_to_few_rows():
 
 
 def test_few_programs_split_shorter_key_ranges(monkeypatch):
-    """A grid of at most half as many programs as SMs splits key ranges from 2048 keys on, down to
+    """A grid of at most half as many programs as SMs splits key ranges from 4096 keys on, down to
     512 keys per program (SnapKV's window: one row block per head), and then runs two passes; a
     grid that covers the GPU keeps its keys up to MIN_KEYS_PER_SPLIT and fuses small calls."""
     pytest.importorskip("triton")
@@ -195,8 +195,8 @@ def test_few_programs_split_shorter_key_ranges(monkeypatch):
     assert not tb._use_fused(window, 32, 128, gpu)
     assert tb._key_splits(window, 66, 128, gpu) == 512  # half the SMs
     assert tb._key_splits(window, 67, 128, gpu) == 4096 and tb._use_fused(window, 67, 128, gpu)
-    short = dataclasses.replace(window, k_len=2047)
-    assert tb._key_splits(short, 32, 128, gpu) == 2048 and tb._use_fused(short, 32, 128, gpu)
+    short = dataclasses.replace(window, k_len=4095)
+    assert tb._key_splits(short, 32, 128, gpu) == 4096 and tb._use_fused(short, 32, 128, gpu)
     long = dataclasses.replace(window, k_len=65536)
     assert tb._key_splits(long, 32, 128, gpu) == 4480  # 15 splits: 480 of the 528 default slots
     assert tb._key_splits(long, 200, 128, gpu) == 13184  # 5 splits (two waves, 95% full), >= 4096 keys each

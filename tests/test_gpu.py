@@ -50,7 +50,7 @@ def test_tensors_on_a_device_that_is_not_the_current_one(b, s, d, causal):
 
 @cuda
 @pytest.mark.parametrize("sq,sk,d,dtype", [(32, 4096, 128, torch.float16), (16, 4100, 128, torch.bfloat16),
-                                           (48, 16384, 80, torch.float16), (32, 2048, 64, torch.float16),
+                                           (48, 16384, 80, torch.float16), (32, 4096, 64, torch.float16),
                                            (32, 8192, 96, torch.bfloat16)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_few_rows_over_many_heads(sq, sk, d, dtype, causal, monkeypatch):
