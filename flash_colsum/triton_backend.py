@@ -447,19 +447,16 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-# A split costs a second launch (pass 2 then runs on its own, combining the partial LSEs), so a
-# grid that already covers the GPU splits only key ranges that a program would take long over:
-# 4096 keys x 64-128 rows is ~10-15 us of GPU time.
+# A split costs a second launch (pass 2 then runs on its own, combining the partial LSEs: 45-70 us
+# of host time on the lent machines), so only key ranges longer than this split: 4096 keys x
+# 64-128 rows is ~10-15 us of GPU time per program.
 MIN_KEYS_PER_SPLIT = 4096
-# A grid of at most half as many programs as SMs (a window of few rows: one row block per head)
-# leaves most of the GPU idle while each program runs its keys one tile after another. From
-# FEW_PROGRAMS_MIN_KEYS keys on it splits them down to FEW_PROGRAMS_KEYS_PER_SPLIT per program: on
-# the H100 at H=32, Hk=8, Sq=32, Sk=4096, D=128, causal, GPU time 115 -> 22 us (one fused launch
-# before; 1024 keys per split: 26 us). The second launch costs 45-70 us of host time on the lent
-# machines, more than the 40 us of GPU time a split saved at Sk=2048 (Sq=64): shorter ranges stay
-# in one launch (NOTES.md v20).
+# Once a range splits, a grid of at most half as many programs as SMs (a window of few rows: one
+# row block per head) splits it down to this many keys per program, where the rule above would
+# stop at MIN_KEYS_PER_SPLIT: such a grid leaves most of the GPU idle while each program runs its
+# keys one tile after another. On the H100, H=32, Hk=8, Sq=32, D=128, causal: Sk=16384 52 vs 71 us
+# of GPU time, Hk=4 Sk=8192 31 vs 72 (NOTES.md v20).
 FEW_PROGRAMS_KEYS_PER_SPLIT = 512
-FEW_PROGRAMS_MIN_KEYS = 4096
 # Splits make whole waves: a grid of 2.06 waves runs its last programs nearly alone, so it takes
 # about three waves' time (causal Sq=128, Sk=262144, pass 2: 544 programs on 264 slots 0.918 ms,
 # 512 programs 0.773 ms; benchmarks/NOTES.md v14). A grid is whole enough when its last wave is
@@ -481,7 +478,7 @@ def _key_splits(p: Problem, n_programs: int, block_n: int, device: torch.device,
 
 def _min_keys_per_split(k_len: int, n_programs: int, device: torch.device) -> int:
     """The fewest keys a split of the row-stationary kernel gets on a GPU (`_key_splits`)."""
-    if n_programs <= _sm_count(device) // 2 and k_len >= FEW_PROGRAMS_MIN_KEYS:
+    if k_len > MIN_KEYS_PER_SPLIT and n_programs <= _sm_count(device) // 2:
         return FEW_PROGRAMS_KEYS_PER_SPLIT
     return MIN_KEYS_PER_SPLIT
 
