@@ -631,11 +631,9 @@ def _row_blocks_plan(p: Problem, rows: range, cfg: tuple, q_strides: tuple, k_st
         keys_per_split = cdiv(p.k_len, cfg["BLOCK_N"]) * cfg["BLOCK_N"]
     else:
         slots = None
-        n_programs = p.batch * p.heads * n_row_blocks
-        if device.type == "cuda" and p.k_len > _min_keys_per_split(p.k_len, n_programs, device):
-            # a split is possible: fill whole waves
+        if device.type == "cuda" and p.k_len > MIN_KEYS_PER_SPLIT:  # a split is possible: fill whole waves
             slots = _resident_slots((q_dtype, k_dtype, keep_dtype), [*ints, cfg["BLOCK_N"]], floats, meta, device)
-        keys_per_split = _key_splits(p, n_programs, cfg["BLOCK_N"], device, slots)
+        keys_per_split = _key_splits(p, p.batch * p.heads * n_row_blocks, cfg["BLOCK_N"], device, slots)
     n_splits = cdiv(p.k_len, keys_per_split)
     lse_shape = None if fused or out_strides is not None else (n_splits, p.batch, p.heads, len(rows))
     grid = (n_splits * p.batch * p.heads * n_row_blocks,)
