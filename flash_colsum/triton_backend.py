@@ -210,9 +210,15 @@ def _row_block_kernel(
     CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SPLIT: tl.constexpr, STORE_SCORES: tl.constexpr,
     STRIDE_UNIT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+    PACK: tl.constexpr, PACK_ROWS: tl.constexpr,
 ):
     """Row-stationary: a block of BLOCK_M query rows of one head stays in registers while a range of
     keys streams past (the keys split among programs when rows are few, as in flash-decoding).
+
+    PACK > 1 (few rows, grouped-query attention): the block holds PACK_ROWS rows of each of PACK query
+    heads that share a key head (row i of the block: head i // PACK_ROWS, row i % PACK_ROWS), so each
+    key block loaded feeds PACK heads; H and BH then count packs of heads, and COLUMNS sums over them.
+    PACK = 1: PACK_ROWS = BLOCK_M rows of one head.
 
     COLUMNS=False (pass 1): the rows' log-sum-exp over the range, into LSE[split, b, h, row].
     COLUMNS=True (pass 2 for few rows): with the rows' final LSE given, each key block's column sums
@@ -231,32 +237,45 @@ def _row_block_kernel(
     bh = rest % BH
     split = rest // BH
     b = bh // H
-    h = bh % H
+    pack = bh % H  # the head, or the pack of heads
+    h = pack * PACK  # the (first) query head
     row_block = pid % n_row_blocks
-    m0 = row_start + row_block * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < row_end
+    m0 = row_start + row_block * PACK_ROWS
     stride_qb, stride_qh, stride_qm = stride_qb * STRIDE_UNIT, stride_qh * STRIDE_UNIT, stride_qm * STRIDE_UNIT
     stride_kb, stride_kh, stride_kn = stride_kb * STRIDE_UNIT, stride_kh * STRIDE_UNIT, stride_kn * STRIDE_UNIT
+    if PACK > 1:
+        head_of_row = (tl.arange(0, BLOCK_M) // PACK_ROWS).to(tl.int64)  # [BM], from 0; past PACK - 1: padding
+        offs_m = m0 + tl.arange(0, BLOCK_M) % PACK_ROWS
+        mask_m = (offs_m < row_end) & (head_of_row < PACK)
+        q_rows = head_of_row * stride_qh + offs_m.to(tl.int64) * stride_qm  # offsets, in elements
+        q_stride_row = 1
+    else:
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < row_end
+        q_rows = offs_m
+        q_stride_row = stride_qm
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
     # Q is the stationary operand here: its tail block zeroes the columns the main block has.
-    q = _load_main(q_base, offs_m, stride_qm, mask_m, stride_qd, D, BLOCK_D)  # [BM, BD]
+    q = _load_main(q_base, q_rows, q_stride_row, mask_m, stride_qd, D, BLOCK_D)  # [BM, BD]
     q_tail = q  # unused unless BLOCK_D2 > 0
     if BLOCK_D2 > 0:
-        q_tail = _load_tail(q_base, offs_m, stride_qm, mask_m, stride_qd, D, BLOCK_D, BLOCK_D2, True)  # [BM, BD2]
+        q_tail = _load_tail(q_base, q_rows, q_stride_row, mask_m, stride_qd, D, BLOCK_D, BLOCK_D2, True)  # [BM, BD2]
     KEY_KEEP = KEY_KEEP + b.to(tl.int64) * stride_keep_b
     lse_ptrs = LSE + split.to(tl.int64) * stride_ls + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
     lse_ptrs += (offs_m - row_start) * stride_lm
     scores_ptrs = SCORES + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
     scores_ptrs += (offs_m - row_start).to(tl.int64) * stride_sm  # [BM]
+    if PACK > 1:
+        lse_ptrs += head_of_row * stride_lh
+        scores_ptrs += head_of_row * stride_sh
 
     # This program's keys: its split's range, cut at the causal limit of the block's last row.
     n_lo = split * keys_per_split
     n_end = tl.minimum(Sk, n_lo + keys_per_split)
     n_hi = n_end
     if CAUSAL:
-        n_hi = tl.minimum(n_hi, m0 + BLOCK_M + causal_offset)  # row m0 + BM - 1 sees keys < m0 + BM + offset
+        n_hi = tl.minimum(n_hi, m0 + PACK_ROWS + causal_offset)  # the last row sees keys < m0 + PACK_ROWS + offset
         n_hi = tl.maximum(n_hi, n_lo)
     # Blocks that every row of the block sees in full (all but the tail and the causal diagonal)
     # skip the masking, an ALU op per score fewer.
@@ -294,7 +313,7 @@ def _row_block_kernel(
                 tl.store(scores_ptrs[:, None] + offs_n[None, :], tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32),
                          mask=mask_m[:, None] & (offs_n[None, :] < n_end))
     if COLUMNS:
-        out_ptrs = OUT + row_block.to(tl.int64) * stride_or + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+        out_ptrs = OUT + row_block.to(tl.int64) * stride_or + b.to(tl.int64) * stride_ob + pack.to(tl.int64) * stride_oh
         out_ptrs += tl.arange(0, BLOCK_N) * stride_on
         for n0 in range(n_lo, n_full, BLOCK_N):
             _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, n0, Sk, causal_offset, D,
@@ -440,6 +459,26 @@ def _fit_rows(cfg: dict, n_rows: int, dtype: torch.dtype) -> dict:
         return cfg
     block_n = cfg["BLOCK_N"] if dtype == torch.float32 else max(cfg["BLOCK_N"], 128)
     return dict(cfg, BLOCK_M=block_m, BLOCK_N=block_n)
+
+
+# Few rows of grouped-query heads: a block may hold the rows of several query heads that share a key
+# head, so each key block read from L2 feeds all of them (a 32-row window of 4 heads: one 128-row
+# block instead of four 32-row blocks, each streaming the same keys). Blocks up to this many rows.
+PACK_MAX_ROWS = 128
+
+
+@functools.lru_cache(maxsize=1024)
+def _pack_heads(cfg: tuple, n_rows: int, group: int, heads_per_chunk: int, max_rows: int) -> dict:
+    """A row-stationary configuration (`_row_block_sizes`, as items) with PACK heads per block and
+    PACK_ROWS = next_pow2(n_rows) rows of each (`_row_block_kernel`). PACK is the largest divisor of
+    the group size and of ``heads_per_chunk`` (the heads whose column sums may be added together)
+    whose rows fit ``max_rows``; PACK = 1 leaves the configuration as it was."""
+    cfg = dict(cfg)
+    rows = utils.next_power_of_2(n_rows)
+    pack = max(d for d in range(1, group + 1) if group % d == 0 and heads_per_chunk % d == 0 and d * rows <= max_rows)
+    if pack == 1:
+        return dict(cfg, PACK=1, PACK_ROWS=cfg["BLOCK_M"])
+    return dict(cfg, PACK=pack, PACK_ROWS=rows, BLOCK_M=max(16, utils.next_power_of_2(pack * rows)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -608,8 +647,9 @@ def _row_blocks_plan(p: Problem, rows: range, cfg: tuple, q_strides: tuple, k_st
     """(grid, shape of pass 1's LSE output, the arguments after the tensors, constexprs) of a
     `_launch_row_blocks` call, a pure function of its shapes, strides and flags. ``lse_layout``:
     (strides, size of dim 0) of a given LSE (pass 2), else None; a stride tuple or None for OUT and SCORES."""
-    cfg = dict(cfg)
-    n_row_blocks = cdiv(len(rows), cfg["BLOCK_M"])
+    cfg = {"PACK": 1, "PACK_ROWS": dict(cfg)["BLOCK_M"], **dict(cfg)}
+    packs = p.heads // cfg["PACK"]  # blocks of heads: the heads themselves unless packed
+    n_row_blocks = cdiv(len(rows), cfg["PACK_ROWS"])
     qk_strides, unit = _strides_in_units(q_strides, k_strides, q_dtype.itemsize)
     lse_parts = lse_layout is not None and len(lse_layout[0]) == 4  # pass 1's key-split partials (splits, B, H, rows)
     if fused:
@@ -622,7 +662,7 @@ def _row_blocks_plan(p: Problem, rows: range, cfg: tuple, q_strides: tuple, k_st
     else:
         lse_strides = (0, *lse_layout[0], 0, 1)
     ints = [*qk_strides, *keep_strides, *lse_strides, *(out_strides or (0, 0, 0, 0)), *(scores_strides or (0, 0, 0))[:3],
-            p.batch * p.heads, p.heads, p.group, p.causal_offset, p.k_len, rows.start, rows.stop, n_row_blocks]
+            p.batch * packs, packs, p.group, p.causal_offset, p.k_len, rows.start, rows.stop, n_row_blocks]
     floats = [p.scale * LOG2E, out_scale]
     meta = dict(D=p.head_dim, COLUMNS=out_strides is not None, FUSED=fused, LSE_PARTS=lse_parts, USE_MAX=use_max,
                 CAUSAL=p.causal, HAS_KEY_MASK=has_key_mask, STORE_SCORES=scores_strides is not None, STRIDE_UNIT=unit,
@@ -633,10 +673,10 @@ def _row_blocks_plan(p: Problem, rows: range, cfg: tuple, q_strides: tuple, k_st
         slots = None
         if device.type == "cuda" and p.k_len > MIN_KEYS_PER_SPLIT:  # a split is possible: fill whole waves
             slots = _resident_slots((q_dtype, k_dtype, keep_dtype), [*ints, cfg["BLOCK_N"]], floats, meta, device)
-        keys_per_split = _key_splits(p, p.batch * p.heads * n_row_blocks, cfg["BLOCK_N"], device, slots)
+        keys_per_split = _key_splits(p, p.batch * packs * n_row_blocks, cfg["BLOCK_N"], device, slots)
     n_splits = cdiv(p.k_len, keys_per_split)
     lse_shape = None if fused or out_strides is not None else (n_splits, p.batch, p.heads, len(rows))
-    grid = (n_splits * p.batch * p.heads * n_row_blocks,)
+    grid = (n_splits * p.batch * packs * n_row_blocks,)
     return grid, lse_shape, (*ints, keys_per_split, *floats), dict(meta, SPLIT=n_splits > 1)
 
 
@@ -782,7 +822,7 @@ def scores_reduce(query, key, p: Problem, key_keep, row_keep, heads_per_chunk: i
         return None
     rows = range(p.row_start, p.row_end)
     scores = utils.new_output((p.batch, p.heads, p.n_rows, p.k_len), query.device)
-    cfg = _row_block_sizes(p.head_dim, query.dtype, p.n_rows, columns=False)  # row blocks fitted to the rows
+    cfg = _row_blocks_for(p, query, p.n_rows, columns=False, heads_per_chunk=p.group)  # fitted to the rows
     rows_pow2 = utils.next_power_of_2(p.n_rows)
     lse = row_lse(query, key, p, key_keep, rows, config=cfg, combine=False, scores=scores)
     if row_keep is not None:
@@ -825,11 +865,26 @@ def row_lse(query, key, p: Problem, key_keep=None, rows=None, config=None, combi
     if fast and p.batch * p.heads * cdiv(len(rows), fast.BLOCK_ROWS) >= _sm_count(query.device):
         with _on_device(query):
             return fast.row_lse(query, key, p, key_keep)
-    cfg = config or _row_block_sizes(p.head_dim, query.dtype, len(rows), columns=False)
+    cfg = config or _row_blocks_for(p, query, len(rows), columns=False, heads_per_chunk=p.group)
     lse = _launch_row_blocks(query, key, p, rows, cfg, None, None, key_keep, scores=scores)
     if lse.shape[0] == 1:
         return lse[0]
     return _combine_lse(lse) if combine else lse
+
+
+def _row_blocks_for(p: Problem, query, n_rows: int, columns: bool, heads_per_chunk: int) -> dict:
+    """`_row_block_sizes` with the query heads of a key head packed into blocks where that pays
+    (`_pack_heads`); ``heads_per_chunk``: the heads whose column sums may be added together."""
+    cfg = _row_block_sizes(p.head_dim, query.dtype, n_rows, columns)
+    if p.group == 1 or n_rows > PACK_MAX_ROWS // 2:
+        return cfg
+    if query.is_cuda:
+        if p.k_len <= MIN_KEYS_PER_SPLIT:  # unsplit: a packed grid would walk the keys in fewer programs
+            return cfg
+        max_rows = PACK_MAX_ROWS if (cfg["BLOCK_D"] + cfg["BLOCK_D2"]) * query.element_size() <= 256 else 64
+    else:
+        max_rows = cfg["BLOCK_M"]  # the interpreter's blocks
+    return _pack_heads(tuple(cfg.items()), n_rows, p.group, heads_per_chunk, max_rows)
 
 
 def _use_row_stationary(n_rows: int, block_m: int) -> bool:
@@ -854,15 +909,16 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
     n_chunks = p.heads // heads_per_chunk
     row_cfg = _row_block_sizes(p.head_dim, query.dtype, p.n_rows, columns=True)
     if _use_row_stationary(p.n_rows, row_cfg["BLOCK_M"]):
-        # One partial per row block and query head, reduced here.
-        row_cfg = config or row_cfg  # combines LSE partials itself
-        n_row_blocks = cdiv(p.n_rows, row_cfg["BLOCK_M"])
-        parts = utils.new_output((n_row_blocks, p.batch, p.heads, p.k_len), query.device)
+        # One partial per row block and query head (pack of heads), reduced here; the kernel
+        # combines pass 1's LSE partials itself.
+        row_cfg = config or _row_blocks_for(p, query, p.n_rows, columns=True, heads_per_chunk=heads_per_chunk)
+        pack, n_row_blocks = row_cfg.get("PACK", 1), cdiv(p.n_rows, row_cfg.get("PACK_ROWS", row_cfg["BLOCK_M"]))
+        parts = utils.new_output((n_row_blocks, p.batch, p.heads // pack, p.k_len), query.device)
         _launch_row_blocks(query, key, p, range(p.row_start, p.row_end), row_cfg, lse, parts, use_max=use_max,
                            out_scale=1.0 / divisor)
-        if n_row_blocks == 1 and heads_per_chunk == 1:
+        if n_row_blocks == 1 and heads_per_chunk == pack:
             return parts[0]
-        parts = parts.view(n_row_blocks, p.batch, n_chunks, heads_per_chunk, p.k_len)
+        parts = parts.view(n_row_blocks, p.batch, n_chunks, heads_per_chunk // pack, p.k_len)
         return parts.amax(dim=(0, 3)) if use_max else parts.sum(dim=(0, 3))
     if lse.dim() == 4:
         lse = _combine_lse(lse)

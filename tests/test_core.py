@@ -177,6 +177,60 @@ def test_row_blocks_fitted_to_few_rows():
         assert _fit_rows(cfg, n_rows, torch.float16) is cfg
 
 
+def test_heads_packed_by_key_head():
+    """A block holds the rows of PACK query heads of one key head: the largest divisor of the group
+    size (and of the heads a column sum may mix) whose rows, a power of two each, fit the block."""
+    pytest.importorskip("triton")
+    from flash_colsum.triton_backend import _pack_heads
+
+    cfg = tuple(dict(BLOCK_M=32, BLOCK_N=128, BLOCK_D=128, BLOCK_D2=0, num_warps=4, num_stages=3).items())
+    packed = lambda n_rows, group, heads_per_chunk, max_rows=128: {  # noqa: E731
+        k: v for k, v in _pack_heads(cfg, n_rows, group, heads_per_chunk, max_rows).items() if k in ("PACK", "PACK_ROWS", "BLOCK_M")}
+    assert packed(32, 4, 4) == dict(PACK=4, PACK_ROWS=32, BLOCK_M=128)  # SnapKV on Llama: one block per key head
+    assert packed(32, 4, 32) == dict(PACK=4, PACK_ROWS=32, BLOCK_M=128)
+    assert packed(32, 8, 8) == dict(PACK=4, PACK_ROWS=32, BLOCK_M=128)
+    assert packed(20, 4, 4) == dict(PACK=4, PACK_ROWS=32, BLOCK_M=128)
+    assert packed(64, 4, 4) == dict(PACK=2, PACK_ROWS=64, BLOCK_M=128)
+    assert packed(16, 7, 7) == dict(PACK=7, PACK_ROWS=16, BLOCK_M=128)  # 112 rows, 16 of padding
+    assert packed(32, 7, 7) == dict(PACK=1, PACK_ROWS=32, BLOCK_M=32)  # 224 rows: no divisor of 7 fits
+    assert packed(1, 4, 4) == dict(PACK=4, PACK_ROWS=1, BLOCK_M=16)
+    assert packed(32, 4, 1) == dict(PACK=1, PACK_ROWS=32, BLOCK_M=32)  # per-head columns: no mixing
+    assert packed(32, 6, 2) == dict(PACK=2, PACK_ROWS=32, BLOCK_M=64)
+    assert packed(32, 4, 4, max_rows=64) == dict(PACK=2, PACK_ROWS=32, BLOCK_M=64)
+
+
+@pytest.mark.parametrize("h,hk,sq,sk,causal", [(8, 2, 4, 150, True), (12, 4, 3, 97, False), (8, 1, 2, 70, True)])
+def test_gqa_windows_packed(h, hk, sq, sk, causal, monkeypatch):
+    """Few rows of grouped-query heads run packed, several heads per row block (and per column sum
+    where the heads are summed anyway), against float64: per head, per key head, mean over heads,
+    row maxima, a row slice and key padding."""
+    pytest.importorskip("triton")
+    from flash_colsum import column_stats
+    from flash_colsum import triton_backend as tb
+    from flash_colsum.reference import reference_column_stats
+
+    packs = []
+    original = tb._launch_row_blocks
+
+    def spy(query, key, p, rows, cfg, *args, **kwargs):
+        packs.append(cfg.get("PACK", 1))
+        return original(query, key, p, rows, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(tb, "_launch_row_blocks", spy)
+    q, k = make_qk(1, h, hk, sq, sk, 24, torch.float16)
+    keep = torch.ones(1, sk, dtype=torch.bool)
+    keep[0, :11] = False
+    group = h // hk
+    for kwargs, pass2_packed in ((dict(heads="kv_sum"), True), (dict(heads="none"), False),
+                                 (dict(heads="mean", rows=slice(1, None)), True), (dict(heads="kv_max", reduce="max"), True),
+                                 (dict(heads="kv_mean", key_padding_mask=keep), True)):
+        packs.clear()
+        out = column_stats(q, k, is_causal=causal, backend="triton", **kwargs)
+        assert rel_l2(out, reference_column_stats(q, k, is_causal=causal, **kwargs)) <= TOLERANCE[torch.float16], kwargs
+        assert len(packs) == 2 and packs[0] > 1 and group % packs[0] == 0, (kwargs, packs)  # split: two launches
+        assert (packs[1] > 1) == pass2_packed, (kwargs, packs)
+
+
 def test_few_programs_split_shorter_key_ranges(monkeypatch):
     """Key ranges past MIN_KEYS_PER_SPLIT split; a grid of at most half as many programs as SMs
     (SnapKV's window: one row block per head) then splits them down to 512 keys per program where

@@ -54,10 +54,11 @@ def test_tensors_on_a_device_that_is_not_the_current_one(b, s, d, causal):
                                            (32, 8192, 96, torch.bfloat16), (64, 2048, 128, torch.float16)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_few_rows_over_many_heads(sq, sk, d, dtype, causal, monkeypatch):
-    """SnapKV-like windows (H=32, Hk=8, few rows, one row block per head): row blocks fitted to the
-    rows; past 4096 keys, keys split among programs down to 512 per split (two launches), else one
-    fused launch (NOTES.md v20). Against float64 for per-head, per-key-head and mean results,
-    column maxima and left key padding; and the expected path is the one taken."""
+    """SnapKV-like windows (H=32, Hk=8, few rows): row blocks fitted to the rows; past 4096 keys,
+    keys split among programs down to 512 per split (two launches) and the query heads of a key
+    head packed into blocks (NOTES.md v21), else one fused launch of one row block per head (v20).
+    Against float64 for per-head, per-key-head and mean results, column maxima and left key
+    padding; and the expected path is the one taken."""
     from flash_colsum import column_stats
     from flash_colsum import triton_backend as tb
     from flash_colsum.reference import reference_column_stats
@@ -83,4 +84,8 @@ def test_few_rows_over_many_heads(sq, sk, d, dtype, causal, monkeypatch):
                                      **{n: v.cpu() if torch.is_tensor(v) else v for n, v in kwargs.items()})
         assert rel_l2(out, ref) <= 1e-5, kwargs
         assert len(launches) == (2 if sk > 4096 else 1), kwargs
-        assert all(cfg["BLOCK_M"] == max(16, next_power_of_2(sq)) for cfg in launches)
+        # Split windows pack the 4 query heads of a key head into blocks of up to 128 rows (pass 2
+        # too, unless per-head columns or row maxima under a head mean keep heads apart).
+        rows = next_power_of_2(sq)
+        assert launches[0].get("PACK", 1) == (min(4, 128 // rows) if sk > 4096 else 1), kwargs
+        assert all(cfg["BLOCK_M"] == max(16, cfg.get("PACK", 1) * rows) for cfg in launches), kwargs
