@@ -468,17 +468,21 @@ PACK_MAX_ROWS = 128
 
 
 @functools.lru_cache(maxsize=1024)
-def _pack_heads(cfg: tuple, n_rows: int, group: int, heads_per_chunk: int, max_rows: int) -> dict:
+def _pack_heads(cfg: tuple, n_rows: int, group: int, heads_per_chunk: int, max_rows: int, tall_block_n: int) -> dict:
     """A row-stationary configuration (`_row_block_sizes`, as items) with PACK heads per block and
     PACK_ROWS = next_pow2(n_rows) rows of each (`_row_block_kernel`). PACK is the largest divisor of
     the group size and of ``heads_per_chunk`` (the heads whose column sums may be added together)
-    whose rows fit ``max_rows``; PACK = 1 leaves the configuration as it was."""
+    whose rows fit ``max_rows``; PACK = 1 leaves the configuration as it was. Packed blocks of more
+    than 64 rows take key blocks of ``tall_block_n`` (0: as configured)."""
     cfg = dict(cfg)
     rows = utils.next_power_of_2(n_rows)
-    pack = max(d for d in range(1, group + 1) if group % d == 0 and heads_per_chunk % d == 0 and d * rows <= max_rows)
+    pack = max((d for d in range(2, group + 1) if group % d == 0 and heads_per_chunk % d == 0 and d * rows <= max_rows),
+               default=1)
     if pack == 1:
         return dict(cfg, PACK=1, PACK_ROWS=cfg["BLOCK_M"])
-    return dict(cfg, PACK=pack, PACK_ROWS=rows, BLOCK_M=max(16, utils.next_power_of_2(pack * rows)))
+    block_m = max(16, utils.next_power_of_2(pack * rows))
+    block_n = tall_block_n if tall_block_n and block_m > 64 else cfg["BLOCK_N"]
+    return dict(cfg, PACK=pack, PACK_ROWS=rows, BLOCK_M=block_m, BLOCK_N=block_n)
 
 
 @functools.lru_cache(maxsize=None)
@@ -878,13 +882,15 @@ def _row_blocks_for(p: Problem, query, n_rows: int, columns: bool, heads_per_chu
     cfg = _row_block_sizes(p.head_dim, query.dtype, n_rows, columns)
     if p.group == 1 or n_rows > PACK_MAX_ROWS // 2:
         return cfg
-    if query.is_cuda:
-        if p.k_len <= MIN_KEYS_PER_SPLIT:  # unsplit: a packed grid would walk the keys in fewer programs
-            return cfg
-        max_rows = PACK_MAX_ROWS if (cfg["BLOCK_D"] + cfg["BLOCK_D2"]) * query.element_size() <= 256 else 64
-    else:
-        max_rows = cfg["BLOCK_M"]  # the interpreter's blocks
-    return _pack_heads(tuple(cfg.items()), n_rows, p.group, heads_per_chunk, max_rows)
+    if not query.is_cuda:  # the interpreter's blocks
+        return _pack_heads(tuple(cfg.items()), n_rows, p.group, heads_per_chunk, cfg["BLOCK_M"], 0)
+    if p.k_len <= MIN_KEYS_PER_SPLIT:  # unsplit: a packed grid would walk the keys in fewer programs
+        return cfg
+    row_bytes = (cfg["BLOCK_D"] + cfg["BLOCK_D2"]) * query.element_size()
+    # 128 packed rows of D > 96 (fp16/bf16) stream 64 keys at a time: on the H100, SnapKV windows
+    # (H=32, Hk=8, Sq=32, D=128) 109 vs 120 us of GPU time at Sk=65536, 32 vs 37 at 16384 (NOTES.md v21).
+    return _pack_heads(tuple(cfg.items()), n_rows, p.group, heads_per_chunk, PACK_MAX_ROWS if row_bytes <= 256 else 64,
+                       64 if row_bytes > 192 else 0)
 
 
 def _use_row_stationary(n_rows: int, block_m: int) -> bool:
