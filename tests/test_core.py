@@ -206,11 +206,12 @@ def test_heads_packed_by_key_head():
     assert _pack_heads(cfg, 32, 4, 1, 128, 64)["BLOCK_N"] == 128  # not packed
 
 
-@pytest.mark.parametrize("h,hk,sq,sk,causal", [(8, 2, 4, 150, True), (12, 4, 3, 97, False), (8, 1, 2, 70, True)])
-def test_gqa_windows_packed(h, hk, sq, sk, causal, monkeypatch):
+@pytest.mark.parametrize("h,hk,sq,sk,causal,seq_major", [(8, 2, 4, 150, True, False), (12, 4, 3, 97, False, False),
+                                                         (8, 1, 2, 70, True, True)])
+def test_gqa_windows_packed(h, hk, sq, sk, causal, seq_major, monkeypatch):
     """Few rows of grouped-query heads run packed, several heads per row block (and per column sum
     where the heads are summed anyway), against float64: per head, per key head, mean over heads,
-    row maxima, a row slice and key padding."""
+    row maxima, a row slice, key padding, the returned LSE, and (B, S, H, D) strided inputs."""
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the interpreter's small blocks; on a GPU test_few_rows_over_many_heads covers packing")
@@ -226,7 +227,7 @@ def test_gqa_windows_packed(h, hk, sq, sk, causal, monkeypatch):
         return original(query, key, p, rows, cfg, *args, **kwargs)
 
     monkeypatch.setattr(tb, "_launch_row_blocks", spy)
-    q, k = make_qk(1, h, hk, sq, sk, 24, torch.float16)
+    q, k = make_qk(1, h, hk, sq, sk, 24, torch.float16, seq_major=seq_major)
     keep = torch.ones(1, sk, dtype=torch.bool)
     keep[0, :11] = False
     group = h // hk
@@ -238,6 +239,14 @@ def test_gqa_windows_packed(h, hk, sq, sk, causal, monkeypatch):
         assert rel_l2(out, reference_column_stats(q, k, is_causal=causal, **kwargs)) <= TOLERANCE[torch.float16], kwargs
         assert len(packs) == 2 and packs[0] > 1 and group % packs[0] == 0, (kwargs, packs)  # split: two launches
         assert (packs[1] > 1) == pass2_packed, (kwargs, packs)
+    packs.clear()
+    out, lse = column_stats(q, k, is_causal=causal, heads="kv_sum", return_lse=True, backend="triton")
+    assert packs and all(pack > 1 for pack in packs), packs
+    assert rel_l2(out, reference_column_stats(q, k, is_causal=causal, heads="kv_sum")) <= TOLERANCE[torch.float16]
+    scores = q.double() @ k.double().repeat_interleave(group, dim=1).transpose(-1, -2) / 24**0.5
+    if causal:
+        scores.masked_fill_(torch.ones(sq, sk, dtype=torch.bool).triu(sk - sq + 1), float("-inf"))
+    assert rel_l2(lse, scores.logsumexp(-1)) <= 1e-6
 
 
 def test_few_programs_split_shorter_key_ranges(monkeypatch):
