@@ -886,6 +886,8 @@ def _row_blocks_for(p: Problem, query, n_rows: int, columns: bool, heads_per_chu
         return _pack_heads(tuple(cfg.items()), n_rows, p.group, heads_per_chunk, cfg["BLOCK_M"], 0)
     if p.k_len <= MIN_KEYS_PER_SPLIT:  # unsplit: a packed grid would walk the keys in fewer programs
         return cfg
+    if query.dtype == torch.float32:  # its exact dot runs on the FMA units: 128 packed rows ran 6x slower
+        return cfg
     row_bytes = (cfg["BLOCK_D"] + cfg["BLOCK_D2"]) * query.element_size()
     # 128 packed rows of D > 96 (fp16/bf16) stream 64 keys at a time: on the H100, SnapKV windows
     # (H=32, Hk=8, Sq=32, D=128) 109 vs 120 us of GPU time at Sk=65536, 32 vs 37 at 16384 (NOTES.md v21).
