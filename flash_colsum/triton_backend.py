@@ -11,7 +11,9 @@ transposed score tile K . Q^T, so the reduction over query rows is a row sum of 
 and writes its BLOCK_N column sums (or maxima) once: no atomics, bitwise reproducible. When the
 selected rows are few (`_use_row_stationary`: up to four row blocks), pass 2 instead runs the
 row-stationary kernel in COLUMNS mode: keys stream past the rows in registers, as in pass 1, and
-each row block writes its own partial column sums, added here.
+each row block writes its own partial column sums, added here. Few rows of grouped-query heads
+whose keys split are packed (`_pack_heads`): one row block holds the rows of the query heads that
+share a key head, so each key tile read feeds all of them.
 
 Small calls run both passes in one launch (FUSED). Few rows over long keys (`_keeps_scores`) skip
 the second pass over K: pass 1 stores their scaled scores and `_scores_reduce_kernel` turns them
