@@ -748,9 +748,10 @@ def fused_reduce(query, key, p: Problem, key_keep, heads_per_chunk: int, use_max
     Each program keeps a block of selected rows, computes their LSE over all keys, then their column
     sums (maxima) divided by ``divisor``: partials (B, H, R, Sk) for R row blocks. Returns them as
     (B, H * R, Sk) when ``partials_ok`` (the caller reduces them together with the query heads, a
-    reduction of the same kind), else only when R = 1 and one head per chunk make them the (B, H, Sk)
-    result. Padded keys' columns are not masked here. On an H100 the Hopper kernel (`hopper.fused_columns`)
-    runs it where it applies.
+    reduction of the same kind; blocks may then hold several heads of a key head, `_fused_pack`, and
+    the partials are (B, H // PACK * R, Sk)), else only when R = 1 and one head per chunk make them
+    the (B, H, Sk) result. Padded keys' columns are not masked here. On an H100 the Hopper kernel
+    (`hopper.fused_columns`) runs it where it applies.
     """
     cfg = _row_block_sizes(p.head_dim, query.dtype, p.n_rows, columns=True)
     fast = _fast_path(query, key, p, range(p.row_start, p.row_end), key_keep, "fused")
@@ -761,12 +762,41 @@ def fused_reduce(query, key, p: Problem, key_keep, heads_per_chunk: int, use_max
     if fast:
         with _on_device(query):
             parts = fast.fused_columns(query, key, p, use_max, divisor, key_keep)
-    else:
-        parts = utils.new_output((p.batch, p.heads, n_row_blocks, p.k_len), query.device)
-        # The kernel indexes OUT[row block, b, h, key]: a permuted view writes the planes head-major.
-        _launch_row_blocks(query, key, p, range(p.row_start, p.row_end), cfg, None, parts.permute(2, 0, 1, 3),
-                           key_keep, use_max, out_scale=1.0 / divisor, fused=True)
-    return parts.view(p.batch, p.heads * n_row_blocks, p.k_len)
+        return parts.view(p.batch, p.heads * n_row_blocks, p.k_len)
+    if partials_ok:  # the caller adds (maxes) the heads of a key head together: they may share a block
+        cfg = _fused_pack(cfg, p, query)
+    pack, n_row_blocks = cfg.get("PACK", 1), cdiv(p.n_rows, cfg.get("PACK_ROWS", cfg["BLOCK_M"]))
+    parts = utils.new_output((p.batch, p.heads // pack, n_row_blocks, p.k_len), query.device)
+    # The kernel indexes OUT[row block, b, h, key]: a permuted view writes the planes head-major.
+    _launch_row_blocks(query, key, p, range(p.row_start, p.row_end), cfg, None, parts.permute(2, 0, 1, 3),
+                       key_keep, use_max, out_scale=1.0 / divisor, fused=True)
+    return parts.view(p.batch, p.heads // pack * n_row_blocks, p.k_len)
+
+
+# Packed fused blocks (both passes in one program) are at most this tall: on the H100, batched SnapKV
+# windows (Hk=8, Sq=32, Sk=4096, D=128) took 72 us of GPU time at B=8 in 64-row blocks of two heads
+# against 91 unpacked and 111 in 128-row blocks of four (NOTES.md v21).
+FUSED_PACK_MAX_ROWS = 64
+
+
+def _fused_pack(cfg: dict, p: Problem, query) -> dict:
+    """`fused_reduce`'s configuration with the query heads of a key head packed (`_pack_heads`) into
+    blocks of up to FUSED_PACK_MAX_ROWS rows, as many heads a block as leave the grid at least
+    WAVE_FILL of a program per SM: an unsplit launch of fewer programs than SMs runs each program's
+    keys one tile after another on a partly idle GPU (B=4 above: 65 us packed vs 63)."""
+    if p.group == 1 or p.n_rows > FUSED_PACK_MAX_ROWS // 2:
+        return cfg
+    if not query.is_cuda:  # the interpreter: pack within its blocks
+        return _pack_heads(tuple(cfg.items()), p.n_rows, p.group, p.group, cfg["BLOCK_M"], 0)
+    if query.dtype == torch.float32:  # as in `_row_blocks_for`
+        return cfg
+    rows = utils.next_power_of_2(p.n_rows)
+    min_programs = WAVE_FILL * _sm_count(query.device)
+    packs = [d for d in range(2, p.group + 1)
+             if p.group % d == 0 and d * rows <= FUSED_PACK_MAX_ROWS and p.batch * p.heads // d >= min_programs]
+    if not packs:
+        return cfg
+    return _pack_heads(tuple(cfg.items()), p.n_rows, p.group, p.group, max(packs) * rows, 0)
 
 
 @triton.jit

@@ -249,6 +249,36 @@ def test_gqa_windows_packed(h, hk, sq, sk, causal, seq_major, monkeypatch):
     assert rel_l2(lse, scores.logsumexp(-1)) <= 1e-6
 
 
+@pytest.mark.parametrize("h,hk,sq,causal", [(8, 2, 4, True), (12, 4, 3, False)])
+def test_gqa_fused_windows_packed(h, hk, sq, causal, monkeypatch):
+    """Batched few-row windows run both passes in one launch; where the result adds (or maxes) the
+    heads of a key head with the rows' own reduction, that launch packs them into blocks too."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the interpreter's small blocks; on a GPU test_batched_windows_pack_heads covers it")
+    from flash_colsum import column_stats
+    from flash_colsum import triton_backend as tb
+    from flash_colsum.reference import reference_column_stats
+
+    launches = []
+    original = tb._launch_row_blocks
+
+    def spy(query, key, p, rows, cfg, *args, **kwargs):
+        launches.append((cfg.get("PACK", 1), kwargs.get("fused", False)))
+        return original(query, key, p, rows, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(tb, "_launch_row_blocks", spy)
+    q, k = make_qk(4, h, hk, sq, 40, 24, torch.float16)
+    for kwargs, packed in ((dict(heads="kv_mean"), True), (dict(heads="sum", reduce="sum"), True),
+                           (dict(heads="kv_max", reduce="max"), True), (dict(heads="kv_sum", reduce="max"), False),
+                           (dict(heads="none"), False)):
+        launches.clear()
+        out = column_stats(q, k, is_causal=causal, backend="triton", **kwargs)
+        assert rel_l2(out, reference_column_stats(q, k, is_causal=causal, **kwargs)) <= TOLERANCE[torch.float16], kwargs
+        assert len(launches) == 1 and launches[0][1], (kwargs, launches)  # one fused launch
+        assert (launches[0][0] == h // hk) == packed, (kwargs, launches)
+
+
 def test_few_programs_split_shorter_key_ranges(monkeypatch):
     """Key ranges past MIN_KEYS_PER_SPLIT split; a grid of at most half as many programs as SMs
     (SnapKV's window: one row block per head) then splits them down to 512 keys per program where

@@ -49,6 +49,45 @@ def test_tensors_on_a_device_that_is_not_the_current_one(b, s, d, causal):
 
 
 @cuda
+@pytest.mark.parametrize("b,sq,sk,d,dtype", [(8, 32, 4096, 128, torch.float16), (16, 16, 2048, 128, torch.bfloat16),
+                                             (16, 32, 2048, 64, torch.float16), (4, 32, 4096, 128, torch.float16),
+                                             (8, 64, 2048, 128, torch.float16)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_batched_windows_pack_heads(b, sq, sk, d, dtype, causal, monkeypatch):
+    """Batched few-row windows (H=32, Hk=8) in one fused launch pack the heads of a key head into
+    blocks of up to 64 rows while the grid keeps ~a program per SM (B=4 does not pack, nor do
+    64-row windows); against float64 for sums, means and maxima, with left key padding."""
+    from flash_colsum import column_stats
+    from flash_colsum import triton_backend as tb
+    from flash_colsum.reference import reference_column_stats
+    from flash_colsum.utils import next_power_of_2
+
+    q = torch.randn(b, 32, sq, d, device="cuda", dtype=dtype)
+    k = torch.randn(b, 8, sk, d, device="cuda", dtype=dtype)
+    keep = torch.ones(b, sk, dtype=torch.bool, device="cuda")
+    keep[1, :333] = False
+    rows = next_power_of_2(sq)
+    min_programs = tb.WAVE_FILL * tb._sm_count(q.device)
+    packs = [p for p in (2, 4) if p * rows <= 64 and b * 32 // p >= min_programs]
+    expected = max(packs, default=1)
+    launches = []
+    original = tb._launch_row_blocks
+
+    def spy(query, key, p, rows_, cfg, *args, **kwargs):
+        launches.append((cfg.get("PACK", 1), kwargs.get("fused", False)))
+        return original(query, key, p, rows_, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(tb, "_launch_row_blocks", spy)
+    for kwargs in (dict(heads="kv_mean"), dict(heads="mean", key_padding_mask=keep), dict(heads="kv_max", reduce="max")):
+        launches.clear()
+        out = column_stats(q, k, is_causal=causal, backend="triton", **kwargs)
+        ref = reference_column_stats(q.cpu(), k.cpu(), is_causal=causal,
+                                     **{n: v.cpu() if torch.is_tensor(v) else v for n, v in kwargs.items()})
+        assert rel_l2(out, ref) <= 1e-5, kwargs
+        assert launches == [(expected, True)], (kwargs, launches)
+
+
+@cuda
 @pytest.mark.parametrize("sq,sk,d,dtype", [(32, 8192, 128, torch.float16), (16, 4100, 128, torch.bfloat16),
                                            (48, 16384, 80, torch.float16), (32, 4096, 64, torch.float16),
                                            (32, 8192, 96, torch.bfloat16), (64, 2048, 128, torch.float16),
