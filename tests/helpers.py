@@ -32,3 +32,19 @@ def make_qk(b, h, hk, sq, sk, d, dtype=torch.float32, device="cpu", seq_major=Fa
 def reference(q, k, **kwargs):
     """float64 ground truth on the same (possibly fp16/bf16) values."""
     return naive_colsum(q.cpu(), k.cpu(), dtype=torch.float64, **kwargs)
+
+
+def record_row_block_launches(monkeypatch) -> list:
+    """Record each launch of the Triton back end's row-stationary kernel as (its configuration,
+    whether both passes are fused); the launches still run."""
+    from flash_colsum import triton_backend as tb
+
+    launches = []
+    original = tb._launch_row_blocks
+
+    def spy(query, key, p, rows, cfg, *args, **kwargs):
+        launches.append((cfg, kwargs.get("fused", False)))
+        return original(query, key, p, rows, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(tb, "_launch_row_blocks", spy)
+    return launches

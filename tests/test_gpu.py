@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flash_colsum import flash_colsum
-from helpers import rel_l2
+from helpers import record_row_block_launches, rel_l2
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -70,21 +70,14 @@ def test_batched_windows_pack_heads(b, sq, sk, d, dtype, causal, monkeypatch):
     min_programs = tb.WAVE_FILL * tb._sm_count(q.device)
     packs = [p for p in (2, 4) if p * rows <= 64 and b * 32 // p >= min_programs]
     expected = max(packs, default=1)
-    launches = []
-    original = tb._launch_row_blocks
-
-    def spy(query, key, p, rows_, cfg, *args, **kwargs):
-        launches.append((cfg.get("PACK", 1), kwargs.get("fused", False)))
-        return original(query, key, p, rows_, cfg, *args, **kwargs)
-
-    monkeypatch.setattr(tb, "_launch_row_blocks", spy)
+    launches = record_row_block_launches(monkeypatch)
     for kwargs in (dict(heads="kv_mean"), dict(heads="mean", key_padding_mask=keep), dict(heads="kv_max", reduce="max")):
         launches.clear()
         out = column_stats(q, k, is_causal=causal, backend="triton", **kwargs)
         ref = reference_column_stats(q.cpu(), k.cpu(), is_causal=causal,
                                      **{n: v.cpu() if torch.is_tensor(v) else v for n, v in kwargs.items()})
         assert rel_l2(out, ref) <= 1e-5, kwargs
-        assert launches == [(expected, True)], (kwargs, launches)
+        assert [(cfg.get("PACK", 1), fused) for cfg, fused in launches] == [(expected, True)], (kwargs, launches)
 
 
 @cuda
@@ -100,7 +93,6 @@ def test_few_rows_over_many_heads(sq, sk, d, dtype, causal, monkeypatch):
     Against float64 for per-head, per-key-head and mean results, column maxima and left key
     padding; and the expected path is the one taken."""
     from flash_colsum import column_stats
-    from flash_colsum import triton_backend as tb
     from flash_colsum.reference import reference_column_stats
     from flash_colsum.utils import next_power_of_2
 
@@ -108,14 +100,7 @@ def test_few_rows_over_many_heads(sq, sk, d, dtype, causal, monkeypatch):
     k = torch.randn(2, 8, sk, d, device="cuda", dtype=dtype)
     keep = torch.ones(2, sk, dtype=torch.bool, device="cuda")
     keep[1, :333] = False
-    launches = []
-    original = tb._launch_row_blocks
-
-    def spy(query, key, p, rows, cfg, *args, **kwargs):
-        launches.append(cfg)
-        return original(query, key, p, rows, cfg, *args, **kwargs)
-
-    monkeypatch.setattr(tb, "_launch_row_blocks", spy)
+    launches = record_row_block_launches(monkeypatch)
     for kwargs in (dict(heads="kv_sum"), dict(heads="none"), dict(heads="mean", reduce="max"),
                    dict(heads="kv_mean", key_padding_mask=keep), dict(heads="kv_sum", rows=slice(sq // 3, None))):
         launches.clear()
@@ -129,5 +114,5 @@ def test_few_rows_over_many_heads(sq, sk, d, dtype, causal, monkeypatch):
         rows = next_power_of_2(len(range(sq)[kwargs.get("rows", slice(None))]))
         max_rows = 128 if d * q.element_size() <= 256 else 64
         packs = sk > 4096 and dtype != torch.float32  # fp32's FMA dot ran 6x slower packed (NOTES.md v21)
-        assert launches[0].get("PACK", 1) == (min(4, max_rows // rows) if packs else 1), kwargs
-        assert all(cfg["BLOCK_M"] == max(16, cfg.get("PACK", 1) * rows) for cfg in launches), kwargs
+        assert launches[0][0].get("PACK", 1) == (min(4, max_rows // rows) if packs else 1), kwargs
+        assert all(cfg["BLOCK_M"] == max(16, cfg.get("PACK", 1) * rows) for cfg, _ in launches), kwargs
