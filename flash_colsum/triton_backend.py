@@ -783,7 +783,7 @@ def _fused_pack(cfg: dict, p: Problem, query) -> dict:
     """`fused_reduce`'s configuration with the query heads of a key head packed (`_pack_heads`) into
     blocks of up to FUSED_PACK_MAX_ROWS rows, as many heads a block as leave the grid at least
     WAVE_FILL of a program per SM: an unsplit launch of fewer programs than SMs runs each program's
-    keys one tile after another on a partly idle GPU (B=4 above: 65 us packed vs 63)."""
+    keys one tile after another on a partly idle GPU (B=4 of those windows: 65 us packed vs 63)."""
     if p.group == 1 or p.n_rows > FUSED_PACK_MAX_ROWS // 2:
         return cfg
     if not query.is_cuda:  # the interpreter: pack within its blocks
