@@ -773,17 +773,20 @@ def fused_reduce(query, key, p: Problem, key_keep, heads_per_chunk: int, use_max
     return parts.view(p.batch, p.heads // pack * n_row_blocks, p.k_len)
 
 
-# Packed fused blocks (both passes in one program) are at most this tall: on the H100, batched SnapKV
-# windows (Hk=8, Sq=32, Sk=4096, D=128) took 72 us of GPU time at B=8 in 64-row blocks of two heads
-# against 91 unpacked and 111 in 128-row blocks of four (NOTES.md v21).
+# Packed fused blocks (both passes in one program) are at most this tall while the packed grid keeps
+# one wave of a program per SM, and PACK_MAX_ROWS tall while it keeps two. On the H100, batched
+# SnapKV windows (Hk=8, Sq=32, Sk=4096, D=128) took 72 us of GPU time at B=8 in 64-row blocks of two
+# heads against 91 unpacked and 111 in 128-row blocks of four (64 programs); at B=32 (256 programs)
+# 190 us in 128-row blocks against 210 in 64-row ones (NOTES.md v21).
 FUSED_PACK_MAX_ROWS = 64
 
 
 def _fused_pack(cfg: dict, p: Problem, query) -> dict:
-    """`fused_reduce`'s configuration with the query heads of a key head packed (`_pack_heads`) into
-    blocks of up to FUSED_PACK_MAX_ROWS rows, as many heads a block as leave the grid at least
-    WAVE_FILL of a program per SM: an unsplit launch of fewer programs than SMs runs each program's
-    keys one tile after another on a partly idle GPU (B=4 of those windows: 65 us packed vs 63)."""
+    """`fused_reduce`'s configuration with the query heads of a key head packed (`_pack_heads`): as
+    many heads a block as keep at least WAVE_FILL of a program per SM in blocks of up to
+    FUSED_PACK_MAX_ROWS rows, or two such waves in blocks of up to PACK_MAX_ROWS. An unsplit launch
+    of fewer programs than SMs runs each program's keys one tile after another on a partly idle GPU
+    (B=4 of those windows: 65 us packed vs 63)."""
     if p.group == 1 or p.n_rows > FUSED_PACK_MAX_ROWS // 2:
         return cfg
     if not query.is_cuda:  # the interpreter: pack within its blocks
@@ -791,12 +794,13 @@ def _fused_pack(cfg: dict, p: Problem, query) -> dict:
     if query.dtype == torch.float32:  # as in `_row_blocks_for`
         return cfg
     rows = utils.next_power_of_2(p.n_rows)
-    min_programs = WAVE_FILL * _sm_count(query.device)
-    packs = [d for d in range(2, p.group + 1)
-             if p.group % d == 0 and d * rows <= FUSED_PACK_MAX_ROWS and p.batch * p.heads // d >= min_programs]
+    wave = WAVE_FILL * _sm_count(query.device)
+    packs = [d for d in range(2, p.group + 1) if p.group % d == 0 and d * rows <= PACK_MAX_ROWS
+             and p.batch * p.heads // d >= (wave if d * rows <= FUSED_PACK_MAX_ROWS else 2 * wave)]
     if not packs:
         return cfg
-    return _pack_heads(tuple(cfg.items()), p.n_rows, p.group, p.group, max(packs) * rows, 0)
+    row_bytes = (cfg["BLOCK_D"] + cfg["BLOCK_D2"]) * query.element_size()
+    return _pack_heads(tuple(cfg.items()), p.n_rows, p.group, p.group, max(packs) * rows, 64 if row_bytes > 192 else 0)
 
 
 @triton.jit

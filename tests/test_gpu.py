@@ -51,12 +51,13 @@ def test_tensors_on_a_device_that_is_not_the_current_one(b, s, d, causal):
 @cuda
 @pytest.mark.parametrize("b,sq,sk,d,dtype", [(8, 32, 4096, 128, torch.float16), (16, 16, 2048, 128, torch.bfloat16),
                                              (16, 32, 2048, 64, torch.float16), (4, 32, 4096, 128, torch.float16),
-                                             (8, 64, 2048, 128, torch.float16)])
+                                             (8, 64, 2048, 128, torch.float16), (32, 32, 2048, 128, torch.float16)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_batched_windows_pack_heads(b, sq, sk, d, dtype, causal, monkeypatch):
     """Batched few-row windows (H=32, Hk=8) in one fused launch pack the heads of a key head into
-    blocks of up to 64 rows while the grid keeps ~a program per SM (B=4 does not pack, nor do
-    64-row windows); against float64 for sums, means and maxima, with left key padding."""
+    blocks of up to 64 rows while the grid keeps ~a program per SM, 128 while it keeps two (B=4 does
+    not pack, nor do 64-row windows below two waves); against float64 for sums, means and maxima,
+    with left key padding."""
     from flash_colsum import column_stats
     from flash_colsum import triton_backend as tb
     from flash_colsum.reference import reference_column_stats
@@ -67,8 +68,8 @@ def test_batched_windows_pack_heads(b, sq, sk, d, dtype, causal, monkeypatch):
     keep = torch.ones(b, sk, dtype=torch.bool, device="cuda")
     keep[1, :333] = False
     rows = next_power_of_2(sq)
-    min_programs = tb.WAVE_FILL * tb._sm_count(q.device)
-    packs = [p for p in (2, 4) if p * rows <= 64 and b * 32 // p >= min_programs]
+    wave = tb.WAVE_FILL * tb._sm_count(q.device)
+    packs = [p for p in (2, 4) if p * rows <= 128 and b * 32 // p >= (wave if p * rows <= 64 else 2 * wave)]
     expected = max(packs, default=1)
     launches = record_row_block_launches(monkeypatch)
     for kwargs in (dict(heads="kv_mean"), dict(heads="mean", key_padding_mask=keep), dict(heads="kv_max", reduce="max")):
