@@ -470,12 +470,15 @@ PACK_MAX_ROWS = 128
 
 
 @functools.lru_cache(maxsize=1024)
-def _pack_heads(cfg: tuple, n_rows: int, group: int, heads_per_chunk: int, max_rows: int, tall_block_n: int) -> dict:
+def _pack_heads(cfg: tuple, n_rows: int, group: int, heads_per_chunk: int, max_rows: int, element_size: int) -> dict:
     """A row-stationary configuration (`_row_block_sizes`, as items) with PACK heads per block and
     PACK_ROWS = next_pow2(n_rows) rows of each (`_row_block_kernel`). PACK is the largest divisor of
     the group size and of ``heads_per_chunk`` (the heads whose column sums may be added together)
-    whose rows fit ``max_rows``; PACK = 1 leaves the configuration as it was. Packed blocks of more
-    than 64 rows take key blocks of ``tall_block_n`` (0: as configured)."""
+    whose rows fit ``max_rows``; PACK = 1 leaves the configuration as it was.
+
+    Packed blocks of more than 64 rows over more than 192 bytes a row (D > 96 in fp16/bf16) stream
+    64 keys at a time: on the H100, SnapKV windows (H=32, Hk=8, Sq=32, D=128) 109 vs 120 us of GPU
+    time at Sk=65536, 32 vs 37 at 16384 (NOTES.md v21)."""
     cfg = dict(cfg)
     rows = utils.next_power_of_2(n_rows)
     pack = max((d for d in range(2, group + 1) if group % d == 0 and heads_per_chunk % d == 0 and d * rows <= max_rows),
@@ -483,8 +486,14 @@ def _pack_heads(cfg: tuple, n_rows: int, group: int, heads_per_chunk: int, max_r
     if pack == 1:
         return dict(cfg, PACK=1, PACK_ROWS=cfg["BLOCK_M"])
     block_m = max(16, utils.next_power_of_2(pack * rows))
-    block_n = tall_block_n if tall_block_n and block_m > 64 else cfg["BLOCK_N"]
-    return dict(cfg, PACK=pack, PACK_ROWS=rows, BLOCK_M=block_m, BLOCK_N=block_n)
+    tall = block_m > 64 and (cfg["BLOCK_D"] + cfg["BLOCK_D2"]) * element_size > 192
+    return dict(cfg, PACK=pack, PACK_ROWS=rows, BLOCK_M=block_m, BLOCK_N=64 if tall else cfg["BLOCK_N"])
+
+
+def _packing(cfg: dict) -> tuple[int, int]:
+    """(heads, rows of each) in a row block of a row-stationary configuration: (1, BLOCK_M) unless
+    packed (`_pack_heads`)."""
+    return cfg.get("PACK", 1), cfg.get("PACK_ROWS", cfg["BLOCK_M"])
 
 
 @functools.lru_cache(maxsize=None)
@@ -653,9 +662,11 @@ def _row_blocks_plan(p: Problem, rows: range, cfg: tuple, q_strides: tuple, k_st
     """(grid, shape of pass 1's LSE output, the arguments after the tensors, constexprs) of a
     `_launch_row_blocks` call, a pure function of its shapes, strides and flags. ``lse_layout``:
     (strides, size of dim 0) of a given LSE (pass 2), else None; a stride tuple or None for OUT and SCORES."""
-    cfg = {"PACK": 1, "PACK_ROWS": dict(cfg)["BLOCK_M"], **dict(cfg)}
-    packs = p.heads // cfg["PACK"]  # blocks of heads: the heads themselves unless packed
-    n_row_blocks = cdiv(len(rows), cfg["PACK_ROWS"])
+    cfg = dict(cfg)
+    pack, pack_rows = _packing(cfg)
+    cfg.update(PACK=pack, PACK_ROWS=pack_rows)  # constexprs of the kernel
+    packs = p.heads // pack  # blocks of heads: the heads themselves unless packed
+    n_row_blocks = cdiv(len(rows), pack_rows)
     qk_strides, unit = _strides_in_units(q_strides, k_strides, q_dtype.itemsize)
     lse_parts = lse_layout is not None and len(lse_layout[0]) == 4  # pass 1's key-split partials (splits, B, H, rows)
     if fused:
@@ -765,7 +776,8 @@ def fused_reduce(query, key, p: Problem, key_keep, heads_per_chunk: int, use_max
         return parts.view(p.batch, p.heads * n_row_blocks, p.k_len)
     if partials_ok:  # the caller adds (maxes) the heads of a key head together: they may share a block
         cfg = _fused_pack(cfg, p, query)
-    pack, n_row_blocks = cfg.get("PACK", 1), cdiv(p.n_rows, cfg.get("PACK_ROWS", cfg["BLOCK_M"]))
+    pack, pack_rows = _packing(cfg)
+    n_row_blocks = cdiv(p.n_rows, pack_rows)
     parts = utils.new_output((p.batch, p.heads // pack, n_row_blocks, p.k_len), query.device)
     # The kernel indexes OUT[row block, b, h, key]: a permuted view writes the planes head-major.
     _launch_row_blocks(query, key, p, range(p.row_start, p.row_end), cfg, None, parts.permute(2, 0, 1, 3),
@@ -790,7 +802,7 @@ def _fused_pack(cfg: dict, p: Problem, query) -> dict:
     if p.group == 1 or p.n_rows > FUSED_PACK_MAX_ROWS // 2:
         return cfg
     if not query.is_cuda:  # the interpreter: pack within its blocks
-        return _pack_heads(tuple(cfg.items()), p.n_rows, p.group, p.group, cfg["BLOCK_M"], 0)
+        return _pack_heads(tuple(cfg.items()), p.n_rows, p.group, p.group, cfg["BLOCK_M"], query.element_size())
     if query.dtype == torch.float32:  # as in `_row_blocks_for`
         return cfg
     rows = utils.next_power_of_2(p.n_rows)
@@ -799,8 +811,7 @@ def _fused_pack(cfg: dict, p: Problem, query) -> dict:
              and p.batch * p.heads // d >= (wave if d * rows <= FUSED_PACK_MAX_ROWS else 2 * wave)]
     if not packs:
         return cfg
-    row_bytes = (cfg["BLOCK_D"] + cfg["BLOCK_D2"]) * query.element_size()
-    return _pack_heads(tuple(cfg.items()), p.n_rows, p.group, p.group, max(packs) * rows, 64 if row_bytes > 192 else 0)
+    return _pack_heads(tuple(cfg.items()), p.n_rows, p.group, p.group, max(packs) * rows, query.element_size())
 
 
 @triton.jit
@@ -919,16 +930,14 @@ def _row_blocks_for(p: Problem, query, n_rows: int, columns: bool, heads_per_chu
     if p.group == 1 or n_rows > PACK_MAX_ROWS // 2:
         return cfg
     if not query.is_cuda:  # the interpreter's blocks
-        return _pack_heads(tuple(cfg.items()), n_rows, p.group, heads_per_chunk, cfg["BLOCK_M"], 0)
+        return _pack_heads(tuple(cfg.items()), n_rows, p.group, heads_per_chunk, cfg["BLOCK_M"], query.element_size())
     if p.k_len <= MIN_KEYS_PER_SPLIT:  # unsplit: a packed grid would walk the keys in fewer programs
         return cfg
     if query.dtype == torch.float32:  # its exact dot runs on the FMA units: 128 packed rows ran 6x slower
         return cfg
     row_bytes = (cfg["BLOCK_D"] + cfg["BLOCK_D2"]) * query.element_size()
-    # 128 packed rows of D > 96 (fp16/bf16) stream 64 keys at a time: on the H100, SnapKV windows
-    # (H=32, Hk=8, Sq=32, D=128) 109 vs 120 us of GPU time at Sk=65536, 32 vs 37 at 16384 (NOTES.md v21).
     return _pack_heads(tuple(cfg.items()), n_rows, p.group, heads_per_chunk, PACK_MAX_ROWS if row_bytes <= 256 else 64,
-                       64 if row_bytes > 192 else 0)
+                       query.element_size())
 
 
 def _use_row_stationary(n_rows: int, block_m: int) -> bool:
@@ -956,7 +965,8 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
         # One partial per row block and query head (pack of heads), reduced here; the kernel
         # combines pass 1's LSE partials itself.
         row_cfg = config or _row_blocks_for(p, query, p.n_rows, columns=True, heads_per_chunk=heads_per_chunk)
-        pack, n_row_blocks = row_cfg.get("PACK", 1), cdiv(p.n_rows, row_cfg.get("PACK_ROWS", row_cfg["BLOCK_M"]))
+        pack, pack_rows = _packing(row_cfg)
+        n_row_blocks = cdiv(p.n_rows, pack_rows)
         parts = utils.new_output((n_row_blocks, p.batch, p.heads // pack, p.k_len), query.device)
         _launch_row_blocks(query, key, p, range(p.row_start, p.row_end), row_cfg, lse, parts, use_max=use_max,
                            out_scale=1.0 / divisor)

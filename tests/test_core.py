@@ -186,7 +186,7 @@ def test_heads_packed_by_key_head():
 
     cfg = tuple(dict(BLOCK_M=32, BLOCK_N=128, BLOCK_D=128, BLOCK_D2=0, num_warps=4, num_stages=3).items())
     packed = lambda n_rows, group, heads_per_chunk, max_rows=128: {  # noqa: E731
-        k: v for k, v in _pack_heads(cfg, n_rows, group, heads_per_chunk, max_rows, 0).items()
+        k: v for k, v in _pack_heads(cfg, n_rows, group, heads_per_chunk, max_rows, 2).items()
         if k in ("PACK", "PACK_ROWS", "BLOCK_M")}
     assert packed(32, 4, 4) == dict(PACK=4, PACK_ROWS=32, BLOCK_M=128)  # SnapKV on Llama: one block per key head
     assert packed(32, 4, 32) == dict(PACK=4, PACK_ROWS=32, BLOCK_M=128)
@@ -200,10 +200,11 @@ def test_heads_packed_by_key_head():
     assert packed(32, 6, 2) == dict(PACK=2, PACK_ROWS=32, BLOCK_M=64)
     assert packed(32, 4, 4, max_rows=64) == dict(PACK=2, PACK_ROWS=32, BLOCK_M=64)
     assert packed(32, 4, 4, max_rows=16) == dict(PACK=1, PACK_ROWS=32, BLOCK_M=32)  # taller than a block
-    # Key blocks for tall packed blocks only
-    assert _pack_heads(cfg, 32, 4, 4, 128, 64)["BLOCK_N"] == 64
-    assert _pack_heads(cfg, 16, 4, 4, 128, 64)["BLOCK_N"] == 128  # 64 rows
-    assert _pack_heads(cfg, 32, 4, 1, 128, 64)["BLOCK_N"] == 128  # not packed
+    # 64-key blocks for tall packed blocks of wide rows only (D=128 here: 256 bytes a row in fp16)
+    assert _pack_heads(cfg, 32, 4, 4, 128, 2)["BLOCK_N"] == 64
+    assert _pack_heads(cfg, 16, 4, 4, 128, 2)["BLOCK_N"] == 128  # 64 rows
+    assert _pack_heads(cfg, 32, 4, 1, 128, 2)["BLOCK_N"] == 128  # not packed
+    assert _pack_heads(cfg, 32, 4, 4, 128, 1)["BLOCK_N"] == 128  # 128 bytes a row
 
 
 @pytest.mark.parametrize("h,hk,sq,sk,causal,seq_major", [(8, 2, 4, 150, True, False), (12, 4, 3, 97, False, False),
