@@ -50,7 +50,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from . import utils
-from .utils import LOG2E, Problem, cdiv, head_dim_blocks
+from .utils import LAZY_LIMIT, LOG2E, Problem, cdiv, head_dim_blocks
 
 # TMA's global-to-shared copy: async_load from Triton 3.7 on (the old name raises there), the old name before.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -58,26 +58,42 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 _LN2 = gl.constexpr(0.6931471805599453)
+_LAZY_LIMIT = gl.constexpr(LAZY_LIMIT)
 _LOG2E = gl.constexpr(LOG2E)
 
 
 @gluon.jit
 def _lse_tile(s, m_i, l_i, n0, n_valid, qk_scale, BLOCK_B: gl.constexpr, layout: gl.constexpr,
-              LAST: gl.constexpr, MAY_SEE_NONE: gl.constexpr):
+              LAST: gl.constexpr, MAY_SEE_NONE: gl.constexpr, LAZY: gl.constexpr):
     """Fold one [BLOCK_A, BLOCK_B] tile of raw scores into the rows' running (max, sum), base 2.
     Only the LAST tile can run past the key range: the others skip the mask, which ptxas would
     otherwise turn into selects on every tile (128 FSEL per thread and tile at D=64)."""
     if LAST and n0 + BLOCK_B > n_valid:  # the rows past the key range belong to the next head
         offs_n = n0 + gl.arange(0, BLOCK_B, layout=gl.SliceLayout(0, layout))
         s = gl.where(offs_n[None, :] < n_valid, s, float("-inf"))
-    # qk_scale > 0, so the max of the raw scores gives the max of the scaled ones. Without a key
-    # mask every row sees a key in its first tile, so m_new is finite from then on; with one
-    # (MAY_SEE_NONE) a row may have seen none yet, and exp2(-inf - -inf) would be NaN.
-    m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-    m_ref = m_new
-    if MAY_SEE_NONE:
-        m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)
-    l_i = l_i * gl.exp2(m_i - m_ref) + gl.sum(gl.exp2(s * qk_scale - m_ref[:, None]), axis=1)
+    # LAZY max: after the first tile, try the tile against the max so far, which needs no max of
+    # the scores (that max and the exponentials that wait on it cost 9% of pass 1: NOTES.md v22).
+    # The sums stay exact, only their reference point lags; the tile is redone with a new max when
+    # a row's sum passes LAZY_LIMIT (a score far above the rows' max so far; inf included) or is
+    # NaN (a row that has seen no key yet: -inf - -inf). One CTA-wide branch per tile and half.
+    lazy = n0 < 0  # False, as a runtime flag like the one below
+    tile_sum = l_i
+    if LAZY:
+        if n0 > 0:
+            tile_sum = gl.sum(gl.exp2(s * qk_scale - m_i[:, None]), axis=1)
+            lazy = gl.min((tile_sum <= _LAZY_LIMIT).to(gl.int32), axis=0) == 1
+    m_new = m_i
+    if lazy:
+        l_i = l_i + tile_sum
+    else:
+        # qk_scale > 0, so the max of the raw scores gives the max of the scaled ones. Without a
+        # key mask every row sees a key in its first tile, so m_new is finite from then on; with
+        # one (MAY_SEE_NONE) a row may have seen none yet, and exp2(-inf - -inf) would be NaN.
+        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+        m_ref = m_new
+        if MAY_SEE_NONE:
+            m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * gl.exp2(m_i - m_ref) + gl.sum(gl.exp2(s * qk_scale - m_ref[:, None]), axis=1)
     return m_new, l_i
 
 
@@ -149,7 +165,7 @@ def _causal_mask(s, a0, b0, causal_offset, COLUMNS: gl.constexpr, layout: gl.con
 @gluon.jit
 def _fold_tile(s, m_i, l_i, col, lse2, t, Sk, qk_scale, a0, b0, causal_offset, keep, drops,
                COLUMNS: gl.constexpr, USE_MAX: gl.constexpr, CAUSAL: gl.constexpr, HAS_KEY_MASK: gl.constexpr,
-               BLOCK_B: gl.constexpr, layout: gl.constexpr, LAST: gl.constexpr):
+               BLOCK_B: gl.constexpr, layout: gl.constexpr, LAST: gl.constexpr, LAZY: gl.constexpr):
     """Fold tile t's scores into the pass's state: (m_i, l_i) for pass 1, col for pass 2. With CAUSAL,
     a0 is the half's first stationary row and b0 the tile's first streamed row (absolute indices).
     The key padding mask (``keep``, ``drops``: `_key_mask`) applies to pass 1 only: pass 2's caller
@@ -162,7 +178,7 @@ def _fold_tile(s, m_i, l_i, col, lse2, t, Sk, qk_scale, a0, b0, causal_offset, k
         if HAS_KEY_MASK:  # keys past Sk are masked too
             s = _key_mask(s, keep, drops, layout)
         m_i, l_i = _lse_tile(s, m_i, l_i, t * BLOCK_B, Sk, qk_scale, BLOCK_B, layout,
-                             LAST and not (CAUSAL or HAS_KEY_MASK), HAS_KEY_MASK)
+                             LAST and not (CAUSAL or HAS_KEY_MASK), HAS_KEY_MASK, LAZY)
     return m_i, l_i, col
 
 
@@ -293,6 +309,9 @@ def _stream_kernel(
     # Descriptors over (B, heads, rows, D) with boxes [1, 1, rows, cols]; the tiles are [rows, cols].
     BLOCK_A: gl.constexpr = a_desc.block_type.shape[2]  # 128: two halves of 64, one wgmma each
     HALF: gl.constexpr = BLOCK_A // 2
+    # Pass 1's lazy max (_lse_tile) loses in FUSED's short loops (8 key tiles at S=1024: a third
+    # CTA per SM spills): B=16 S=1024 D=96 +2.6%, S=4096 +2.3% (NOTES.md v22).
+    LAZY: gl.constexpr = not FUSED
     BLOCK_B: gl.constexpr = b_desc.block_type.shape[2]
     BLOCK_D: gl.constexpr = a_desc.block_type.shape[3]  # the main head-dim block; a2/b2: the tail
     HAS_TAIL: gl.constexpr = a2_desc is not None  # None (a constexpr) when D is a power of two
@@ -430,7 +449,7 @@ def _stream_kernel(
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_lo, ))
         m_lo, l_lo, col_lo = _fold_tile(s, m_lo, l_lo, col_lo, lse2, t, Sk, qk_scale, a0_lo, b_row0 + fold_s,
                                         causal_offset, keep, drops, COLUMNS, USE_MAX, CAUSAL, HAS_KEY_MASK,
-                                        BLOCK_B, layout, False)
+                                        BLOCK_B, layout, False, LAZY)
         acc_lo = _issue(a_lo, a2_lo, b_smem, b2_smem, ready, t + 1, zero, True, STAGES, HAS_TAIL)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_hi, ))
         # Both halves are done with tile t: its buffer takes tile t + STAGES.
@@ -448,7 +467,7 @@ def _stream_kernel(
             lse2_next = gl.load(lse_ptrs + (t + 1) * BLOCK_B)
         m_hi, l_hi, col_hi = _fold_tile(s, m_hi, l_hi, col_hi, lse2, t, Sk, qk_scale, a0_hi, b0_hi, causal_offset,
                                         keep, drops, COLUMNS, USE_MAX, CAUSAL, HAS_KEY_MASK, BLOCK_B,
-                                        layout, False)
+                                        layout, False, LAZY)
         lse2 = lse2_next
         if HAS_KEY_MASK:
             keep = keep_next
@@ -461,7 +480,7 @@ def _stream_kernel(
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_lo, ))
         m_lo, l_lo, col_lo = _fold_tile(s, m_lo, l_lo, col_lo, lse2, t, Sk, qk_scale, a0_lo, b_row0 + fold_s,
                                         causal_offset, keep, drops, COLUMNS, USE_MAX, CAUSAL, HAS_KEY_MASK,
-                                        BLOCK_B, layout, True)
+                                        BLOCK_B, layout, True, LAZY)
         # The buffers the last wgmma reads stay allocated until it is done: after their last issue
         # the allocator would otherwise hand them to the fold's scratch (the key mask's conversion through
         # shared memory), which then overwrote the keys that wgmma was still reading.
@@ -471,7 +490,7 @@ def _stream_kernel(
                        b2_smem.index(t % STAGES), t + STAGES < n_fills, HAS_TAIL)
         m_hi, l_hi, col_hi = _fold_tile(s, m_hi, l_hi, col_hi, lse2, t, Sk, qk_scale, a0_hi, b_row0 + fold_s,
                                         causal_offset, keep, drops, COLUMNS, USE_MAX, CAUSAL, HAS_KEY_MASK,
-                                        BLOCK_B, layout, True)
+                                        BLOCK_B, layout, True, LAZY)
     else:
         warpgroup_mma_wait(num_outstanding=0, deps=(acc_lo, ))
 

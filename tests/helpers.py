@@ -1,5 +1,7 @@
 """Input makers and error measures shared by the tests."""
 
+import math
+
 import torch
 
 from flash_colsum.reference import naive_colsum
@@ -48,3 +50,42 @@ def record_row_block_launches(monkeypatch) -> list:
 
     monkeypatch.setattr(tb, "_launch_row_blocks", spy)
     return launches
+
+
+# Inputs whose scores leave pass 1's lazy max behind (kernels' `_lse_update` / `_lse_tile`): the max so far
+# must be redone, or lags far above or below a block's scores.
+LAZY_MAX_CASES = ["jump", "drop", "huge", "padded-first-keys", "causal-jump"]
+
+
+def lazy_max_inputs(case, b, h, sq, sk, d, dtype, device):
+    """(q, k, key_keep, causal) for one of LAZY_MAX_CASES. "jump": a few keys far into the sequence
+    score ~110 (natural log) above the rest for the first rows, far past the lazy limit's ~64; "drop": the
+    first keys do, so later blocks lag far below the max; "huge": scores with a standard deviation
+    near 60, so the max keeps moving; "padded-first-keys": batch 0's first 60% of keys are dropped,
+    so its rows see no key for several blocks, and batch 1's last ones; "causal-jump": "jump" under
+    a causal mask."""
+    q, k = make_qk(b, h, h, sq, sk, d, torch.float32, device)
+    keep = None
+    boost = (q[:, :, :4].mean(2, keepdim=True) * (110 * 4 * math.sqrt(d) / d)).expand(-1, -1, 3, -1)
+    if case in ("jump", "causal-jump"):
+        k[:, :, sk - sk // 3:sk - sk // 3 + 3] = boost
+    elif case == "drop":
+        k[:, :, :3] = boost
+    elif case == "huge":
+        q, k = q * 10, k * 6
+    elif case == "padded-first-keys":
+        keep = torch.ones(b, sk, dtype=torch.bool, device=device)
+        keep[0, :sk * 6 // 10] = False
+        keep[-1, sk - sk // 4:] = False
+    return q.to(dtype), k.to(dtype), keep, case == "causal-jump"
+
+
+def lse_reference(q, k, scale, causal=False, key_keep=None):
+    """float64 natural-log LSE (B, H, Sq) of scale * q.k with a bottom-right causal mask and key padding."""
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    sq, sk = s.shape[-2:]
+    if causal:
+        s = s.masked_fill(torch.ones(sq, sk, dtype=torch.bool, device=s.device).triu(sk - sq + 1), float("-inf"))
+    if key_keep is not None:
+        s = s.masked_fill(~key_keep[:, None, None, :], float("-inf"))
+    return torch.logsumexp(s, -1)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from flash_colsum import flash_colsum, get_memory_budget, naive_colsum, set_memory_budget
-from helpers import TOLERANCE, make_qk, record_row_block_launches, reference, rel_l2
+from helpers import (LAZY_MAX_CASES, TOLERANCE, lazy_max_inputs, lse_reference, make_qk, record_row_block_launches,
+                     reference, rel_l2)
 from conftest import TARGETS
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -342,3 +343,21 @@ def test_strides_in_16_byte_units(dtype, row_width):
     assert [s * unit for s in strides[:3]] == list(q.stride()[:3]) and strides[3] == 1
     out = flash_colsum(q, k, is_causal=True, backend="triton")
     assert rel_l2(out, reference(q, k, is_causal=True)) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("case", LAZY_MAX_CASES)
+@pytest.mark.parametrize("d", [32, 72])
+def test_row_lse_on_far_apart_scores(case, d):
+    """The portable pass 1, the reference of the Hopper one and its lazy max (tests/test_hopper.py), on
+    scores that jump far above the max so far, lag far below it, keep moving, or stay unseen for whole
+    key blocks: the LSE against float64."""
+    from flash_colsum import triton_backend as tb
+    from flash_colsum.utils import make_problem
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, keep, causal = lazy_max_inputs(case, 2, 2, 24, 300, d, torch.float32, device)
+    p = make_problem(q, k, None, causal, "triton")
+    lse = tb.row_lse(q, k, p, key_keep=keep)
+    ref = lse_reference(q, k, p.scale, causal, keep)
+    assert torch.isfinite(lse).all()
+    assert rel_l2(lse, ref) <= 1e-6

@@ -16,7 +16,7 @@ from flash_colsum import column_stats, flash_colsum
 from flash_colsum import triton_backend as tb
 from flash_colsum.reference import reference_column_stats
 from flash_colsum.utils import make_problem
-from helpers import TOLERANCE, make_qk, reference, rel_l2
+from helpers import LAZY_MAX_CASES, TOLERANCE, lazy_max_inputs, lse_reference, make_qk, reference, rel_l2
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 hopper_gpu = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU (Gluon does not run in the interpreter)")
@@ -385,6 +385,26 @@ def test_fast_paths_switch_off(monkeypatch):
     monkeypatch.setenv("FLASH_COLSUM_FAST_PATHS", "0")
     assert tb._fast_path(q, k, p, range(p.row_start, p.row_end)) is None
 
+
+@hopper_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("d", [64, 72, 128])
+@pytest.mark.parametrize("case", LAZY_MAX_CASES)
+def test_lazy_max_matches_reference(case, d, dtype):
+    """Pass 1's lazy max (`_lse_tile`) on scores that jump far above the max so far, lag far below it,
+    keep moving, or stay unseen for whole tiles: the LSE against float64 and the portable kernel, and
+    the column sums of pass 2 on that LSE (25 key tiles; FUSED keeps the exact update)."""
+    q, k, keep, causal = lazy_max_inputs(case, 2, 3, 300, 3200, d, dtype, "cuda")
+    p = make_problem(q, k, None, causal, "triton")
+    lse = hopper.row_lse(q, k, p, key_keep=keep)
+    ref = lse_reference(q, k, p.scale, causal, keep)
+    assert torch.isfinite(lse).all()
+    assert rel_l2(lse, ref) <= 1e-6
+    assert rel_l2(lse, tb.row_lse(q, k, p, key_keep=keep)) <= 1e-6
+    if keep is None:
+        out = hopper.col_reduce(q, k, lse, p, 1, use_max=False)
+        weights = torch.exp(_scores(q, k, p.scale, range(300), causal) - ref.cpu()[..., None])
+        assert rel_l2(out, weights.sum(2)) <= 1e-5
 
 def _inspect_ptx(*args: str) -> str:
     """stdout of `python -m benchmarks.inspect_ptx ARGS` in a fresh process: compiling for sm_90
