@@ -65,9 +65,12 @@ _LOG2E = gl.constexpr(LOG2E)
 @gluon.jit
 def _lse_tile(s, m_i, l_i, n0, n_valid, qk_scale, BLOCK_B: gl.constexpr, layout: gl.constexpr,
               LAST: gl.constexpr, MAY_SEE_NONE: gl.constexpr, LAZY: gl.constexpr):
-    """Fold one [BLOCK_A, BLOCK_B] tile of raw scores into the rows' running (max, sum), base 2.
-    Only the LAST tile can run past the key range: the others skip the mask, which ptxas would
-    otherwise turn into selects on every tile (128 FSEL per thread and tile at D=64)."""
+    """Fold one [BLOCK_A, BLOCK_B] tile of raw scores (keys n0 onwards) into the rows' running
+    (max, sum), base 2: l_i = sum over the keys so far of exp2(qk_scale * s - m_i), where with LAZY
+    m_i is a lower bound of the rows' max rather than the max itself (only the reference point
+    lags; the LSE m_i + log2(l_i) is the same). Only the LAST tile can run past the key range: the
+    others skip the mask, which ptxas would otherwise turn into selects on every tile (128 FSEL per
+    thread and tile at D=64)."""
     if LAST and n0 + BLOCK_B > n_valid:  # the rows past the key range belong to the next head
         offs_n = n0 + gl.arange(0, BLOCK_B, layout=gl.SliceLayout(0, layout))
         s = gl.where(offs_n[None, :] < n_valid, s, float("-inf"))
