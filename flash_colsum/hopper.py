@@ -312,8 +312,9 @@ def _stream_kernel(
     # Descriptors over (B, heads, rows, D) with boxes [1, 1, rows, cols]; the tiles are [rows, cols].
     BLOCK_A: gl.constexpr = a_desc.block_type.shape[2]  # 128: two halves of 64, one wgmma each
     HALF: gl.constexpr = BLOCK_A // 2
-    # Pass 1's lazy max (_lse_tile) loses in FUSED's short loops (8 key tiles at S=1024: a third
-    # CTA per SM spills): B=16 S=1024 D=96 +2.6%, S=4096 +2.3% (NOTES.md v22).
+    # Pass 1's lazy max (_lse_tile) is off in FUSED: its loops are short (8 key tiles at S=1024, the
+    # first exact anyway), it gained nothing there (0.99-1.03, noise) and spilled more under the
+    # register cap (28 bytes instead of 12 at D=64, Triton 3.6; NOTES.md v22).
     LAZY: gl.constexpr = not FUSED
     BLOCK_B: gl.constexpr = b_desc.block_type.shape[2]
     BLOCK_D: gl.constexpr = a_desc.block_type.shape[3]  # the main head-dim block; a2/b2: the tail

@@ -52,8 +52,8 @@ def record_row_block_launches(monkeypatch) -> list:
     return launches
 
 
-# Inputs whose scores leave pass 1's lazy max behind (kernels' `_lse_update` / `_lse_tile`): the max so far
-# must be redone, or lags far above or below a block's scores.
+# Inputs whose scores leave pass 1's lazy max (hopper._lse_tile) behind: a tile must be redone with a
+# new max, or the max so far lags far above a block's scores, or a row has seen no key yet.
 LAZY_MAX_CASES = ["jump", "drop", "huge", "padded-first-keys", "causal-jump"]
 
 
