@@ -358,6 +358,6 @@ def test_row_lse_on_far_apart_scores(case, d):
     q, k, keep, causal = lazy_max_inputs(case, 2, 2, 24, 300, d, torch.float32, device)
     p = make_problem(q, k, None, causal, "triton")
     lse = tb.row_lse(q, k, p, key_keep=keep)
-    ref = lse_reference(q, k, p.scale, causal, keep)
+    ref = lse_reference(q, k, p.scale, causal=causal, key_keep=keep)
     assert torch.isfinite(lse).all()
     assert rel_l2(lse, ref) <= 1e-6

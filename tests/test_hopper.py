@@ -16,7 +16,8 @@ from flash_colsum import column_stats, flash_colsum
 from flash_colsum import triton_backend as tb
 from flash_colsum.reference import reference_column_stats
 from flash_colsum.utils import make_problem
-from helpers import LAZY_MAX_CASES, TOLERANCE, lazy_max_inputs, lse_reference, make_qk, reference, rel_l2
+from helpers import (LAZY_MAX_CASES, TOLERANCE, lazy_max_inputs, lse_reference, make_qk, reference, rel_l2,
+                     scores_reference)
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 hopper_gpu = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU (Gluon does not run in the interpreter)")
@@ -45,23 +46,8 @@ SHAPES = [
 ]
 
 
-def _scores(q, k, scale, rows, causal=False):
-    """scale * Q K^T in float64 for the selected rows, query head h against key head h // G; -inf
-    where the bottom-right causal mask hides key j from row i (j > i + Sk - Sq)."""
-    k = k.cpu().double().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    s = scale * torch.einsum("bhqd,bhkd->bhqk", q[:, :, rows].cpu().double(), k)
-    if causal:
-        hidden = torch.arange(k.shape[2])[None, :] > torch.tensor(rows)[:, None] + k.shape[2] - q.shape[2]
-        s = s.masked_fill(hidden, float("-inf"))
-    return s
-
-
-def _lse_reference(q, k, scale, rows, causal=False):
-    return torch.logsumexp(_scores(q, k, scale, rows, causal), dim=-1)
-
-
 def _col_reference(q, k, lse, scale, rows, heads_per_chunk, use_max, causal=False):
-    w = torch.exp(_scores(q, k, scale, rows, causal) - lse.cpu().double()[..., None])
+    w = torch.exp(scores_reference(q, k, scale, rows, causal) - lse.cpu().double()[..., None])
     b, h, _, sk = w.shape
     w = w.reshape(b, h // heads_per_chunk, heads_per_chunk * w.shape[2], sk)
     return w.amax(dim=2) if use_max else w.sum(dim=2)
@@ -97,7 +83,7 @@ def test_passes_match_reference(b, h, hk, sq, sk, causal, d, dtype, rows):
         assert hopper.supports(q, k, p, "columns") == (d not in hopper.CAUSAL_COLUMNS_SLOWER)
     selected = range(p.row_start, p.row_end)
     lse = hopper.row_lse(q, k, p)
-    lse_ref = _lse_reference(q, k, p.scale, selected, causal)
+    lse_ref = lse_reference(q, k, p.scale, selected, causal)
     assert rel_l2(lse, lse_ref) <= 1e-6, "pass 1"
     for heads_per_chunk in sorted({1, p.group}):
         for use_max in (False, True):
@@ -121,7 +107,7 @@ def test_fused_matches_reference(b, h, hk, sq, sk, d, dtype, rows):
     if rows == "window":
         p = p.with_rows(5, sq - 7)
     selected = range(p.row_start, p.row_end)
-    lse_ref = _lse_reference(q, k, p.scale, selected)
+    lse_ref = lse_reference(q, k, p.scale, selected)
     n_blocks = -(-p.n_rows // hopper.BLOCK_ROWS)
     for use_max in (False, True):
         parts = hopper.fused_columns(q, k, p, use_max, divisor=3.0)
@@ -169,10 +155,6 @@ def _key_keep(kind, b, sk):
     return keep.cuda()
 
 
-def _masked_scores(q, k, scale, rows, keep, causal=False):
-    return _scores(q, k, scale, rows, causal).masked_fill(~keep.cpu()[:, None, None, :], float("-inf"))
-
-
 @hopper_gpu
 @pytest.mark.parametrize("d,dtype", DIMS[:5], ids=[f"d{d}-{str(t)[6:]}" for d, t in DIMS[:5]])
 @pytest.mark.parametrize("b,h,hk,sq,sk", [(2, 4, 2, 300, 129), (2, 3, 3, 640, 2048), (2, 2, 1, 100, 50)])
@@ -188,7 +170,7 @@ def test_key_padding_mask_in_pass_1_and_fused(b, h, hk, sq, sk, d, dtype, kind, 
     keep = _key_keep(kind, b, sk)
     p = make_problem(q, k, None, causal, "triton").with_rows(3, sq - 5)
     selected = range(p.row_start, p.row_end)
-    lse_ref = torch.logsumexp(_masked_scores(q, k, p.scale, selected, keep, causal), dim=-1)
+    lse_ref = lse_reference(q, k, p.scale, selected, causal, keep)
     lse_ref = lse_ref.masked_fill(torch.isneginf(lse_ref), float("inf"))
     lse = hopper.row_lse(q, k, p, keep)
     empty = torch.isinf(lse_ref)
@@ -204,7 +186,7 @@ def test_key_padding_mask_in_pass_1_and_fused(b, h, hk, sq, sk, d, dtype, kind, 
         parts = hopper.fused_columns(q, k, p, use_max, 2.0, keep).masked_fill(~keep[:, None, None, :], 0.0)
         for block in range(n_blocks):
             block_rows = selected[block * hopper.BLOCK_ROWS:(block + 1) * hopper.BLOCK_ROWS]
-            w = torch.exp(_masked_scores(q, k, p.scale, block_rows, keep)
+            w = torch.exp(scores_reference(q, k, p.scale, block_rows, key_keep=keep)
                           - lse_ref[:, :, block * hopper.BLOCK_ROWS:][:, :, :len(block_rows), None])
             ref = (w.amax(dim=2) if use_max else w.sum(dim=2)) / 2.0
             assert rel_l2(parts[:, :, block], ref) <= 1e-5, f"row block {block}, max={use_max}"
@@ -275,7 +257,7 @@ def test_strided_inputs_read_in_place(layout, b, h, hk, sq, sk, d, dtype):
     lse = hopper.row_lse(q, k, p)
     assert torch.equal(lse, hopper.row_lse(qc, kc, p))
     selected = range(p.row_start, p.row_end)
-    assert rel_l2(lse, _lse_reference(q, k, p.scale, selected)) <= 1e-6
+    assert rel_l2(lse, lse_reference(q, k, p.scale, selected)) <= 1e-6
     for use_max in (False, True):
         out = hopper.col_reduce(q, k, lse, p, p.group, use_max)
         assert torch.equal(out, hopper.col_reduce(qc, kc, lse, p, p.group, use_max))
@@ -397,13 +379,13 @@ def test_lazy_max_matches_reference(case, d, dtype):
     q, k, keep, causal = lazy_max_inputs(case, 2, 3, 300, 3200, d, dtype, "cuda")
     p = make_problem(q, k, None, causal, "triton")
     lse = hopper.row_lse(q, k, p, key_keep=keep)
-    ref = lse_reference(q, k, p.scale, causal, keep)
+    ref = lse_reference(q, k, p.scale, causal=causal, key_keep=keep)
     assert torch.isfinite(lse).all()
     assert rel_l2(lse, ref) <= 1e-6
     assert rel_l2(lse, tb.row_lse(q, k, p, key_keep=keep)) <= 1e-6
     if keep is None:
         out = hopper.col_reduce(q, k, lse, p, 1, use_max=False)
-        weights = torch.exp(_scores(q, k, p.scale, range(300), causal) - ref.cpu()[..., None])
+        weights = torch.exp(scores_reference(q, k, p.scale, causal=causal) - ref[..., None])
         assert rel_l2(out, weights.sum(2)) <= 1e-5
 
 def _inspect_ptx(*args: str) -> str:
