@@ -48,7 +48,8 @@ def compile_row_blocks(d: int, unit: int, columns: bool):
         fn=kernel, signature=signature, constexprs={(names.index(n),): v for n, v in values.items()},
         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in POINTERS},  # torch allocations are aligned
     )
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=4, num_stages=3, enable_fp_fusion=True))  # as utils.launch
 
 
 def compile_gluon(d: int, columns: bool, fused: bool = False, causal: bool = False, key_mask: bool = False):
@@ -86,7 +87,9 @@ def compile_gluon(d: int, columns: bool, fused: bool = False, causal: bool = Fal
     source = GluonASTSource(fn=kernel, signature=signature,
                             constexprs={(names.index(n),): v for n, v in values.items()},
                             attrs={(names.index(n),): [["tt.divisibility", 16]] for n in ("LSE", "OUT")})
-    options = dict(num_warps=4) if maxnreg is None else dict(num_warps=4, maxnreg=maxnreg)
+    options = dict(num_warps=4, enable_fp_fusion=True)  # as utils.launch
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
