@@ -595,7 +595,7 @@ def _split_kernel(dtypes: tuple, classes: tuple, floats: list, meta: dict):
     """The row-stationary kernel compiled, not launched, with SPLIT=True for a specialization: Q's,
     K's and the key mask's dtypes, the integers' classes (`_int_class`), the constexprs but SPLIT."""
     return _row_block_kernel.warmup(*dtypes, torch.float32, torch.float32, torch.float32, *classes, *floats,
-                                    SPLIT=True, grid=(1,), **meta)
+                                    SPLIT=True, grid=(1,), enable_fp_fusion=True, **meta)  # as utils.launch
 
 
 def _resident_programs(kernel, device: torch.device) -> int:

@@ -325,7 +325,9 @@ def launch(kernel, grid: tuple, *args, **meta):
         compiled, constexprs = entry
         compiled[grid + (1,) * (3 - len(grid))](*args, *constexprs)
         return
-    compiled = kernel[grid](*args, **meta)
+    # FFMA contraction pinned on: Triton 3.9 warns its default turns off in 3.10, and the kernels'
+    # scale-and-subtract before each exp2 is written to fuse into one instruction.
+    compiled = kernel[grid](*args, enable_fp_fusion=True, **meta)
     if not hasattr(compiled, "packed_metadata"):  # not a CompiledKernel (Triton 3.x): the interpreter's None
         return
     names = kernel.arg_names[len(args):]  # the compiled launcher takes every parameter in order

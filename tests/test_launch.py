@@ -46,6 +46,8 @@ def test_repeated_call_takes_the_compiled_kernel_with_every_parameter_in_order()
     utils.launch(kernel, (4,), x, 128, 0.5, BLOCK=32, FLAG=True, num_warps=4)
     utils.launch(kernel, (4,), x, 128, 0.5, BLOCK=32, FLAG=True, num_warps=4)
     assert paths(kernel) == ["jit", "compiled"]
+    # FFMA contraction is asked for explicitly (Triton 3.10 turns its default off).
+    assert kernel.log[0][3] == dict(enable_fp_fusion=True, BLOCK=32, FLAG=True, num_warps=4)
     # Constexprs follow the arguments in signature order; launch options are baked in; grid padded to 3-D.
     assert kernel.log[1] == ("compiled", (4, 1, 1), (x, 128, 0.5, 32, True))
     # Another tensor with the same dtype and alignment specializes alike, whatever its address.
