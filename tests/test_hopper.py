@@ -397,7 +397,8 @@ def _inspect_ptx(*args: str) -> str:
                           capture_output=True, text=True, check=True).stdout
 
 
-@pytest.mark.parametrize("d,mode", [(64, "lse"), (64, "columns"), (72, "lse"), (80, "columns"), (128, "columns"),
+@pytest.mark.parametrize("d,mode", [(64, "lse"), (64, "columns"), (72, "lse"), (80, "columns"), (128, "lse"),
+                                    (128, "lse key-mask"), (128, "columns"),
                                     (64, "fused"), (32, "fused"), (96, "fused"), (128, "fused"),  # pass 2 above D=64: A in registers
                                     (64, "lse causal"), (64, "columns causal"), (72, "columns causal"), (128, "lse causal"),
                                     (128, "columns causal"), (64, "lse key-mask"), (128, "lse causal key-mask"),
