@@ -204,6 +204,12 @@ def median_ms(fn, device: str, budget_s: float = 0.3) -> float:
     return statistics.median(times)
 
 
+def error_note(e: Exception) -> str:
+    """A failed method's note: the exception's type and the first line of its message."""
+    first_line = str(e).strip().split("\n")[0]
+    return f"{type(e).__name__}: {first_line}"[:100] if first_line else type(e).__name__
+
+
 def measure(pt: Point, methods: dict, device: str, mem_limit: int, ceilings=None, tick=print) -> list[dict]:
     """One row per method at `pt`; a method that fails gets its exception type in `note`, not a crash."""
     rows = []
@@ -223,8 +229,7 @@ def measure(pt: Point, methods: dict, device: str, mem_limit: int, ceilings=None
         except torch.OutOfMemoryError:
             row["note"] = "OOM"
         except Exception as e:  # noqa: BLE001  (unsupported points of the baselines)
-            first_line = str(e).strip().split("\n")[0]
-            row["note"] = f"{type(e).__name__}: {first_line}"[:100] if first_line else type(e).__name__
+            row["note"] = error_note(e)
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()

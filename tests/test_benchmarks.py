@@ -86,3 +86,43 @@ def test_power_sample_parsing():
     assert parse_sample("1815 MHz, 705.14 W, 0x0000000000000004") == (1815.0, 705.14, ["sw_power_cap"])
     assert parse_sample("1980 MHz, 579.0 W, 0x0000000000000000") == (1980.0, 579.0, [])
     assert parse_sample(" 1560 MHz , 701 W , 0x0000000000000024") == (1560.0, 701.0, ["sw_power_cap", "sw_thermal"])
+
+
+def test_interleaved_ratios_pair_calls_of_one_iteration():
+    from benchmarks.interleave import ratio_summary
+
+    # b is 2x a call by call, although its median alone (4.0) is not 2x a's (3.0).
+    rows = ratio_summary({"a": [1.0, 3.0, 5.0, 2.0, 4.0], "b": [2.0, 6.0, 10.0, 4.0, 8.0]})
+    assert [r["method"] for r in rows] == ["a", "b"]
+    assert rows[0]["ratio_median"] == rows[0]["ratio_p10"] == rows[0]["ratio_p90"] == 1.0
+    assert rows[1]["median_ms"] == 6.0 and rows[1]["ratio_median"] == 2.0 and rows[1]["calls"] == 5
+    mixed = ratio_summary({"a": [1.0, 1.0, 1.0], "b": [3.0, 1.0, 2.0]})[1]
+    assert (mixed["ratio_p10"], mixed["ratio_median"], mixed["ratio_p90"]) == (1.0, 2.0, 3.0)
+    with pytest.raises(ValueError, match="b has 2 calls"):
+        ratio_summary({"a": [1.0, 2.0, 3.0], "b": [1.0, 2.0]})
+
+
+def test_interleaved_calls_rotate_their_order():
+    from benchmarks.interleave import interleaved_times
+
+    log = []
+    calls = {name: (lambda name=name: log.append(name)) for name in "abc"}
+    times = interleaved_times(calls, iters=4, device="cpu", warmup=1)
+    assert log[:3] == ["a", "b", "c"]  # the warm-up
+    assert log[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+    assert {name: len(ts) for name, ts in times.items()} == {"a": 4, "b": 4, "c": 4}
+
+
+def test_interleave_cli_on_the_cpu(tmp_path):
+    from benchmarks.interleave import main as interleave
+
+    rows = interleave(["--sweep", "noncausal_batched", "--device", "cpu", "--iters", "2", "--out", str(tmp_path)])
+    with (tmp_path / "interleave_noncausal_batched_cpu.csv").open() as f:
+        written = list(csv.DictReader(f))
+    assert len(written) == len(rows) == 6  # three points, flash_colsum and sdpa at each
+    assert all(float(r["median_ms"]) > 0 for r in written)
+    assert {float(r["ratio_median"]) for r in written if r["method"] == "flash_colsum"} == {1.0}
+    with pytest.raises(SystemExit):
+        interleave(["--device", "cpu", "--methods", "flash_colsum,nope", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        interleave(["--device", "cpu", "--iters", "0", "--out", str(tmp_path)])
