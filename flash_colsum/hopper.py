@@ -238,102 +238,59 @@ def _issue_keys(q_op, q2_op, k_smem, k2_smem, ready, t, start, zero, WAIT: gl.co
 
 
 @gluon.jit
-def _columns(s, lse2, qk_scale, USE_MAX: gl.constexpr):
-    """The column sums (maxima) of one [keys, rows] tile of raw scores; lse2 is the rows' base-2 LSE
-    (+inf past the selection: weight 0)."""
+def _store_columns(s, lse2, out_base, stride_on, n0, Sk, qk_scale, out_scale, USE_MAX: gl.constexpr,
+                   HALF: gl.constexpr, layout: gl.constexpr):
+    """Store the column sums (maxima) of one [keys, rows] tile of raw scores, keys n0 onwards; lse2
+    is the rows' base-2 LSE (+inf past the selection: weight 0). Keys past Sk are dropped."""
     # Not _col_tile from zeros: adding the zeros costs an FADD per key and half (0.3% at B=8 S=1024, NOTES.md v16).
     p = gl.exp2(s * qk_scale - lse2[None, :])
     if USE_MAX:
-        return gl.max(p, axis=1)
-    return gl.sum(p, axis=1)
-
-
-@gluon.jit
-def _store_columns(col, out_base, stride_on, n0, Sk, out_scale, KEYS: gl.constexpr, layout: gl.constexpr):
-    """Store the column sums (maxima) of KEYS keys from n0 on; keys past Sk are dropped."""
-    offs_n = n0 + gl.arange(0, KEYS, layout=gl.SliceLayout(1, layout))
+        col = gl.max(p, axis=1)
+    else:
+        col = gl.sum(p, axis=1)
+    offs_n = n0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, layout))
     gl.store(out_base + offs_n * stride_on, col * out_scale, mask=offs_n < Sk)
 
 
 @gluon.jit
-def _fused_columns(q_smem, q2_smem, k_smem, k2_smem, ready, lse_smem, out_base, stride_on, n_tiles, Sk, qk_scale,
+def _fused_columns(q_smem, q2_smem, k_smem, k2_smem, ready, lse2, out_base, stride_on, n_tiles, Sk, qk_scale,
                    out_scale, USE_MAX: gl.constexpr, STAGES: gl.constexpr, HAS_TAIL: gl.constexpr,
-                   BLOCK_A: gl.constexpr, BLOCK_B: gl.constexpr, k_desc, k2_desc, k_batch, k_head):
+                   BLOCK_A: gl.constexpr, BLOCK_B: gl.constexpr, layout: gl.constexpr, k_desc, k2_desc, k_batch, k_head):
     """FUSED's second phase: the n_tiles key tiles stream through the ring again (tiles n_tiles ...
-    2 * n_tiles - 1 of it, the first STAGES already in flight), each as two steps of one wgmma:
-    - 128-key tiles: two 64-key halves against all stationary rows, [64, D] @ [D, BLOCK_A], each
-      half storing its keys' column sums (maxima);
-    - 64-key tiles (SPLIT_ROWS): the whole tile against each 64-row half of the stationary rows,
-      [64, D] @ [D, 64], the two halves' columns combined before one store. Each accumulator is
-      then half as large, which lets four CTAs share an SM instead of three.
-    lse_smem holds the stationary rows' base-2 LSE (+inf past the selection)."""
-    SPLIT_ROWS: gl.constexpr = BLOCK_B == BLOCK_A // 2
-    KEYS: gl.constexpr = BLOCK_B if SPLIT_ROWS else BLOCK_B // 2  # keys per wgmma
-    ROWS: gl.constexpr = BLOCK_A // 2 if SPLIT_ROWS else BLOCK_A  # stationary rows per wgmma
-    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
-                                                     instr_shape=[16, ROWS, 16])
-    lse_layout: gl.constexpr = gl.SliceLayout(0, layout)
-    # Step 0 (lo) and step 1 (hi) of each tile: their stationary operands, LSE and first key.
-    if SPLIT_ROWS:
-        q_lo = q_smem.slice(0, ROWS).permute((1, 0))  # [D, 64]
-        q_hi = q_smem.slice(ROWS, ROWS).permute((1, 0))
-        q2_lo = q2_smem.slice(0, ROWS).permute((1, 0))
-        q2_hi = q2_smem.slice(ROWS, ROWS).permute((1, 0))
-        lse2_lo = lse_smem.slice(0, ROWS).load(lse_layout)
-        lse2_hi = lse_smem.slice(ROWS, ROWS).load(lse_layout)
-        start_hi: gl.constexpr = 0
-    else:
-        q_lo = q_smem.permute((1, 0))  # [D, BLOCK_A]
-        q_hi = q_lo
-        q2_lo = q2_smem.permute((1, 0))
-        q2_hi = q2_lo
-        lse2_lo = lse_smem.load(lse_layout)
-        lse2_hi = lse2_lo
-        start_hi: gl.constexpr = KEYS
-    zero = gl.zeros([KEYS, ROWS], gl.float32, layout=layout)
-    # As in the first phase: each step is issued one step ahead of its exponentials, and a tile's
-    # buffer is refilled once both its steps are done.
-    acc_lo = _issue_keys(q_lo, q2_lo, k_smem, k2_smem, ready, n_tiles, 0, zero, True, STAGES, HAS_TAIL, KEYS)
+    2 * n_tiles - 1 of it, the first STAGES already in flight), each as two 64-key halves against the
+    stationary rows, [64, D] @ [D, BLOCK_A]; each half's column sums (maxima) go to out_base."""
+    HALF: gl.constexpr = BLOCK_B // 2
+    q_op = q_smem.permute((1, 0))  # [D, BLOCK_A]
+    q2_op = q2_smem.permute((1, 0))
+    zero = gl.zeros([HALF, BLOCK_A], gl.float32, layout=layout)
+    # As in the first phase: each half is issued one step ahead of its exponentials, and a tile's
+    # buffer is refilled once both its halves are done.
+    acc_lo = _issue_keys(q_op, q2_op, k_smem, k2_smem, ready, n_tiles, 0, zero, True, STAGES, HAS_TAIL, HALF)
     for t in range(n_tiles - 1):
-        acc_hi = _issue_keys(q_hi, q2_hi, k_smem, k2_smem, ready, n_tiles + t, start_hi, zero, False, STAGES,
-                             HAS_TAIL, KEYS)
+        acc_hi = _issue_keys(q_op, q2_op, k_smem, k2_smem, ready, n_tiles + t, HALF, zero, False, STAGES, HAS_TAIL,
+                             HALF)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_lo, ))
-        col_lo = _columns(s, lse2_lo, qk_scale, USE_MAX)
-        if not SPLIT_ROWS:
-            _store_columns(col_lo, out_base, stride_on, t * BLOCK_B, Sk, out_scale, KEYS, layout)
-        acc_lo = _issue_keys(q_lo, q2_lo, k_smem, k2_smem, ready, n_tiles + t + 1, 0, zero, True, STAGES, HAS_TAIL,
-                             KEYS)
+        _store_columns(s, lse2, out_base, stride_on, t * BLOCK_B, Sk, qk_scale, out_scale, USE_MAX, HALF, layout)
+        acc_lo = _issue_keys(q_op, q2_op, k_smem, k2_smem, ready, n_tiles + t + 1, 0, zero, True, STAGES, HAS_TAIL,
+                             HALF)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_hi, ))
         slot = (n_tiles + t) % STAGES
         _load_rows(k_desc, k2_desc, k_batch, k_head, (t + STAGES) * BLOCK_B, ready.index(slot), k_smem.index(slot),
                    k2_smem.index(slot), t + STAGES < n_tiles, HAS_TAIL)
-        col_hi = _columns(s, lse2_hi, qk_scale, USE_MAX)
-        if SPLIT_ROWS:
-            col_hi = _combine(col_lo, col_hi, USE_MAX)
-        _store_columns(col_hi, out_base, stride_on, t * BLOCK_B + start_hi, Sk, out_scale, KEYS, layout)
+        _store_columns(s, lse2, out_base, stride_on, t * BLOCK_B + HALF, Sk, qk_scale, out_scale, USE_MAX, HALF,
+                       layout)
     t = n_tiles - 1
     if t >= 0:  # always; the else branch keeps ptxas from serializing the wgmmas (see _stream_kernel)
-        acc_hi = _issue_keys(q_hi, q2_hi, k_smem, k2_smem, ready, n_tiles + t, start_hi, zero, False, STAGES,
-                             HAS_TAIL, KEYS)
+        acc_hi = _issue_keys(q_op, q2_op, k_smem, k2_smem, ready, n_tiles + t, HALF, zero, False, STAGES, HAS_TAIL,
+                             HALF)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_lo, ))
-        col_lo = _columns(s, lse2_lo, qk_scale, USE_MAX)
-        if not SPLIT_ROWS:
-            _store_columns(col_lo, out_base, stride_on, t * BLOCK_B, Sk, out_scale, KEYS, layout)
+        _store_columns(s, lse2, out_base, stride_on, t * BLOCK_B, Sk, qk_scale, out_scale, USE_MAX, HALF, layout)
         # As in _stream_kernel: the buffers stay allocated until the last wgmma is done with them.
         s = warpgroup_mma_wait(num_outstanding=0, deps=(acc_hi, q_smem, q2_smem, k_smem, k2_smem))[0]
-        col_hi = _columns(s, lse2_hi, qk_scale, USE_MAX)
-        if SPLIT_ROWS:
-            col_hi = _combine(col_lo, col_hi, USE_MAX)
-        _store_columns(col_hi, out_base, stride_on, t * BLOCK_B + start_hi, Sk, out_scale, KEYS, layout)
+        _store_columns(s, lse2, out_base, stride_on, t * BLOCK_B + HALF, Sk, qk_scale, out_scale, USE_MAX, HALF,
+                       layout)
     else:
         warpgroup_mma_wait(num_outstanding=0, deps=(acc_lo, ))
-
-
-@gluon.jit
-def _combine(col_a, col_b, USE_MAX: gl.constexpr):
-    if USE_MAX:
-        return gl.maximum(col_a, col_b)
-    return col_a + col_b
 
 
 @gluon.jit
@@ -552,14 +509,17 @@ def _stream_kernel(
     if FUSED:
         # The rows' base-2 LSE, +inf (weight 0) past the selection, moved through shared memory from
         # one value per stationary row of each half to one per column of the second phase's tiles.
+        keys_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                              instr_shape=[16, BLOCK_A, 16])
         lse_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_A], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         lse_smem.slice(0, HALF).store(gl.where(row_start + offs_lo < row_end, _lse2(m_lo, l_lo, HAS_KEY_MASK),
                                                float("inf")))
         lse_smem.slice(HALF, HALF).store(gl.where(row_start + offs_hi < row_end, _lse2(m_hi, l_hi, HAS_KEY_MASK),
                                                   float("inf")))
         _cta_barrier()
-        _fused_columns(a_smem, a2_smem, b_smem, b2_smem, ready, lse_smem, OUT + pid.to(gl.int64) * stride_ob,
-                       stride_on, n_tiles, Sk, qk_scale, out_scale, USE_MAX, STAGES, HAS_TAIL, BLOCK_A, BLOCK_B,
+        lse2 = lse_smem.load(gl.SliceLayout(0, keys_layout))
+        _fused_columns(a_smem, a2_smem, b_smem, b2_smem, ready, lse2, OUT + pid.to(gl.int64) * stride_ob, stride_on,
+                       n_tiles, Sk, qk_scale, out_scale, USE_MAX, STAGES, HAS_TAIL, BLOCK_A, BLOCK_B, keys_layout,
                        b_desc, b2_desc, b, b_head0)
     mbarrier.invalidate(a_bar)
     for i in gl.static_range(STAGES):

@@ -94,20 +94,14 @@ def test_passes_match_reference(b, h, hk, sq, sk, causal, d, dtype, rows):
             assert rel_l2(out, portable) <= 1e-5, "pass 2 against the portable kernel"
 
 
-# The fused launch's key tiles: 128 keys (the second phase splits each tile's keys in halves) and 64
-# (it splits the stationary rows instead); 2 stages each.
-FUSED_TILES = {"keys128": (128, 2, None), "keys64": (64, 2, None)}
-
-
 @hopper_gpu
 @pytest.mark.parametrize("d,dtype", DIMS, ids=[f"d{d}-{str(t)[6:]}" for d, t in DIMS])
 @pytest.mark.parametrize("b,h,hk,sq,sk", SHAPES + [(2, 2, 1, 100, 50)])  # and a single partial key tile
 @pytest.mark.parametrize("rows", ["all", "window"])
-@pytest.mark.parametrize("tiles", FUSED_TILES)
-def test_fused_matches_reference(b, h, hk, sq, sk, d, dtype, rows, tiles):
-    """Both passes in one launch, with either key tile: each row block's column sums (maxima), against
-    float64 and against the two Hopper passes. Every plane is checked, so a row block or key tile
-    left unwritten (NaN from the poisoned allocation) fails."""
+def test_fused_matches_reference(b, h, hk, sq, sk, d, dtype, rows):
+    """Both passes in one launch: each row block's column sums (maxima), against float64 and against
+    the two Hopper passes. Every plane is checked, so a row block or key tile left unwritten (NaN
+    from the poisoned allocation) fails."""
     q, k = make_qk(b, h, hk, sq, sk, d, dtype, "cuda")
     p = make_problem(q, k, None, False, "triton")
     if rows == "window":
@@ -116,7 +110,7 @@ def test_fused_matches_reference(b, h, hk, sq, sk, d, dtype, rows, tiles):
     lse_ref = lse_reference(q, k, p.scale, selected)
     n_blocks = -(-p.n_rows // hopper.BLOCK_ROWS)
     for use_max in (False, True):
-        parts = hopper.fused_columns(q, k, p, use_max, divisor=3.0, config=FUSED_TILES[tiles])
+        parts = hopper.fused_columns(q, k, p, use_max, divisor=3.0)
         assert parts.shape == (b, h, n_blocks, sk)
         for block in range(n_blocks):  # each plane: the block's own rows
             block_rows = selected[block * hopper.BLOCK_ROWS:(block + 1) * hopper.BLOCK_ROWS]
@@ -166,15 +160,12 @@ def _key_keep(kind, b, sk):
 @pytest.mark.parametrize("b,h,hk,sq,sk", [(2, 4, 2, 300, 129), (2, 3, 3, 640, 2048), (2, 2, 1, 100, 50)])
 @pytest.mark.parametrize("kind", ["left_padding", "holes", "one_row_empty"])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("tiles", FUSED_TILES)
-def test_key_padding_mask_in_pass_1_and_fused(b, h, hk, sq, sk, d, dtype, kind, causal, tiles):
+def test_key_padding_mask_in_pass_1_and_fused(b, h, hk, sq, sk, d, dtype, kind, causal):
     """Pass 1 and the fused launch drop masked keys from every softmax: each row's LSE over its kept
     keys (+inf where it keeps none) and the fused column sums of the kept keys, against float64;
     pass 1 also against the portable kernel. Dropped keys' columns are the caller's to zero."""
     if causal and sq > sk:
         pytest.skip("the Hopper path takes causal calls with Sq <= Sk only")
-    if causal and tiles != "keys128":
-        pytest.skip("causal calls are not fused: the tiles apply to the fused launch only")
     q, k = make_qk(b, h, hk, sq, sk, d, dtype, "cuda")
     keep = _key_keep(kind, b, sk)
     p = make_problem(q, k, None, causal, "triton").with_rows(3, sq - 5)
@@ -192,8 +183,7 @@ def test_key_padding_mask_in_pass_1_and_fused(b, h, hk, sq, sk, d, dtype, kind, 
         return  # not fused
     n_blocks = -(-p.n_rows // hopper.BLOCK_ROWS)
     for use_max in (False, True):
-        parts = hopper.fused_columns(q, k, p, use_max, 2.0, keep, config=FUSED_TILES[tiles])
-        parts = parts.masked_fill(~keep[:, None, None, :], 0.0)
+        parts = hopper.fused_columns(q, k, p, use_max, 2.0, keep).masked_fill(~keep[:, None, None, :], 0.0)
         for block in range(n_blocks):
             block_rows = selected[block * hopper.BLOCK_ROWS:(block + 1) * hopper.BLOCK_ROWS]
             w = torch.exp(scores_reference(q, k, p.scale, block_rows, key_keep=keep)
