@@ -3,10 +3,11 @@ reasons nvidia-smi reports while it runs in a loop. On the H100 the large passes
 cap, the clock falling from 1980 MHz to ~1.85 GHz at D=64 and ~1.6 GHz at D=128 (NOTES.md v13):
 a pass then costs energy per score, and moving work between pipes does not make it faster.
 
-    python -m benchmarks.power [--s 16384] [--d 64] [--seconds 2]
+    python -m benchmarks.power [--b 1] [--s 16384] [--d 64] [--seconds 2]
 
-Runs flash_colsum's two passes as the library picks them (Hopper fast path where it applies) and
-SDPA's forward at the same shape (B=1, H=16, fp16, non-causal).
+Runs flash_colsum's two passes as the library picks them (Hopper fast path where it applies), the
+whole call (a small one runs both passes in one launch) and SDPA's forward at the same shape
+(H=16, fp16, non-causal).
 """
 
 import argparse
@@ -54,24 +55,27 @@ def sample_while(fn, seconds: float) -> dict:
 def main():
     from triton.testing import do_bench
 
+    from flash_colsum import flash_colsum
     from flash_colsum import triton_backend as tb
     from flash_colsum.utils import make_problem
 
     parser = argparse.ArgumentParser()
+    parser.add_argument("--b", type=int, default=1)
     parser.add_argument("--s", type=int, default=16384)
     parser.add_argument("--d", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=2.0)
     args = parser.parse_args()
-    q = torch.randn(1, 16, args.s, args.d, device="cuda", dtype=torch.float16)
+    q = torch.randn(args.b, 16, args.s, args.d, device="cuda", dtype=torch.float16)
     k, v = torch.randn_like(q), torch.randn_like(q)
     p = make_problem(q, k, None, False, "triton")
     lse = tb.row_lse(q, k, p)
     calls = {
         "pass 1": lambda: tb.row_lse(q, k, p),
         "pass 2": lambda: tb.col_reduce(q, k, lse, p, 1, False),
+        "whole call": lambda: flash_colsum(q, k),
         "sdpa forward": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
     }
-    print(f"{torch.cuda.get_device_name()}, B=1 H=16 S={args.s} D={args.d} fp16")
+    print(f"{torch.cuda.get_device_name()}, B={args.b} H=16 S={args.s} D={args.d} fp16")
     for name, fn in calls.items():
         ms = do_bench(fn, return_mode="median")
         state = sample_while(fn, args.seconds)
