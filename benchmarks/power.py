@@ -1,7 +1,8 @@
 """What limits a pass on the GPU at hand: its time, and the SM clock, board power and throttle
 reasons nvidia-smi reports while it runs in a loop. On the H100 the large passes run at the 700 W
 cap, the clock falling from 1980 MHz to ~1.85 GHz at D=64 and ~1.6 GHz at D=128 (NOTES.md v13):
-a pass then costs energy per score, and moving work between pipes does not make it faster.
+a pass then costs energy per score, and moving work between pipes does not make it faster. Small
+calls stay under it (the one-launch S=4096 call at 1980 MHz and ~570 W, NOTES.md v24).
 
     python -m benchmarks.power [--b 1] [--s 16384] [--d 64] [--seconds 2]
 
