@@ -79,11 +79,32 @@ def context_parallel_column_stats(
         normalize=normalize, heads=heads, rows=rows, backend=backend,
     ))
     q_lens, k_lens = [s[0] for s in shards], [s[1] for s in shards]
+    with torch.no_grad():  # the collectives carry no gradient: record nothing
+        out = _sharded_stats(query, key, group, world, rank, q_lens, k_lens, strategy, gather_result, dict(
+            scale=scale, is_causal=is_causal, reduce=reduce, normalize=normalize, heads=heads, rows=rows, backend=backend))
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
+        out = _NoGradient.apply(out, query, key)
+    return out
+
+
+class _NoGradient(torch.autograd.Function):
+    """Ties a result to inputs that require grad, so that a backward through it raises instead of
+    silently leaving their gradient out."""
+
+    @staticmethod
+    def forward(ctx, result, *inputs):
+        return result.clone()
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError("context_parallel_column_stats has no gradient; column_stats on one device has one")
+
+
+def _sharded_stats(query, key, group, world, rank, q_lens, k_lens, strategy, gather_result, stats: dict) -> torch.Tensor:
     b, h, _, _ = query.shape
     hk = key.shape[1]
     if strategy == "auto":
         strategy = "heads" if h % world == 0 and hk % world == 0 else "ring"
-    stats = dict(scale=scale, is_causal=is_causal, reduce=reduce, normalize=normalize, heads=heads, rows=rows, backend=backend)
     if strategy == "heads":
         full = _head_parallel(query, key, group, world, q_lens, k_lens, stats)
         if gather_result:

@@ -1,5 +1,6 @@
 """Public API: `column_stats`, every column statistic of softmax attention, and `flash_colsum`, its
-0.1.0-compatible shortcut (the mean weight each key receives)."""
+0.1.0-compatible shortcut (the mean weight each key receives). Both are differentiable in query
+and key through the `flash_colsum::reduce_columns` operator's registered backward."""
 
 from typing import Optional
 
@@ -96,6 +97,70 @@ def _(query, key, lse, key_keep, row_keep, scale, causal, row_start, row_end, he
     b, h, sq = query.shape[:3]
     out = query.new_empty((b, h // heads_per_chunk, key.shape[2]), dtype=torch.float32)
     return out, query.new_empty((b, h, sq) if full_lse else (0,), dtype=torch.float32)
+
+
+# Gradients: through the softmax to query and key, in budget-sized PyTorch tiles on any device
+# (torch_backend.col_reduce_backward), as an operator of its own so that torch.compile traces it.
+@torch.library.custom_op("flash_colsum::reduce_columns_backward", mutates_args=())
+def reduce_columns_backward_op(
+    grad: torch.Tensor,
+    grad_lse: Optional[torch.Tensor],
+    query: torch.Tensor,
+    key: torch.Tensor,
+    lse: Optional[torch.Tensor],
+    key_keep: Optional[torch.Tensor],
+    row_keep: Optional[torch.Tensor],
+    scale: float,
+    causal: bool,
+    row_start: int,
+    row_end: int,
+    heads_per_chunk: int,
+    full_lse: bool,
+    backend: str,
+    divisor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dq, dk) of `reduce_columns_op`'s sums for its gradients ``grad`` (B, H // heads_per_chunk, Sk)
+    and, with ``full_lse``, ``grad_lse`` (B, H, Sq). A given ``lse`` is taken as the exact LSE of
+    query and key: the gradient is the softmax statistic's, and ``lse`` itself gets none."""
+    p = problem_from_shapes(query, key, scale, causal, row_start, row_end, backend)
+    rows = range(0, p.q_len) if full_lse else range(p.row_start, p.row_end)
+    if lse is None:
+        lse = _backend_module(p).row_lse(query, key, p, key_keep, rows)
+    else:
+        lse = lse[:, :, rows.start : rows.stop]
+        lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
+    row_weight = torch.zeros((p.batch, len(rows)), device=query.device, dtype=torch.float32)
+    row_weight[:, p.row_start - rows.start : p.row_end - rows.start] = 1.0
+    if row_keep is not None:
+        row_weight.mul_(row_keep[:, rows.start : rows.stop])
+    col_grad = grad.float().repeat_interleave(heads_per_chunk, dim=1).div_(divisor)  # (B, H, Sk)
+    lse_grad = grad_lse.float() if full_lse else None
+    dq, dk = torch_backend.col_reduce_backward(query, key, lse, p, rows, key_keep, row_weight, col_grad, lse_grad)
+    return dq.to(query.dtype), dk.to(key.dtype)
+
+
+@reduce_columns_backward_op.register_fake
+def _(grad, grad_lse, query, key, *args):
+    return torch.empty_like(query), torch.empty_like(key)
+
+
+def _save_for_backward(ctx, inputs, output):
+    query, key, lse, key_keep, row_keep, *args = inputs
+    ctx.save_for_backward(query, key, lse, key_keep, row_keep)
+    ctx.args = args  # scale, causal, row_start, row_end, heads_per_chunk, use_max, full_lse, backend, divisor
+
+
+def _backward(ctx, grad, grad_lse):
+    query, key, lse, key_keep, row_keep = ctx.saved_tensors
+    scale, causal, row_start, row_end, heads_per_chunk, use_max, full_lse, backend, divisor = ctx.args
+    if use_max:
+        raise NotImplementedError("column_stats: reduce='max' has no gradient; reduce='sum' and 'mean' have one")
+    dq, dk = reduce_columns_backward_op(grad, grad_lse, query, key, lse, key_keep, row_keep, scale, causal, row_start,
+                                        row_end, heads_per_chunk, full_lse, backend, divisor)
+    return dq, dk, *[None] * 12  # nothing for lse, the masks and the arguments
+
+
+torch.library.register_autograd("flash_colsum::reduce_columns", _backward, setup_context=_save_for_backward)
 
 
 def _visible_row_counts(p: Problem, row_keep, normalize: str, device):
@@ -228,6 +293,12 @@ def column_stats(
     Returns:
         float32 statistics, shaped as ``heads`` says; with ``return_lse``, a tuple (stats, lse).
         A batch row with no selected row gives zeros. NaN/Inf inputs give NaN where they reach.
+
+    Gradients: with ``reduce="sum"`` or ``"mean"`` the statistics (and a returned LSE) are
+    differentiable in ``query`` and ``key`` (first order). The forward saves only its inputs; the
+    backward recomputes the weights in PyTorch tiles under `get_memory_budget()` (float32, any
+    device). A given ``lse`` is taken as the exact LSE of ``query`` and ``key`` and gets no
+    gradient; ``reduce="max"`` raises NotImplementedError on backward.
     """
     if cu_seqlens_q is not None or cu_seqlens_k is not None:
         return _column_stats_varlen(
@@ -258,11 +329,15 @@ def column_stats(
         full_lse = return_lse and lse is None
         count = _visible_row_counts(p, row_keep, normalize, query.device) if reduce == "mean" else 1
         divisor = _divisor(p, heads, head_op, kv, count)  # folded into the kernels' stores
-        if torch.compiler.is_compiling():  # the registered operator: opaque to the compiler
+        # The registered operator under torch.compile (opaque to the compiler) and wherever a
+        # gradient may be asked for (it carries the backward and saves only its inputs).
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)):
             chunks, computed = reduce_columns_op(
                 query, key, lse, key_keep, row_keep, p.scale, p.causal, p.row_start, p.row_end,
                 heads_per_chunk, use_max, full_lse, p.backend, float(divisor),
             )
+            if chunks.requires_grad:  # the op's outputs are views, which autograd forbids changing in place
+                chunks, computed = chunks.clone(), computed.clone()
         else:  # eager: the same code without the dispatcher's per-call overhead
             chunks, computed = _reduce_columns(query, key, p, lse, key_keep, row_keep, heads_per_chunk, use_max, full_lse,
                                                divisor, partials_ok=heads != "none" and (head_op == "max") == use_max)
@@ -400,6 +475,7 @@ def flash_colsum(query, key, scale=None, is_causal=False, cls_len=None, *, backe
         call still returns.
 
     Deterministic: no atomics; identical inputs on the same device give bitwise identical results.
+    Differentiable in query and key (see `column_stats`).
     Extra memory: O(B * H * (Sq + Sk)) float32, plus up to 8 MiB of partial sums when a small call
     (at most 2**27 scores, 2**28 at D <= 64) runs both passes in one launch, and (B, H, rows, Sk)
     float32 scores when at most D / 8 rows over long keys skip the second pass over K.

@@ -31,9 +31,9 @@ def set_memory_budget(nbytes: int) -> None:
     _memory_budget = nbytes
 
 
-def _tile_sizes(p: Problem, n_rows: int) -> tuple[int, int, int]:
+def _tile_sizes(p: Problem, n_rows: int, bytes_per_score: int = _BYTES_PER_SCORE) -> tuple[int, int, int]:
     """(batch rows, query rows, keys) per tile so that B_tile * H * rows * keys scores fit the budget."""
-    scores = max(1, _memory_budget // (_BYTES_PER_SCORE * p.heads))  # batch * rows * keys per tile
+    scores = max(1, _memory_budget // (bytes_per_score * p.heads))  # batch * rows * keys per tile
     block_n = min(p.k_len, scores)
     block_m = max(1, min(n_rows, scores // block_n))
     block_b = max(1, min(p.batch, scores // (block_n * block_m))) if block_m == n_rows else 1
@@ -45,9 +45,9 @@ def fits_one_pass(p: Problem) -> bool:
     return _tile_sizes(p, p.n_rows)[2] == p.k_len
 
 
-def _tiles(p: Problem, rows: range):
+def _tiles(p: Problem, rows: range, bytes_per_score: int = _BYTES_PER_SCORE):
     """Yield (batch slice, row range, key ranges) covering the problem in budget-sized tiles."""
-    block_b, block_m, block_n = _tile_sizes(p, len(rows))
+    block_b, block_m, block_n = _tile_sizes(p, len(rows), bytes_per_score)
     key_blocks = [range(n0, min(n0 + block_n, p.k_len)) for n0 in range(0, p.k_len, block_n)]
     for b0 in range(0, p.batch, block_b):
         for m0 in range(rows.start, rows.stop, block_m):
@@ -152,3 +152,53 @@ def one_pass(query, key, p: Problem, key_keep, row_keep, heads_per_chunk: int, u
         part = _reduce_tile(s.sub_(tile_lse).exp_(), p, m, heads_per_chunk, use_max)
         _accumulate(out[batch], part, use_max)
     return (out if divisor == 1 else out.div_(divisor)), lse
+
+
+_BACKWARD_BYTES_PER_SCORE = 16  # float32 scores/weights + their gradient + mask temporaries
+
+
+def col_reduce_backward(query, key, lse, p: Problem, rows: range, key_keep, row_weight, col_grad, lse_grad):
+    """Gradients (dq, dk), float32 like query and key, of the column statistic through the softmax.
+
+    The statistic over ``rows``: out[b, h, j] = sum_i row_weight[b, i] * w[b, h, i, j], with
+    w = exp(s - lse) the softmax weights of scores s = scale * q . k (causally hidden and padded
+    keys: -inf, weight 0). lse: (B, H, len(rows)) natural-log LSE of those rows (+inf: a row that
+    sees no key). row_weight: (B, len(rows)) float32. col_grad: (B, H, Sk) float32, the gradient of
+    out; lse_grad: (B, H, len(rows)) float32 or None, the gradient of lse itself. Through the
+    softmax, dL/ds_ij = w_ij * (row_weight_i * G_j - c_i) with G = col_grad, c_i = row_weight_i * D_i
+    - lse_grad_i and D_i = sum_j w_ij G_j (FlashAttention's backward with a one-column V = G).
+    Tiles stay within the memory budget; a tile that holds only some of the keys takes D_i in a
+    first sweep over them.
+    """
+    query, key = query.float(), key.float()  # once, not per tile (an O(B * H * S * D) copy)
+    dq = torch.zeros(query.shape, device=query.device, dtype=torch.float32)
+    dk = torch.zeros(key.shape, device=key.device, dtype=torch.float32)
+    hk, g = p.kv_heads, p.group
+    for batch, tile_rows, key_blocks in _tiles(p, rows, _BACKWARD_BYTES_PER_SCORE):
+        b, m = len(range(p.batch)[batch]), len(tile_rows)
+        r = slice(tile_rows.start - rows.start, tile_rows.stop - rows.start)
+        tile_lse = lse[batch, :, r].reshape(b, hk, g, m, 1)
+        weight = row_weight[batch, r].reshape(b, 1, 1, m, 1)
+        grads = col_grad[batch].reshape(b, hk, g, 1, p.k_len)
+
+        def weights(keys):  # (b, Hk, G, M, N) softmax weights of the tile's rows against ``keys``
+            s = _scores(query, key, p, batch, tile_rows, keys, key_keep)
+            return s.view(b, hk, g, m, -1).sub_(tile_lse).exp_()
+
+        first = weights(key_blocks[0]) if len(key_blocks) == 1 else None
+        dot = 0.0  # D_i: [.., M, N] @ [.., N, 1] -> [.., M, 1]
+        for keys in key_blocks:
+            w = first if first is not None else weights(keys)
+            dot = dot + torch.matmul(w, grads[..., keys.start : keys.stop].transpose(-1, -2))
+        c = dot.mul_(weight)
+        if lse_grad is not None:
+            c.sub_(lse_grad[batch, :, r].reshape(b, hk, g, m, 1))
+        q = query[batch, :, tile_rows.start : tile_rows.stop].reshape(b, hk, g * m, p.head_dim)
+        for keys in key_blocks:
+            w = first if first is not None else weights(keys)
+            ds = (grads[..., keys.start : keys.stop] * weight).sub_(c).mul_(w).view(b, hk, g * m, -1)  # / scale
+            # The scale of ds = scale * dL/ds' (s' = q . k) goes on the small results.
+            dq[batch, :, tile_rows.start : tile_rows.stop] += torch.matmul(ds, key[batch, :, keys.start : keys.stop]).view(
+                b, p.heads, m, p.head_dim).mul_(p.scale)
+            dk[batch, :, keys.start : keys.stop] += torch.matmul(ds.transpose(-1, -2), q).mul_(p.scale)  # [.., N, G*M] @ [.., G*M, D]
+    return dq, dk

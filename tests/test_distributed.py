@@ -85,6 +85,11 @@ def _check_errors(rank, world):
         context_parallel_column_stats(torch.randn(1, 6, 5, 16), torch.randn(1, 3, 5, 16), strategy="heads")
     with pytest.raises(ValueError, match="reduce must be one of"):
         context_parallel_column_stats(q, k, reduce="median")
+    # No gradient through the collectives: a backward raises instead of silently leaving q and k out.
+    out = context_parallel_column_stats(q.requires_grad_(), k)
+    assert out.requires_grad
+    with pytest.raises(NotImplementedError, match="context_parallel_column_stats has no gradient"):
+        out.sum().backward()
 
 
 def _poisoned(shape, device):

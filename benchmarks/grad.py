@@ -1,0 +1,72 @@
+"""The gradient's price: flash_colsum's forward alone, forward + backward, and the same statistic
+through a materialized softmax (eager PyTorch autograd), with each one's peak extra GPU memory.
+
+    python -m benchmarks.grad [--s 1024 4096 16384] [--d 64] [--h 16] [--dtype float16]
+
+The backward recomputes the weights in PyTorch tiles under the memory budget (float32 matmuls),
+so it is exact and memory-light, not a fused kernel. Medians of triton.testing.do_bench.
+"""
+
+import argparse
+
+import torch
+import triton
+
+from flash_colsum import flash_colsum
+
+
+def materialized(q, k):
+    """flash_colsum's mean through eager autograd: the (B, H, Sq, Sk) weights exist, with their gradient."""
+    weights = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1)
+    return weights.mean(dim=(1, 2))
+
+
+def measure(fn, q, k, backward: bool):
+    """(median ms, peak extra MiB) of fn(q, k), with a backward from random upstream weights if asked."""
+    upstream = torch.randn(q.shape[0], k.shape[2], device=q.device)
+
+    def call():
+        if not backward:
+            with torch.no_grad():
+                return fn(q, k)
+        return torch.autograd.grad((fn(q, k) * upstream).sum(), (q, k))
+
+    try:
+        call()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        call()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        return triton.testing.do_bench(call, warmup=25, rep=200), peak
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None, None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--s", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--d", type=int, default=64)
+    parser.add_argument("--h", type=int, default=16)
+    parser.add_argument("--b", type=int, default=1)
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"B={args.b} H={args.h} D={args.d} {args.dtype}")
+    print("S | forward ms | forward+backward ms | materialized fwd+bwd ms | peak MiB fwd / fwd+bwd / materialized")
+    for s in args.s:
+        q = torch.randn(args.b, args.h, s, args.d, device="cuda", dtype=dtype, requires_grad=True)
+        k = torch.randn(args.b, args.h, s, args.d, device="cuda", dtype=dtype, requires_grad=True)
+        fwd, fwd_mib = measure(flash_colsum, q, k, backward=False)
+        both, both_mib = measure(flash_colsum, q, k, backward=True)
+        naive, naive_mib = measure(materialized, q, k, backward=True)
+        fmt = lambda x, f: "OOM" if x is None else f.format(x)  # noqa: E731
+        print(f"{s} | {fmt(fwd, '{:.3f}')} | {fmt(both, '{:.3f}')} | {fmt(naive, '{:.3f}')} | "
+              f"{fmt(fwd_mib, '{:.0f}')} / {fmt(both_mib, '{:.0f}')} / {fmt(naive_mib, '{:.0f}')}")
+
+
+if __name__ == "__main__":
+    main()
