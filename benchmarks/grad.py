@@ -3,8 +3,8 @@ through a materialized softmax (eager PyTorch autograd), with each one's peak ex
 
     python -m benchmarks.grad [--s 1024 4096 16384] [--d 64] [--h 16] [--dtype float16]
 
-The backward recomputes the weights in PyTorch tiles under the memory budget (float32 matmuls),
-so it is exact and memory-light, not a fused kernel. Medians of triton.testing.do_bench.
+The Triton back end's backward is two kernels (flash_colsum/backward.py); the torch back end's
+recomputes the weights in PyTorch tiles under the memory budget. Medians of triton.testing.do_bench.
 """
 
 import argparse
@@ -21,13 +21,14 @@ def materialized(q, k):
     return weights.mean(dim=(1, 2))
 
 
-def measure(fn, q, k, backward: bool):
-    """(median ms, peak extra MiB) of fn(q, k), with a backward from random upstream weights if asked."""
+def measure(fn, q, k, backward: bool, grad_mode: bool = True):
+    """(median ms, peak extra MiB) of fn(q, k), with a backward from random upstream weights if asked
+    (else in grad mode if ``grad_mode``: the forward that records for autograd)."""
     upstream = torch.randn(q.shape[0], k.shape[2], device=q.device)
 
     def call():
         if not backward:
-            with torch.no_grad():
+            with torch.set_grad_enabled(grad_mode):
                 return fn(q, k)
         return torch.autograd.grad((fn(q, k) * upstream).sum(), (q, k))
 
@@ -56,15 +57,18 @@ def main():
     dtype = getattr(torch, args.dtype)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"B={args.b} H={args.h} D={args.d} {args.dtype}")
-    print("S | forward ms | forward+backward ms | materialized fwd+bwd ms | peak MiB fwd / fwd+bwd / materialized")
+    print("S | forward ms (no grad / grad mode) | forward+backward ms (Triton / torch back end) | "
+          "materialized fwd+bwd ms | peak MiB fwd / fwd+bwd / materialized")
     for s in args.s:
         q = torch.randn(args.b, args.h, s, args.d, device="cuda", dtype=dtype, requires_grad=True)
         k = torch.randn(args.b, args.h, s, args.d, device="cuda", dtype=dtype, requires_grad=True)
-        fwd, fwd_mib = measure(flash_colsum, q, k, backward=False)
+        fwd, fwd_mib = measure(flash_colsum, q, k, backward=False, grad_mode=False)
+        fwd_grad, _ = measure(flash_colsum, q, k, backward=False)
         both, both_mib = measure(flash_colsum, q, k, backward=True)
+        torch_both, _ = measure(lambda q, k: flash_colsum(q, k, backend="torch"), q, k, backward=True)
         naive, naive_mib = measure(materialized, q, k, backward=True)
         fmt = lambda x, f: "OOM" if x is None else f.format(x)  # noqa: E731
-        print(f"{s} | {fmt(fwd, '{:.3f}')} | {fmt(both, '{:.3f}')} | {fmt(naive, '{:.3f}')} | "
+        print(f"{s} | {fmt(fwd, '{:.3f}')} / {fmt(fwd_grad, '{:.3f}')} | {fmt(both, '{:.3f}')} / {fmt(torch_both, '{:.3f}')} | {fmt(naive, '{:.3f}')} | "
               f"{fmt(fwd_mib, '{:.0f}')} / {fmt(both_mib, '{:.0f}')} / {fmt(naive_mib, '{:.0f}')}")
 
 

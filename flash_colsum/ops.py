@@ -87,7 +87,14 @@ def reduce_columns_op(
     """(B, H // heads_per_chunk, Sk) reduced weights and, with ``full_lse``, the computed (B, H, Sq)
     LSE (else an empty tensor: the kernels may not keep it)."""
     p = problem_from_shapes(query, key, scale, causal, row_start, row_end, backend)
-    out, computed = _reduce_columns(query, key, p, lse, key_keep, row_keep, heads_per_chunk, use_max, full_lse, divisor)
+    # A chunk of a whole key head's query heads may come as a fused launch's partials (one launch
+    # for a small call, as in eager calls): (B, H * R / PACK, Sk), R row blocks a head, reduced here.
+    out, computed = _reduce_columns(query, key, p, lse, key_keep, row_keep, heads_per_chunk, use_max, full_lse, divisor,
+                                    partials_ok=heads_per_chunk == p.group)
+    n_chunks = p.heads // heads_per_chunk
+    if out.shape[1] != n_chunks:
+        out = out.view(p.batch, n_chunks, -1, p.k_len)
+        out = out.amax(dim=2) if use_max else out.sum(dim=2)
     return out, computed if full_lse else query.new_empty((0,), dtype=torch.float32)
 
 
@@ -135,7 +142,13 @@ def reduce_columns_backward_op(
         row_weight.mul_(row_keep[:, rows.start : rows.stop])
     col_grad = grad.float().repeat_interleave(heads_per_chunk, dim=1).div_(divisor)  # (B, H, Sk)
     lse_grad = grad_lse.float() if full_lse else None
-    dq, dk = torch_backend.col_reduce_backward(query, key, lse, p, rows, key_keep, row_weight, col_grad, lse_grad)
+    if p.backend == "triton":
+        from . import backward
+
+        grads_of = backward.column_grads
+    else:
+        grads_of = torch_backend.col_reduce_backward
+    dq, dk = grads_of(query, key, lse, p, rows, key_keep, row_weight, col_grad, lse_grad)
     return dq.to(query.dtype), dk.to(key.dtype)
 
 

@@ -59,6 +59,15 @@ def test_gradients_match_float64(backend, device, case, dtype):
 
 
 @pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("sq,sk", [(150, 140), (90, 40)])  # several blocks of rows and keys; rows that see no key
+def test_gradients_over_many_blocks(backend, device, sq, sk):
+    q, k = make_qk(2, 4, 2, sq, sk, 40, torch.bfloat16, device)
+    keep = torch.rand(2, sk, device=device) < 0.9
+    check_against_reference(q, k, backend, is_causal=True, rows=slice(5, None), key_padding_mask=keep, heads="kv_sum",
+                            reduce="sum")
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
 def test_gradients_over_several_key_tiles(backend, device):
     """A budget that splits the keys: D_i then comes from a first sweep over the key tiles."""
     q, k = make_qk(1, 32, 8, 6, 3000, 16, torch.float32, device)

@@ -1,0 +1,209 @@
+"""Gradients of the column statistics through the softmax: two Triton kernels, never the Sq x Sk matrix.
+
+The statistic over the rows i of ``rows``: out[b, h, j] = sum_i row_weight[b, i] * w[b, h, i, j],
+with w = exp(s - lse) the softmax weights of the scores s = scale * q . k. For the gradient G of out
+(per query head and key) and, optionally, the gradient gl of the returned natural-log LSE:
+
+    dL/ds_ij = w_ij * (row_weight_i * G_j - c_i),   c_i = row_weight_i * D_i - gl_i,   D_i = sum_j w_ij G_j
+
+which is FlashAttention's backward with a one-column value V = G and dO = row_weight (D_i is the
+attention output of that V). Then dq_i = scale * sum_j dL/ds_ij k_j and dk_j = scale * sum_i dL/ds_ij q_i.
+
+- `_rows_kernel` (row-stationary, one program per block of rows of one query head): a sweep over
+  the keys for D_i, then a second one for dq; it stores c for the next kernel.
+- `_keys_kernel` (key-stationary, one program per block of keys of one key head): sweeps the rows
+  of every query head of the group for dk.
+Each writes its block once: no atomics, bitwise reproducible. Scores as in the forward kernels
+(fp16/bf16 products exact in float32); the two gradient products take float32 weights on tf32 for
+fp16/bf16 inputs (their gradients are rounded to 2**-11 / 2**-8 anyway) and exact float32 for float32.
+Masking convention as the forward: query i sees key j iff j <= i + Sk - Sq when causal; padded keys
+(key_keep 0) have weight 0; rows with lse = +inf (no visible key) have weight 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import utils
+from .triton_backend import _dot, _dot_flags, _on_device
+from .utils import LOG2E, Problem, cdiv
+
+
+@triton.jit
+def _load_rows(base, offs, stride_row, mask_row, stride_d, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A [len(offs), BLOCK_D] tile of rows offs (zeros past the mask and past D)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    ptrs = base + offs.to(tl.int64)[:, None] * stride_row + offs_d[None, :] * stride_d
+    return tl.load(ptrs, mask=mask_row[:, None] & (offs_d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _weights(s, lse2, offs_m, offs_n, Sk, causal_offset, keep, qk_scale,
+             CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr):
+    """Softmax weights of a [BM, BN] tile of raw scores (rows offs_m, keys offs_n); 0 where masked."""
+    w = tl.exp2(s * qk_scale - lse2[:, None])  # rows past the selection carry +inf: weight 0
+    visible = offs_n[None, :] < Sk
+    if CAUSAL:
+        visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+    if HAS_KEY_MASK:
+        visible = visible & (keep[None, :] != 0)
+    return tl.where(visible, w, 0.0)
+
+
+@triton.jit
+def _rows_kernel(
+    Q, K, LSE2, G, ROW_W, LSE_GRAD, KEEP, DQ, C,
+    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_keep_b, stride_keep_n, Sq,
+    H, GROUP, n_rows, row_start, Sk, causal_offset, qk_scale, scale,
+    D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_LSE_GRAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, GRAD_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dq of one block of BLOCK_M selected rows of one query head, and those rows' c.
+
+    LSE2, LSE_GRAD, C: (B, H, n_rows) float32 contiguous (base-2 LSE; natural-log LSE gradient).
+    G: (B, H, Sk) float32 contiguous. ROW_W: (B, n_rows). DQ: (B, H, Sq, D) float32 contiguous.
+    """
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(n_rows, BLOCK_M)
+    bh = pid // n_blocks
+    b = bh // H
+    h = bh % H
+    offs_r = (pid % n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)  # within the selection
+    mask_r = offs_r < n_rows
+    offs_m = row_start + offs_r  # query rows
+    q = _load_rows(Q + b.to(tl.int64) * stride_qb + h * stride_qh, offs_m, stride_qm, mask_r, stride_qd, D, BLOCK_D)
+    k_base = K + b.to(tl.int64) * stride_kb + (h // GROUP) * stride_kh
+    row = bh.to(tl.int64) * n_rows + offs_r
+    lse2 = tl.load(LSE2 + row, mask=mask_r, other=float("inf"))
+    row_w = tl.load(ROW_W + b.to(tl.int64) * n_rows + offs_r, mask=mask_r, other=0.0)
+    g_base = G + bh.to(tl.int64) * Sk
+    keep_base = KEEP + b.to(tl.int64) * stride_keep_b
+    n_hi = Sk
+    if CAUSAL:  # the block's last row sees keys up to it + causal_offset
+        n_hi = tl.minimum(Sk, tl.maximum(row_start + tl.minimum((pid % n_blocks + 1) * BLOCK_M, n_rows) + causal_offset, 0))
+
+    dot = tl.zeros([BLOCK_M], tl.float32)  # D_i
+    for n0 in range(0, n_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, offs_n, stride_kn, offs_n < Sk, stride_kd, D, BLOCK_D)
+        s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT)  # [BM, BD] @ [BD, BN] -> [BM, BN]
+        keep = 1
+        if HAS_KEY_MASK:
+            keep = tl.load(keep_base + offs_n * stride_keep_n, mask=offs_n < Sk, other=0)
+        w = _weights(s, lse2, offs_m, offs_n, Sk, causal_offset, keep, qk_scale, CAUSAL, HAS_KEY_MASK)
+        g = tl.load(g_base + offs_n, mask=offs_n < Sk, other=0.0)
+        dot += tl.sum(w * g[None, :], axis=1)
+    c = row_w * dot
+    if HAS_LSE_GRAD:
+        c -= tl.load(LSE_GRAD + row, mask=mask_r, other=0.0)
+    tl.store(C + row, c, mask=mask_r)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for n0 in range(0, n_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, offs_n, stride_kn, offs_n < Sk, stride_kd, D, BLOCK_D)
+        s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT)
+        keep = 1
+        if HAS_KEY_MASK:
+            keep = tl.load(keep_base + offs_n * stride_keep_n, mask=offs_n < Sk, other=0)
+        w = _weights(s, lse2, offs_m, offs_n, Sk, causal_offset, keep, qk_scale, CAUSAL, HAS_KEY_MASK)
+        g = tl.load(g_base + offs_n, mask=offs_n < Sk, other=0.0)
+        ds = w * (row_w[:, None] * g[None, :] - c[:, None])  # dL/ds / scale
+        dq += tl.dot(ds, k.to(tl.float32), input_precision=GRAD_PRECISION)  # [BM, BN] @ [BN, BD] -> [BM, BD]
+    offs_d = tl.arange(0, BLOCK_D)
+    dq_ptrs = DQ + ((bh.to(tl.int64) * Sq + offs_m) * D)[:, None] + offs_d[None, :]
+    tl.store(dq_ptrs, dq * scale, mask=mask_r[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _keys_kernel(
+    Q, K, LSE2, G, ROW_W, C, KEEP, DK,
+    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_keep_b, stride_keep_n,
+    H, GROUP, n_rows, row_start, Sk, causal_offset, qk_scale, scale,
+    D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, GRAD_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dk of one block of BLOCK_N keys of one key head, over the selected rows of its GROUP query
+    heads; C from `_rows_kernel`. DK: (B, Hk, Sk, D) float32 contiguous."""
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(Sk, BLOCK_N)
+    bhk = pid // n_blocks
+    b = bhk // (H // GROUP)
+    hk = bhk % (H // GROUP)
+    n0 = (pid % n_blocks) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < Sk
+    k = _load_rows(K + b.to(tl.int64) * stride_kb + hk * stride_kh, offs_n, stride_kn, mask_n, stride_kd, D, BLOCK_D)
+    visible_keys = mask_n
+    if HAS_KEY_MASK:
+        keep = tl.load(KEEP + b.to(tl.int64) * stride_keep_b + offs_n * stride_keep_n, mask=mask_n, other=0)
+        visible_keys = visible_keys & (keep != 0)
+    r_lo = 0
+    if CAUSAL:  # rows before n0 - causal_offset see none of these keys
+        r_lo = tl.maximum(n0 - causal_offset - row_start, 0) // BLOCK_M * BLOCK_M
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for g_index in range(0, GROUP):
+        bh = b * H + hk * GROUP + g_index
+        q_base = Q + b.to(tl.int64) * stride_qb + (hk * GROUP + g_index) * stride_qh
+        g = tl.load(G + bh.to(tl.int64) * Sk + offs_n, mask=mask_n, other=0.0)
+        for r0 in range(r_lo, n_rows, BLOCK_M):
+            offs_r = r0 + tl.arange(0, BLOCK_M)
+            mask_r = offs_r < n_rows
+            offs_m = row_start + offs_r
+            row = bh.to(tl.int64) * n_rows + offs_r
+            q = _load_rows(q_base, offs_m, stride_qm, mask_r, stride_qd, D, BLOCK_D)
+            lse2 = tl.load(LSE2 + row, mask=mask_r, other=float("inf"))
+            row_w = tl.load(ROW_W + b.to(tl.int64) * n_rows + offs_r, mask=mask_r, other=0.0)
+            c = tl.load(C + row, mask=mask_r, other=0.0)
+            s = _dot(k, tl.trans(q), DOT_PRECISION, UPCAST_DOT)  # [BN, BD] @ [BD, BM] -> [BN, BM]
+            w = tl.exp2(s * qk_scale - lse2[None, :])
+            visible = visible_keys[:, None]
+            if CAUSAL:
+                visible = visible & (offs_n[:, None] <= offs_m[None, :] + causal_offset)
+            w = tl.where(visible, w, 0.0)
+            ds = w * (g[:, None] * row_w[None, :] - c[None, :])  # dL/ds / scale, [BN, BM]
+            dk += tl.dot(ds, q.to(tl.float32), input_precision=GRAD_PRECISION)  # [BN, BM] @ [BM, BD] -> [BN, BD]
+    offs_d = tl.arange(0, BLOCK_D)
+    dk_ptrs = DK + ((bhk.to(tl.int64) * Sk + offs_n) * D)[:, None] + offs_d[None, :]
+    tl.store(dk_ptrs, dk * scale, mask=mask_n[:, None] & (offs_d[None, :] < D))
+
+
+def column_grads(query, key, lse, p: Problem, rows: range, key_keep, row_weight, col_grad, lse_grad):
+    """(dq, dk) float32, the gradient of the column statistic (module docstring), as
+    `torch_backend.col_reduce_backward` takes its arguments: lse (B, H, len(rows)) natural log,
+    +inf for rows that see no key; row_weight (B, len(rows)); col_grad (B, H, Sk); lse_grad
+    (B, H, len(rows)) or None; key_keep (B, Sk) bool or None."""
+    n_rows = len(rows)
+    dq = torch.zeros(query.shape, device=query.device, dtype=torch.float32)
+    dk = torch.empty(key.shape, device=key.device, dtype=torch.float32)
+    if n_rows == 0:
+        return dq, dk.zero_()
+    lse2 = (lse.float() * LOG2E).contiguous()
+    col_grad = col_grad.float().contiguous()
+    row_weight = row_weight.float().contiguous()
+    lse_grad = None if lse_grad is None else lse_grad.float().contiguous()
+    c = torch.empty_like(lse2)
+    keep = key_keep if key_keep is not None else lse2  # any pointer when there is no mask
+    keep_strides = key_keep.stride() if key_keep is not None else (0, 0)
+    if key_keep is not None:
+        keep = key_keep.view(torch.uint8)
+    block_d = max(16, utils.next_power_of_2(p.head_dim))
+    block = 32 if block_d > 128 else 64
+    meta = dict(D=p.head_dim, CAUSAL=p.causal, HAS_KEY_MASK=key_keep is not None, **_dot_flags(query.dtype),
+                GRAD_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+                BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d)
+    common = (*query.stride(), *key.stride(), *keep_strides, p.heads, p.group, n_rows, rows.start, p.k_len,
+              p.causal_offset, p.scale * LOG2E, p.scale)
+    with _on_device(query):
+        utils.launch(_rows_kernel, (p.batch * p.heads * cdiv(n_rows, block),), query, key, lse2, col_grad,
+                     row_weight, lse_grad if lse_grad is not None else lse2, keep, dq, c, *common[:10], p.q_len,
+                     *common[10:], HAS_LSE_GRAD=lse_grad is not None, **meta)
+        utils.launch(_keys_kernel, (p.batch * p.kv_heads * cdiv(p.k_len, block),), query, key, lse2, col_grad,
+                     row_weight, c, keep, dk, *common, **meta)
+    return dq, dk
