@@ -174,6 +174,11 @@ def _keys_kernel(
     tl.store(dk_ptrs, dk * scale, mask=mask_n[:, None] & (offs_d[None, :] < D))
 
 
+# Blocks and launch options of the two kernels (32-row/-key blocks above D=128).
+ROWS_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+KEYS_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+
+
 def column_grads(query, key, lse, p: Problem, rows: range, key_keep, row_weight, col_grad, lse_grad):
     """(dq, dk) float32, the gradient of the column statistic (module docstring), as
     `torch_backend.col_reduce_backward` takes its arguments: lse (B, H, len(rows)) natural log,
@@ -194,16 +199,15 @@ def column_grads(query, key, lse, p: Problem, rows: range, key_keep, row_weight,
     if key_keep is not None:
         keep = key_keep.view(torch.uint8)
     block_d = max(16, utils.next_power_of_2(p.head_dim))
-    block = 32 if block_d > 128 else 64
+    rows_cfg, keys_cfg = (dict(cfg, BLOCK_M=32, BLOCK_N=32) if block_d > 128 else cfg for cfg in (ROWS_CONFIG, KEYS_CONFIG))
     meta = dict(D=p.head_dim, CAUSAL=p.causal, HAS_KEY_MASK=key_keep is not None, **_dot_flags(query.dtype),
-                GRAD_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-                BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d)
+                GRAD_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", BLOCK_D=block_d)
     common = (*query.stride(), *key.stride(), *keep_strides, p.heads, p.group, n_rows, rows.start, p.k_len,
               p.causal_offset, p.scale * LOG2E, p.scale)
     with _on_device(query):
-        utils.launch(_rows_kernel, (p.batch * p.heads * cdiv(n_rows, block),), query, key, lse2, col_grad,
+        utils.launch(_rows_kernel, (p.batch * p.heads * cdiv(n_rows, rows_cfg["BLOCK_M"]),), query, key, lse2, col_grad,
                      row_weight, lse_grad if lse_grad is not None else lse2, keep, dq, c, *common[:10], p.q_len,
-                     *common[10:], HAS_LSE_GRAD=lse_grad is not None, **meta)
-        utils.launch(_keys_kernel, (p.batch * p.kv_heads * cdiv(p.k_len, block),), query, key, lse2, col_grad,
-                     row_weight, c, keep, dk, *common, **meta)
+                     *common[10:], HAS_LSE_GRAD=lse_grad is not None, **meta, **rows_cfg)
+        utils.launch(_keys_kernel, (p.batch * p.kv_heads * cdiv(p.k_len, keys_cfg["BLOCK_N"]),), query, key, lse2,
+                     col_grad, row_weight, c, keep, dk, *common, **meta, **keys_cfg)
     return dq, dk
