@@ -174,9 +174,17 @@ def _keys_kernel(
     tl.store(dk_ptrs, dk * scale, mask=mask_n[:, None] & (offs_d[None, :] < D))
 
 
-# Blocks and launch options of the two kernels (32-row/-key blocks above D=128).
-ROWS_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-KEYS_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+def _configs(block_d: int) -> tuple[dict, dict]:
+    """Blocks and launch options of (`_rows_kernel`, `_keys_kernel`). On the H100 (fp16; S=16384 at
+    D=64, S=8192 at D=128; NOTES.md v25, results/tune_bwd_v25_h100.txt) these took the backward from
+    19.2 to ~13 ms at D=64 and from 26.8 to ~18 ms at D=128 against 64 x 64 blocks and 4 warps."""
+    if block_d > 128:  # registers: the stationary block and its gradient are [BLOCK, BLOCK_D] each
+        small = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+        return small, small
+    rows = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    keys = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2) if block_d <= 64 else \
+        dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3)
+    return rows, keys
 
 
 def column_grads(query, key, lse, p: Problem, rows: range, key_keep, row_weight, col_grad, lse_grad):
@@ -199,7 +207,7 @@ def column_grads(query, key, lse, p: Problem, rows: range, key_keep, row_weight,
     if key_keep is not None:
         keep = key_keep.view(torch.uint8)
     block_d = max(16, utils.next_power_of_2(p.head_dim))
-    rows_cfg, keys_cfg = (dict(cfg, BLOCK_M=32, BLOCK_N=32) if block_d > 128 else cfg for cfg in (ROWS_CONFIG, KEYS_CONFIG))
+    rows_cfg, keys_cfg = _configs(block_d)
     meta = dict(D=p.head_dim, CAUSAL=p.causal, HAS_KEY_MASK=key_keep is not None, **_dot_flags(query.dtype),
                 GRAD_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", BLOCK_D=block_d)
     common = (*query.stride(), *key.stride(), *keep_strides, p.heads, p.group, n_rows, rows.start, p.k_len,

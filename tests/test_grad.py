@@ -68,6 +68,13 @@ def test_gradients_over_many_blocks(backend, device, sq, sk):
 
 
 @pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("d", [72, 128, 256])  # every block configuration of the Triton kernels
+def test_gradients_at_large_head_dims(backend, device, d):
+    q, k = make_qk(1, 4, 4, 70, 150, d, torch.float16, device)
+    check_against_reference(q, k, backend, is_causal=True, heads="none")
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
 def test_gradients_over_several_key_tiles(backend, device):
     """A budget that splits the keys: D_i then comes from a first sweep over the key tiles."""
     q, k = make_qk(1, 32, 8, 6, 3000, 16, torch.float32, device)
