@@ -40,16 +40,23 @@ def _load_rows(base, offs, stride_row, mask_row, stride_d, D: tl.constexpr, BLOC
 
 
 @triton.jit
-def _weights(s, lse2, offs_m, offs_n, Sk, causal_offset, keep, qk_scale,
-             CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr):
-    """Softmax weights of a [BM, BN] tile of raw scores (rows offs_m, keys offs_n); 0 where masked."""
+def _key_tile(q, k_base, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, lse2, offs_m, n0, Sk, causal_offset,
+              qk_scale, D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              UPCAST_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Keys n0 ... n0 + BLOCK_N against a block of rows (q, offs_m, their base-2 lse2): the keys
+    [BN, BD], the rows' softmax weights on them [BM, BN] (0 where masked) and the keys' G [BN]."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    k = _load_rows(k_base, offs_n, stride_kn, offs_n < Sk, stride_kd, D, BLOCK_D)
+    s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT)  # [BM, BD] @ [BD, BN] -> [BM, BN]
     w = tl.exp2(s * qk_scale - lse2[:, None])  # rows past the selection carry +inf: weight 0
     visible = offs_n[None, :] < Sk
     if CAUSAL:
         visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
     if HAS_KEY_MASK:
+        keep = tl.load(keep_base + offs_n * stride_keep_n, mask=offs_n < Sk, other=0)
         visible = visible & (keep[None, :] != 0)
-    return tl.where(visible, w, 0.0)
+    g = tl.load(g_base + offs_n, mask=offs_n < Sk, other=0.0)
+    return k, tl.where(visible, w, 0.0), g
 
 
 @triton.jit
@@ -88,14 +95,8 @@ def _rows_kernel(
 
     dot = tl.zeros([BLOCK_M], tl.float32)  # D_i
     for n0 in range(0, n_hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, stride_kn, offs_n < Sk, stride_kd, D, BLOCK_D)
-        s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT)  # [BM, BD] @ [BD, BN] -> [BM, BN]
-        keep = 1
-        if HAS_KEY_MASK:
-            keep = tl.load(keep_base + offs_n * stride_keep_n, mask=offs_n < Sk, other=0)
-        w = _weights(s, lse2, offs_m, offs_n, Sk, causal_offset, keep, qk_scale, CAUSAL, HAS_KEY_MASK)
-        g = tl.load(g_base + offs_n, mask=offs_n < Sk, other=0.0)
+        _, w, g = _key_tile(q, k_base, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, lse2, offs_m, n0, Sk,
+                            causal_offset, qk_scale, D, CAUSAL, HAS_KEY_MASK, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D)
         dot += tl.sum(w * g[None, :], axis=1)
     c = row_w * dot
     if HAS_LSE_GRAD:
@@ -104,14 +105,8 @@ def _rows_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(0, n_hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, stride_kn, offs_n < Sk, stride_kd, D, BLOCK_D)
-        s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT)
-        keep = 1
-        if HAS_KEY_MASK:
-            keep = tl.load(keep_base + offs_n * stride_keep_n, mask=offs_n < Sk, other=0)
-        w = _weights(s, lse2, offs_m, offs_n, Sk, causal_offset, keep, qk_scale, CAUSAL, HAS_KEY_MASK)
-        g = tl.load(g_base + offs_n, mask=offs_n < Sk, other=0.0)
+        k, w, g = _key_tile(q, k_base, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, lse2, offs_m, n0, Sk,
+                            causal_offset, qk_scale, D, CAUSAL, HAS_KEY_MASK, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D)
         ds = w * (row_w[:, None] * g[None, :] - c[:, None])  # dL/ds / scale
         dq += tl.dot(ds, k.to(tl.float32), input_precision=GRAD_PRECISION)  # [BM, BN] @ [BN, BD] -> [BM, BD]
     offs_d = tl.arange(0, BLOCK_D)
@@ -202,10 +197,8 @@ def column_grads(query, key, lse, p: Problem, rows: range, key_keep, row_weight,
     row_weight = row_weight.float().contiguous()
     lse_grad = None if lse_grad is None else lse_grad.float().contiguous()
     c = torch.empty_like(lse2)
-    keep = key_keep if key_keep is not None else lse2  # any pointer when there is no mask
-    keep_strides = key_keep.stride() if key_keep is not None else (0, 0)
-    if key_keep is not None:
-        keep = key_keep.view(torch.uint8)
+    # Without a mask any pointer serves: the kernels never read it.
+    keep, keep_strides = (key_keep.view(torch.uint8), key_keep.stride()) if key_keep is not None else (lse2, (0, 0))
     block_d = max(16, utils.next_power_of_2(p.head_dim))
     rows_cfg, keys_cfg = _configs(block_d)
     meta = dict(D=p.head_dim, CAUSAL=p.causal, HAS_KEY_MASK=key_keep is not None, **_dot_flags(query.dtype),
