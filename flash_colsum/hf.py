@@ -8,7 +8,9 @@
 Inside the block the model's attention implementation is a registered wrapper: the output comes
 from the wrapped implementation (``"sdpa"`` by default; never eager, never ``output_attentions``),
 and `column_stats` records the statistic of each layer's queries and keys. No attention matrix is
-built by the recorder. Needs transformers >= 5 (its AttentionInterface).
+built by the recorder. The statistics are recorded without gradients (they keep no layer's queries
+and keys alive); call `column_stats` in the model's attention for differentiable ones. Needs
+transformers >= 5 (its AttentionInterface).
 """
 
 from __future__ import annotations
