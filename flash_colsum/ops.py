@@ -113,8 +113,9 @@ def _(query, key, lse, key_keep, row_keep, scale, causal, row_start, row_end, he
     return out, query.new_empty((b, h, sq) if full_lse else (0,), dtype=torch.float32)
 
 
-# Gradients: through the softmax to query and key, in budget-sized PyTorch tiles on any device
-# (torch_backend.col_reduce_backward), as an operator of its own so that torch.compile traces it.
+# Gradients: through the softmax to query and key, by two Triton kernels (backward.column_grads) or
+# budget-sized PyTorch tiles (torch_backend.col_reduce_backward); an operator of its own, so that
+# torch.compile traces it.
 @torch.library.custom_op("flash_colsum::reduce_columns_backward", mutates_args=())
 def reduce_columns_backward_op(
     grad: torch.Tensor,
@@ -193,7 +194,8 @@ torch.library.register_autograd("flash_colsum::reduce_columns", _backward, setup
 class _EagerReduceColumns(torch.autograd.Function):
     """`reduce_columns_op` and its gradient for eager calls: the dispatcher's custom-op path costs
     ~0.3-0.5 ms of host time a call (a small call's forward took 0.50 ms instead of 0.05 on the H100).
-    torch.compile traces the operators, whose registered backward is the operator below."""
+    torch.compile traces the operators instead (`reduce_columns_op`, whose registered backward calls
+    `reduce_columns_backward_op`)."""
 
     @staticmethod
     def forward(ctx, *inputs):
@@ -338,9 +340,10 @@ def column_stats(
 
     Gradients: with ``reduce="sum"`` or ``"mean"`` the statistics (and a returned LSE) are
     differentiable in ``query`` and ``key`` (first order). The forward saves only its inputs; the
-    backward recomputes the weights in PyTorch tiles under `get_memory_budget()` (float32, any
-    device). A given ``lse`` is taken as the exact LSE of ``query`` and ``key`` and gets no
-    gradient; ``reduce="max"`` raises NotImplementedError on backward.
+    backward recomputes the weights: two Triton kernels on the Triton back end (`flash_colsum.backward`),
+    PyTorch tiles under `get_memory_budget()` on the torch one. A given ``lse`` is taken as the exact
+    LSE of ``query`` and ``key`` and gets no gradient; ``reduce="max"`` raises NotImplementedError
+    on backward.
     """
     if cu_seqlens_q is not None or cu_seqlens_k is not None:
         return _column_stats_varlen(
