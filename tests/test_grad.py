@@ -87,6 +87,17 @@ def test_gradients_over_several_key_tiles(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", TARGETS)
+def test_total_weight_has_no_gradient(backend, device):
+    """Each row's weights sum to 1, so the sum of every key's column sum is constant: its gradient is
+    0, which holds only if the c_i term cancels the G_j term exactly."""
+    q, k = make_qk(2, 4, 2, 21, 33, 16, torch.float32, device)
+    _, dq, dk, _ = grads(lambda q, k: column_stats(q, k, reduce="sum", heads="sum", backend=backend), q, k,
+                         torch.ones(2, 33, dtype=torch.float64))
+    _, ref_dq, ref_dk, _ = grads(lambda q, k: column_stats(q, k, reduce="sum", heads="sum", backend=backend), q, k)
+    assert dq.norm() <= 1e-5 * ref_dq.norm() and dk.norm() <= 1e-5 * ref_dk.norm()
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
 def test_gradient_of_the_returned_lse(backend, device):
     q, k = make_qk(2, 4, 2, 11, 23, 16, torch.float32, device)
     stats_w, lse_w = torch.randn(2, 23), torch.randn(2, 4, 11)
