@@ -61,7 +61,7 @@ def test_gradients_match_float64(backend, device, case, dtype):
 @pytest.mark.parametrize("backend,device", TARGETS)
 @pytest.mark.parametrize("sq,sk", [(150, 140), (90, 40)])  # several blocks of rows and keys; rows that see no key
 def test_gradients_over_many_blocks(backend, device, sq, sk):
-    q, k = make_qk(2, 4, 2, sq, sk, 40, torch.bfloat16, device)
+    q, k = make_qk(2, 4, 2, sq, sk, 40, torch.bfloat16, device, seq_major=True)  # (B, S, H, D) memory
     keep = torch.rand(2, sk, device=device) < 0.9
     check_against_reference(q, k, backend, is_causal=True, rows=slice(5, None), key_padding_mask=keep, heads="kv_sum",
                             reduce="sum")
