@@ -16,6 +16,7 @@ attention output of that V). Then dq_i = scale * sum_j dL/ds_ij k_j and dk_j = s
 Each writes its block once: no atomics, bitwise reproducible. Scores as in the forward kernels
 (fp16/bf16 products exact in float32); the two gradient products take float32 weights on tf32 for
 fp16/bf16 inputs (their gradients are rounded to 2**-11 / 2**-8 anyway) and exact float32 for float32.
+Offsets are 64-bit (a head's stride times the head index passes 2**31 in long sequences).
 Masking convention as the forward: query i sees key j iff j <= i + Sk - Sq when causal; padded keys
 (key_keep 0) have weight 0; rows with lse = +inf (no visible key) have weight 0.
 """
@@ -82,8 +83,8 @@ def _rows_kernel(
     offs_r = (pid % n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)  # within the selection
     mask_r = offs_r < n_rows
     offs_m = row_start + offs_r  # query rows
-    q = _load_rows(Q + b.to(tl.int64) * stride_qb + h * stride_qh, offs_m, stride_qm, mask_r, stride_qd, D, BLOCK_D)
-    k_base = K + b.to(tl.int64) * stride_kb + (h // GROUP) * stride_kh
+    q = _load_rows(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, offs_m, stride_qm, mask_r, stride_qd, D, BLOCK_D)
+    k_base = K + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
     row = bh.to(tl.int64) * n_rows + offs_r
     lse2 = tl.load(LSE2 + row, mask=mask_r, other=float("inf"))
     row_w = tl.load(ROW_W + b.to(tl.int64) * n_rows + offs_r, mask=mask_r, other=0.0)
@@ -134,7 +135,7 @@ def _keys_kernel(
     n0 = (pid % n_blocks) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < Sk
-    k = _load_rows(K + b.to(tl.int64) * stride_kb + hk * stride_kh, offs_n, stride_kn, mask_n, stride_kd, D, BLOCK_D)
+    k = _load_rows(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh, offs_n, stride_kn, mask_n, stride_kd, D, BLOCK_D)
     visible_keys = mask_n
     if HAS_KEY_MASK:
         keep = tl.load(KEEP + b.to(tl.int64) * stride_keep_b + offs_n * stride_keep_n, mask=mask_n, other=0)
@@ -145,7 +146,7 @@ def _keys_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for g_index in range(0, GROUP):
         bh = b * H + hk * GROUP + g_index
-        q_base = Q + b.to(tl.int64) * stride_qb + (hk * GROUP + g_index) * stride_qh
+        q_base = Q + b.to(tl.int64) * stride_qb + (hk * GROUP + g_index).to(tl.int64) * stride_qh
         g = tl.load(G + bh.to(tl.int64) * Sk + offs_n, mask=mask_n, other=0.0)
         for r0 in range(r_lo, n_rows, BLOCK_M):
             offs_r = r0 + tl.arange(0, BLOCK_M)
