@@ -28,16 +28,8 @@ import triton
 import triton.language as tl
 
 from . import utils
-from .triton_backend import _dot, _dot_flags, _on_device
+from .triton_backend import _dot, _dot_flags, _load_main, _on_device
 from .utils import LOG2E, Problem, cdiv
-
-
-@triton.jit
-def _load_rows(base, offs, stride_row, mask_row, stride_d, D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A [len(offs), BLOCK_D] tile of rows offs (zeros past the mask and past D)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    ptrs = base + offs.to(tl.int64)[:, None] * stride_row + offs_d[None, :] * stride_d
-    return tl.load(ptrs, mask=mask_row[:, None] & (offs_d[None, :] < D), other=0.0)
 
 
 @triton.jit
@@ -47,7 +39,7 @@ def _key_tile(q, k_base, stride_kn, stride_kd, keep_base, stride_keep_n, g_base,
     """Keys n0 ... n0 + BLOCK_N against a block of rows (q, offs_m, their base-2 lse2): the keys
     [BN, BD], the rows' softmax weights on them [BM, BN] (0 where masked) and the keys' G [BN]."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    k = _load_rows(k_base, offs_n, stride_kn, offs_n < Sk, stride_kd, D, BLOCK_D)
+    k = _load_main(k_base, offs_n, stride_kn, offs_n < Sk, stride_kd, D, BLOCK_D)
     s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT)  # [BM, BD] @ [BD, BN] -> [BM, BN]
     w = tl.exp2(s * qk_scale - lse2[:, None])  # rows past the selection carry +inf: weight 0
     visible = offs_n[None, :] < Sk
@@ -83,7 +75,7 @@ def _rows_kernel(
     offs_r = (pid % n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)  # within the selection
     mask_r = offs_r < n_rows
     offs_m = row_start + offs_r  # query rows
-    q = _load_rows(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, offs_m, stride_qm, mask_r, stride_qd, D, BLOCK_D)
+    q = _load_main(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, offs_m, stride_qm, mask_r, stride_qd, D, BLOCK_D)
     k_base = K + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
     row = bh.to(tl.int64) * n_rows + offs_r
     lse2 = tl.load(LSE2 + row, mask=mask_r, other=float("inf"))
@@ -135,7 +127,7 @@ def _keys_kernel(
     n0 = (pid % n_blocks) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < Sk
-    k = _load_rows(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh, offs_n, stride_kn, mask_n, stride_kd, D, BLOCK_D)
+    k = _load_main(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh, offs_n, stride_kn, mask_n, stride_kd, D, BLOCK_D)
     visible_keys = mask_n
     if HAS_KEY_MASK:
         keep = tl.load(KEEP + b.to(tl.int64) * stride_keep_b + offs_n * stride_keep_n, mask=mask_n, other=0)
@@ -153,7 +145,7 @@ def _keys_kernel(
             mask_r = offs_r < n_rows
             offs_m = row_start + offs_r
             row = bh.to(tl.int64) * n_rows + offs_r
-            q = _load_rows(q_base, offs_m, stride_qm, mask_r, stride_qd, D, BLOCK_D)
+            q = _load_main(q_base, offs_m, stride_qm, mask_r, stride_qd, D, BLOCK_D)
             lse2 = tl.load(LSE2 + row, mask=mask_r, other=float("inf"))
             row_w = tl.load(ROW_W + b.to(tl.int64) * n_rows + offs_r, mask=mask_r, other=0.0)
             c = tl.load(C + row, mask=mask_r, other=0.0)
