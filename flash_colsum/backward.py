@@ -182,9 +182,7 @@ def column_grads(query, key, lse, p: Problem, rows: range, key_keep, row_weight,
     (B, H, len(rows)) or None; key_keep (B, Sk) bool or None."""
     n_rows = len(rows)
     dq = torch.zeros(query.shape, device=query.device, dtype=torch.float32)
-    dk = torch.empty(key.shape, device=key.device, dtype=torch.float32)
-    if n_rows == 0:
-        return dq, dk.zero_()
+    dk = torch.empty(key.shape, device=key.device, dtype=torch.float32)  # every key block writes its own
     lse2 = (lse.float() * LOG2E).contiguous()
     col_grad = col_grad.float().contiguous()
     row_weight = row_weight.float().contiguous()
@@ -196,12 +194,12 @@ def column_grads(query, key, lse, p: Problem, rows: range, key_keep, row_weight,
     rows_cfg, keys_cfg = _configs(block_d)
     meta = dict(D=p.head_dim, CAUSAL=p.causal, HAS_KEY_MASK=key_keep is not None, **_dot_flags(query.dtype),
                 GRAD_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", BLOCK_D=block_d)
-    common = (*query.stride(), *key.stride(), *keep_strides, p.heads, p.group, n_rows, rows.start, p.k_len,
-              p.causal_offset, p.scale * LOG2E, p.scale)
+    strides = (*query.stride(), *key.stride(), *keep_strides)
+    sizes = (p.heads, p.group, n_rows, rows.start, p.k_len, p.causal_offset, p.scale * LOG2E, p.scale)
     with _on_device(query):
         utils.launch(_rows_kernel, (p.batch * p.heads * cdiv(n_rows, rows_cfg["BLOCK_M"]),), query, key, lse2, col_grad,
-                     row_weight, lse_grad if lse_grad is not None else lse2, keep, dq, c, *common[:10], p.q_len,
-                     *common[10:], HAS_LSE_GRAD=lse_grad is not None, **meta, **rows_cfg)
+                     row_weight, lse_grad if lse_grad is not None else lse2, keep, dq, c, *strides, p.q_len, *sizes,
+                     HAS_LSE_GRAD=lse_grad is not None, **meta, **rows_cfg)
         utils.launch(_keys_kernel, (p.batch * p.kv_heads * cdiv(p.k_len, keys_cfg["BLOCK_N"]),), query, key, lse2,
-                     col_grad, row_weight, c, keep, dk, *common, **meta, **keys_cfg)
+                     col_grad, row_weight, c, keep, dk, *strides, *sizes, **meta, **keys_cfg)
     return dq, dk
