@@ -53,13 +53,26 @@ def _key_tile(q, k_base, stride_kn, stride_kd, keep_base, stride_keep_n, g_base,
 
 
 @triton.jit
+def _grad_dot(ds, x, GRAD_16BIT: tl.constexpr, GRAD_PRECISION: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              UPCAST_DOT: tl.constexpr):
+    """ds @ x, float32 accumulation. GRAD_16BIT: ds rounded to x's 16-bit dtype (the caller keeps
+    |ds| near 1: G and the LSE gradient come divided by a power of two); else float32 operands
+    with GRAD_PRECISION (tf32 or ieee)."""
+    if GRAD_16BIT:
+        out = _dot(ds.to(x.dtype), x, DOT_PRECISION, UPCAST_DOT)  # as the scores: 16-bit products exact in float32
+    else:
+        out = tl.dot(ds, x.to(tl.float32), input_precision=GRAD_PRECISION)
+    return out
+
+
+@triton.jit
 def _rows_kernel(
     Q, K, LSE2, G, ROW_W, LSE_GRAD, KEEP, DQ, C,
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     stride_keep_b, stride_keep_n, Sq,
     H, GROUP, n_rows, row_start, Sk, causal_offset, qk_scale, scale,
     D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_LSE_GRAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, GRAD_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, GRAD_16BIT: tl.constexpr, GRAD_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dq of one block of BLOCK_M selected rows of one query head, and those rows' c.
@@ -101,7 +114,7 @@ def _rows_kernel(
         k, w, g = _key_tile(q, k_base, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, lse2, offs_m, n0, Sk,
                             causal_offset, qk_scale, D, CAUSAL, HAS_KEY_MASK, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D)
         ds = w * (row_w[:, None] * g[None, :] - c[:, None])  # dL/ds / scale
-        dq += tl.dot(ds, k.to(tl.float32), input_precision=GRAD_PRECISION)  # [BM, BN] @ [BN, BD] -> [BM, BD]
+        dq += _grad_dot(ds, k, GRAD_16BIT, GRAD_PRECISION, DOT_PRECISION, UPCAST_DOT)  # [BM, BN] @ [BN, BD] -> [BM, BD]
     offs_d = tl.arange(0, BLOCK_D)
     dq_ptrs = DQ + ((bh.to(tl.int64) * Sq + offs_m) * D)[:, None] + offs_d[None, :]
     tl.store(dq_ptrs, dq * scale, mask=mask_r[:, None] & (offs_d[None, :] < D))
@@ -114,7 +127,7 @@ def _keys_kernel(
     stride_keep_b, stride_keep_n,
     H, GROUP, n_rows, row_start, Sk, causal_offset, qk_scale, scale,
     D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, GRAD_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, GRAD_16BIT: tl.constexpr, GRAD_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dk of one block of BLOCK_N keys of one key head, over the selected rows of its GROUP query
@@ -156,10 +169,17 @@ def _keys_kernel(
                 visible = visible & (offs_n[:, None] <= offs_m[None, :] + causal_offset)
             w = tl.where(visible, w, 0.0)
             ds = w * (g[:, None] * row_w[None, :] - c[None, :])  # dL/ds / scale, [BN, BM]
-            dk += tl.dot(ds, q.to(tl.float32), input_precision=GRAD_PRECISION)  # [BN, BM] @ [BM, BD] -> [BN, BD]
+            dk += _grad_dot(ds, q, GRAD_16BIT, GRAD_PRECISION, DOT_PRECISION, UPCAST_DOT)  # [BN, BM] @ [BM, BD] -> [BN, BD]
     offs_d = tl.arange(0, BLOCK_D)
     dk_ptrs = DK + ((bhk.to(tl.int64) * Sk + offs_n) * D)[:, None] + offs_d[None, :]
     tl.store(dk_ptrs, dk * scale, mask=mask_n[:, None] & (offs_d[None, :] < D))
+
+
+# The gradient products on 16-bit operands (dS rounded to the input dtype, G divided by a power of
+# two for fp16's range) instead of tf32 from float32 ones: off until timed. Offline ptxas (sm_90,
+# Triton 3.6; results/ptxas_bwd_v25.txt) gives it fewer registers and spills (rows kernel D=128:
+# 476 spilled bytes instead of 1064; keys kernel D=64: 80 instead of 224); the tests run both.
+GRAD_IN_INPUT_DTYPE = False
 
 
 def _configs(block_d: int) -> tuple[dict, dict]:
@@ -187,13 +207,21 @@ def column_grads(query, key, lse, p: Problem, rows: range, key_keep, row_weight,
     col_grad = col_grad.float().contiguous()
     row_weight = row_weight.float().contiguous()
     lse_grad = None if lse_grad is None else lse_grad.float().contiguous()
+    sixteen_bit = query.dtype != torch.float32 and GRAD_IN_INPUT_DTYPE
+    if sixteen_bit:  # |dL/ds| <= 2 max|G| max|row_weight| + max|lse_grad|: divide it to ~1 for fp16's range
+        bound = col_grad.abs().amax() * row_weight.abs().amax() * 2
+        if lse_grad is not None:
+            bound = bound + lse_grad.abs().amax()
+        sigma = torch.exp2(torch.ceil(torch.log2(bound.clamp_min(2.0**-100))))  # a power of two: exact
+        col_grad = col_grad / sigma
+        lse_grad = None if lse_grad is None else lse_grad / sigma
     c = torch.empty_like(lse2)
     # Without a mask any pointer serves: the kernels never read it.
     keep, keep_strides = (key_keep.view(torch.uint8), key_keep.stride()) if key_keep is not None else (lse2, (0, 0))
     block_d = max(16, utils.next_power_of_2(p.head_dim))
     rows_cfg, keys_cfg = _configs(block_d)
     meta = dict(D=p.head_dim, CAUSAL=p.causal, HAS_KEY_MASK=key_keep is not None, **_dot_flags(query.dtype),
-                GRAD_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", BLOCK_D=block_d)
+                GRAD_16BIT=sixteen_bit, GRAD_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", BLOCK_D=block_d)
     strides = (*query.stride(), *key.stride(), *keep_strides)
     sizes = (p.heads, p.group, n_rows, rows.start, p.k_len, p.causal_offset, p.scale * LOG2E, p.scale)
     with _on_device(query):
@@ -202,4 +230,7 @@ def column_grads(query, key, lse, p: Problem, rows: range, key_keep, row_weight,
                      HAS_LSE_GRAD=lse_grad is not None, **meta, **rows_cfg)
         utils.launch(_keys_kernel, (p.batch * p.kv_heads * cdiv(p.k_len, keys_cfg["BLOCK_N"]),), query, key, lse2,
                      col_grad, row_weight, c, keep, dk, *strides, *sizes, **meta, **keys_cfg)
+    if sixteen_bit:
+        dq.mul_(sigma)
+        dk.mul_(sigma)
     return dq, dk

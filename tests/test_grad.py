@@ -15,6 +15,15 @@ from conftest import TARGETS
 GRAD_TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
+@pytest.fixture(params=[False, True], ids=["tf32-products", "16bit-products"])
+def grad_products(request, monkeypatch):
+    """The Triton backward's gradient products both ways (`backward.GRAD_IN_INPUT_DTYPE`)."""
+    from flash_colsum import backward
+
+    monkeypatch.setattr(backward, "GRAD_IN_INPUT_DTYPE", request.param)
+    return request.param
+
+
 def grads(fn, q, k, out_weights=None):
     """(result, dq, dk, upstream weights) of sum(fn(q, k) * weights) for random upstream weights."""
     q, k = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
@@ -49,7 +58,9 @@ CASES = [
 @pytest.mark.parametrize("backend,device", TARGETS)
 @pytest.mark.parametrize("case", range(len(CASES)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_gradients_match_float64(backend, device, case, dtype):
+def test_gradients_match_float64(backend, device, case, dtype, grad_products):
+    if grad_products and (backend == "torch" or dtype == torch.float32):
+        pytest.skip("the switch applies to the Triton back end's 16-bit inputs only")
     q, k = make_qk(2, 4, 2, 19, 37, 24, dtype, device)
     kwargs = dict(CASES[case])
     if kwargs.get("row_mask") == "random":
@@ -60,7 +71,7 @@ def test_gradients_match_float64(backend, device, case, dtype):
 
 @pytest.mark.parametrize("backend,device", TARGETS)
 @pytest.mark.parametrize("sq,sk", [(150, 140), (90, 40)])  # several blocks of rows and keys; rows that see no key
-def test_gradients_over_many_blocks(backend, device, sq, sk):
+def test_gradients_over_many_blocks(backend, device, sq, sk, grad_products):
     q, k = make_qk(2, 4, 2, sq, sk, 40, torch.bfloat16, device, seq_major=True)  # (B, S, H, D) memory
     keep = torch.rand(2, sk, device=device) < 0.9
     check_against_reference(q, k, backend, is_causal=True, rows=slice(5, None), key_padding_mask=keep, heads="kv_sum",
@@ -69,7 +80,7 @@ def test_gradients_over_many_blocks(backend, device, sq, sk):
 
 @pytest.mark.parametrize("backend,device", TARGETS)
 @pytest.mark.parametrize("d", [72, 128, 256])  # every block configuration of the Triton kernels
-def test_gradients_at_large_head_dims(backend, device, d):
+def test_gradients_at_large_head_dims(backend, device, d, grad_products):
     q, k = make_qk(1, 4, 4, 70, 150, d, torch.float16, device)
     check_against_reference(q, k, backend, is_causal=True, heads="none")
 
@@ -84,6 +95,26 @@ def test_gradients_over_several_key_tiles(backend, device):
         check_against_reference(q, k, backend, is_causal=True, heads="kv_mean")
     finally:
         flash_colsum.set_memory_budget(old)
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_large_upstream_gradients(backend, device, grad_products):
+    """dL/ds past fp16's range while dq and dk stay inside it: one row splits its weight evenly
+    between two keys whose upstream gradients are +-2e5, so dL/ds = +-1e5 (fp16 tops out at 65504)
+    and dq, dk ~ 1e4. 16-bit products must rescale dL/ds first."""
+    q = torch.rand(1, 1, 1, 16, dtype=torch.float64) - 0.5
+    k0 = torch.randn(16, dtype=torch.float64)
+    across = torch.randn(16, dtype=torch.float64)
+    across -= (across @ q[0, 0, 0]) / (q[0, 0, 0] @ q[0, 0, 0]) * q[0, 0, 0]  # q . (k1 - k0) = 0: equal scores
+    k = torch.stack([k0, k0 + 0.1 * across])[None, None]
+    q, k = q.to(device, torch.float16), k.to(device, torch.float16)
+    weights = torch.tensor([[2e5, -2e5]], dtype=torch.float64)
+    fn = lambda q, k, **kw: column_stats(q, k, reduce="sum", heads="sum", **kw)  # noqa: E731
+    _, dq, dk, _ = grads(lambda q, k: fn(q, k, backend=backend), q, k, weights)
+    _, ref_dq, ref_dk, _ = grads(lambda q, k: reference_column_stats(q, k, reduce="sum", heads="sum"), q.cpu().double(),
+                                 k.cpu().double(), weights)
+    assert ref_dq.abs().max() < 6e4 and ref_dk.abs().max() < 6e4  # the gradients themselves fit fp16
+    assert rel_l2(dq, ref_dq) <= 1e-3 and rel_l2(dk, ref_dk) <= 1e-3
 
 
 @pytest.mark.parametrize("backend,device", TARGETS)
