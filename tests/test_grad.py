@@ -114,7 +114,9 @@ def test_large_upstream_gradients(backend, device, grad_products):
     _, ref_dq, ref_dk, _ = grads(lambda q, k: reference_column_stats(q, k, reduce="sum", heads="sum"), q.cpu().double(),
                                  k.cpu().double(), weights)
     assert ref_dq.abs().max() < 6e4 and ref_dk.abs().max() < 6e4  # the gradients themselves fit fp16
-    assert rel_l2(dq, ref_dq) <= 1e-3 and rel_l2(dk, ref_dk) <= 1e-3
+    # dq cancels: +-1e5 * (k0, k1) with k1 - k0 small, so the 2**-11 rounding of each dL/ds (16-bit
+    # or tf32 products alike) shows ~10x larger relative to dq than to its terms. Overflow gives inf.
+    assert rel_l2(dq, ref_dq) <= 2e-2 and rel_l2(dk, ref_dk) <= 1e-3
 
 
 @pytest.mark.parametrize("backend,device", TARGETS)
