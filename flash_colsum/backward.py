@@ -184,8 +184,9 @@ GRAD_IN_INPUT_DTYPE = False
 
 def _configs(block_d: int) -> tuple[dict, dict]:
     """Blocks and launch options of (`_rows_kernel`, `_keys_kernel`). On the H100 (fp16; S=16384 at
-    D=64, S=8192 at D=128; NOTES.md v25, results/tune_bwd_v25_h100.txt) these took the backward from
-    19.2 to ~13 ms at D=64 and from 26.8 to ~18 ms at D=128 against 64 x 64 blocks and 4 warps."""
+    D=64, S=8192 at D=128; NOTES.md v25, results/tune_bwd_v25_h100.txt and grad_v25_h100.txt) these
+    took forward + backward from 23.1 to 17.7 ms at D=64 and from 30.1 to 21.3 ms at D=128 against
+    64 x 64 blocks and 4 warps (predicted from each kernel's tuning alone: ~13 and ~18 ms of backward)."""
     if block_d > 128:  # registers: the stationary block and its gradient are [BLOCK, BLOCK_D] each
         small = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
         return small, small
