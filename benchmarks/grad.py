@@ -1,7 +1,10 @@
 """The gradient's price: flash_colsum's forward alone, forward + backward, and the same statistic
 through a materialized softmax (eager PyTorch autograd), with each one's peak extra GPU memory.
 
-    python -m benchmarks.grad [--s 1024 4096 16384] [--d 64] [--h 16] [--dtype float16]
+    python -m benchmarks.grad [--s 1024 4096 16384] [--d 64] [--h 16] [--dtype float16] [--products]
+
+--products also times the Triton backward with its gradient products on 16-bit operands
+(`backward.GRAD_IN_INPUT_DTYPE` flipped), beside the default, in the same process.
 
 The Triton back end's backward is two kernels (flash_colsum/backward.py); the torch back end's
 recomputes the weights in PyTorch tiles under the memory budget. Medians of triton.testing.do_bench.
@@ -12,6 +15,7 @@ import argparse
 import torch
 import triton
 
+from flash_colsum import backward as triton_backward
 from flash_colsum import flash_colsum
 
 
@@ -53,6 +57,7 @@ def main():
     parser.add_argument("--h", type=int, default=16)
     parser.add_argument("--b", type=int, default=1)
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--products", action="store_true", help="also time the other GRAD_IN_INPUT_DTYPE")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
@@ -65,6 +70,14 @@ def main():
         fwd, fwd_mib = measure(flash_colsum, q, k, backward=False, grad_mode=False)
         fwd_grad, _ = measure(flash_colsum, q, k, backward=False)
         both, both_mib = measure(flash_colsum, q, k, backward=True)
+        if args.products:
+            default = triton_backward.GRAD_IN_INPUT_DTYPE
+            triton_backward.GRAD_IN_INPUT_DTYPE = not default
+            other, _ = measure(flash_colsum, q, k, backward=True)
+            triton_backward.GRAD_IN_INPUT_DTYPE = default
+            again, _ = measure(flash_colsum, q, k, backward=True)  # the default once more: drift shows
+            print(f"{s} | forward+backward ms, GRAD_IN_INPUT_DTYPE={default}: {both:.3f} then {again:.3f}; "
+                  f"={not default}: {other:.3f}")
         torch_both, _ = measure(lambda q, k: flash_colsum(q, k, backend="torch"), q, k, backward=True)
         naive, naive_mib = measure(materialized, q, k, backward=True)
         fmt = lambda x, f: "OOM" if x is None else f.format(x)  # noqa: E731

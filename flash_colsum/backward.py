@@ -14,8 +14,10 @@ attention output of that V). Then dq_i = scale * sum_j dL/ds_ij k_j and dk_j = s
 - `_keys_kernel` (key-stationary, one program per block of keys of one key head): sweeps the rows
   of every query head of the group for dk.
 Each writes its block once: no atomics, bitwise reproducible. Scores as in the forward kernels
-(fp16/bf16 products exact in float32); the two gradient products take float32 weights on tf32 for
-fp16/bf16 inputs (their gradients are rounded to 2**-11 / 2**-8 anyway) and exact float32 for float32.
+(fp16/bf16 products exact in float32). The two gradient products round dL/ds to the 16-bit input
+dtype, first divided by a power of two above its bound so that fp16's range holds it (each row's own
+in `_rows_kernel`, one per key block in `_keys_kernel`; exact, multiplied back on dq and dk), and take
+float32 operands on tf32 where `GRAD_IN_INPUT_DTYPE` is off; float32 inputs take exact float32.
 Offsets are 64-bit (a head's stride times the head index passes 2**31 in long sequences).
 Masking convention as the forward: query i sees key j iff j <= i + Sk - Sq when causal; padded keys
 (key_keep 0) have weight 0; rows with lse = +inf (no visible key) have weight 0.
@@ -53,11 +55,19 @@ def _key_tile(q, k_base, stride_kn, stride_kd, keep_base, stride_keep_n, g_base,
 
 
 @triton.jit
+def _power_of_two_above(bound):
+    """The power of two 2**(floor(log2(bound)) + 1) > bound, built from the exponent bits: exact,
+    where exp2(ceil(log2(.))) goes through approximate MUFU ops. bound is clamped to 2**-100 first,
+    so that dividing a row weight (<= 1) by it stays finite."""
+    bits = tl.maximum(bound, 2.0**-100).to(tl.int32, bitcast=True)
+    return ((bits & 0x7F800000) + 0x00800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _grad_dot(ds, x, GRAD_16BIT: tl.constexpr, GRAD_PRECISION: tl.constexpr, DOT_PRECISION: tl.constexpr,
               UPCAST_DOT: tl.constexpr):
     """ds @ x, float32 accumulation. GRAD_16BIT: ds rounded to x's 16-bit dtype (the caller keeps
-    |ds| near 1: G and the LSE gradient come divided by a power of two); else float32 operands
-    with GRAD_PRECISION (tf32 or ieee)."""
+    |ds| <= 1 by dividing it by a power of two); else float32 operands with GRAD_PRECISION (tf32 or ieee)."""
     if GRAD_16BIT:
         out = _dot(ds.to(x.dtype), x, DOT_PRECISION, UPCAST_DOT)  # as the scores: 16-bit products exact in float32
     else:
@@ -67,7 +77,7 @@ def _grad_dot(ds, x, GRAD_16BIT: tl.constexpr, GRAD_PRECISION: tl.constexpr, DOT
 
 @triton.jit
 def _rows_kernel(
-    Q, K, LSE2, G, ROW_W, LSE_GRAD, KEEP, DQ, C,
+    Q, K, LSE2, G, ROW_W, LSE_GRAD, KEEP, DQ, C, BOUND,
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     stride_keep_b, stride_keep_n, Sq,
     H, GROUP, n_rows, row_start, Sk, causal_offset, qk_scale, scale,
@@ -79,6 +89,9 @@ def _rows_kernel(
 
     LSE2, LSE_GRAD, C: (B, H, n_rows) float32 contiguous (base-2 LSE; natural-log LSE gradient).
     G: (B, H, Sk) float32 contiguous. ROW_W: (B, n_rows). DQ: (B, H, Sq, D) float32 contiguous.
+    GRAD_16BIT: BOUND (B, H, cdiv(n_rows, BLOCK_M)) gets the block's bound on |dL/ds / scale|,
+    max_i |row_w_i| max_j |G_j| + |c_i| over its rows and swept keys (the weights are <= 1), and each
+    row's products divide dL/ds by a power of two above its own bound, multiplied back on dq.
     """
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(n_rows, BLOCK_M)
@@ -100,14 +113,25 @@ def _rows_kernel(
         n_hi = tl.minimum(Sk, tl.maximum(row_start + tl.minimum((pid % n_blocks + 1) * BLOCK_M, n_rows) + causal_offset, 0))
 
     dot = tl.zeros([BLOCK_M], tl.float32)  # D_i
+    g_max = 0.0  # max |G_j| over the swept keys
     for n0 in range(0, n_hi, BLOCK_N):
         _, w, g = _key_tile(q, k_base, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, lse2, offs_m, n0, Sk,
                             causal_offset, qk_scale, D, CAUSAL, HAS_KEY_MASK, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D)
         dot += tl.sum(w * g[None, :], axis=1)
+        if GRAD_16BIT:
+            g_max = tl.maximum(g_max, tl.max(tl.abs(g), axis=0))
     c = row_w * dot
     if HAS_LSE_GRAD:
         c -= tl.load(LSE_GRAD + row, mask=mask_r, other=0.0)
     tl.store(C + row, c, mask=mask_r)
+    dq_scale = tl.zeros([BLOCK_M], tl.float32) + scale
+    if GRAD_16BIT:  # |dL/ds / scale| <= |row_w| |G| + |c| with weights <= 1: divide it to <= 1 for fp16's range
+        bound = tl.abs(row_w) * g_max + tl.abs(c)
+        tl.store(BOUND + bh.to(tl.int64) * n_blocks + pid % n_blocks, tl.max(bound, axis=0))
+        sigma = _power_of_two_above(bound)
+        row_w = row_w / sigma  # exact: powers of two
+        c = c / sigma
+        dq_scale = dq_scale * sigma
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(0, n_hi, BLOCK_N):
@@ -117,21 +141,23 @@ def _rows_kernel(
         dq += _grad_dot(ds, k, GRAD_16BIT, GRAD_PRECISION, DOT_PRECISION, UPCAST_DOT)  # [BM, BN] @ [BN, BD] -> [BM, BD]
     offs_d = tl.arange(0, BLOCK_D)
     dq_ptrs = DQ + ((bh.to(tl.int64) * Sq + offs_m) * D)[:, None] + offs_d[None, :]
-    tl.store(dq_ptrs, dq * scale, mask=mask_r[:, None] & (offs_d[None, :] < D))
+    tl.store(dq_ptrs, dq * dq_scale[:, None], mask=mask_r[:, None] & (offs_d[None, :] < D))
 
 
 @triton.jit
 def _keys_kernel(
-    Q, K, LSE2, G, ROW_W, C, KEEP, DK,
+    Q, K, LSE2, G, ROW_W, C, BOUND, KEEP, DK,
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     stride_keep_b, stride_keep_n,
-    H, GROUP, n_rows, row_start, Sk, causal_offset, qk_scale, scale,
+    H, GROUP, n_rows, row_start, Sk, causal_offset, qk_scale, scale, n_bounds,
     D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, GRAD_16BIT: tl.constexpr, GRAD_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dk of one block of BLOCK_N keys of one key head, over the selected rows of its GROUP query
-    heads; C from `_rows_kernel`. DK: (B, Hk, Sk, D) float32 contiguous."""
+    heads; C from `_rows_kernel`. DK: (B, Hk, Sk, D) float32 contiguous. GRAD_16BIT: BOUND from
+    `_rows_kernel` (n_bounds a head) bounds every |dL/ds / scale| of these heads; the products divide
+    dL/ds by one power of two above the largest, multiplied back on dk."""
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(Sk, BLOCK_N)
     bhk = pid // n_blocks
@@ -148,11 +174,23 @@ def _keys_kernel(
     r_lo = 0
     if CAUSAL:  # rows before n0 - causal_offset see none of these keys
         r_lo = tl.maximum(n0 - causal_offset - row_start, 0) // BLOCK_M * BLOCK_M
+    dk_scale = scale
+    if GRAD_16BIT:
+        bound = 0.0
+        for g_index in range(0, GROUP):
+            bound_base = BOUND + (b * H + hk * GROUP + g_index).to(tl.int64) * n_bounds
+            for i0 in range(0, n_bounds, BLOCK_M):
+                offs_b = i0 + tl.arange(0, BLOCK_M)
+                bound = tl.maximum(bound, tl.max(tl.load(bound_base + offs_b, mask=offs_b < n_bounds, other=0.0), axis=0))
+        sigma = _power_of_two_above(bound)
+        dk_scale = dk_scale * sigma
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for g_index in range(0, GROUP):
         bh = b * H + hk * GROUP + g_index
         q_base = Q + b.to(tl.int64) * stride_qb + (hk * GROUP + g_index).to(tl.int64) * stride_qh
         g = tl.load(G + bh.to(tl.int64) * Sk + offs_n, mask=mask_n, other=0.0)
+        if GRAD_16BIT:
+            g = g / sigma  # exact: a power of two
         for r0 in range(r_lo, n_rows, BLOCK_M):
             offs_r = r0 + tl.arange(0, BLOCK_M)
             mask_r = offs_r < n_rows
@@ -162,6 +200,8 @@ def _keys_kernel(
             lse2 = tl.load(LSE2 + row, mask=mask_r, other=float("inf"))
             row_w = tl.load(ROW_W + b.to(tl.int64) * n_rows + offs_r, mask=mask_r, other=0.0)
             c = tl.load(C + row, mask=mask_r, other=0.0)
+            if GRAD_16BIT:
+                c = c / sigma
             s = _dot(k, tl.trans(q), DOT_PRECISION, UPCAST_DOT)  # [BN, BD] @ [BD, BM] -> [BN, BM]
             w = tl.exp2(s * qk_scale - lse2[None, :])
             visible = visible_keys[:, None]
@@ -172,14 +212,15 @@ def _keys_kernel(
             dk += _grad_dot(ds, q, GRAD_16BIT, GRAD_PRECISION, DOT_PRECISION, UPCAST_DOT)  # [BN, BM] @ [BM, BD] -> [BN, BD]
     offs_d = tl.arange(0, BLOCK_D)
     dk_ptrs = DK + ((bhk.to(tl.int64) * Sk + offs_n) * D)[:, None] + offs_d[None, :]
-    tl.store(dk_ptrs, dk * scale, mask=mask_n[:, None] & (offs_d[None, :] < D))
+    tl.store(dk_ptrs, dk * dk_scale, mask=mask_n[:, None] & (offs_d[None, :] < D))
 
 
-# The gradient products on 16-bit operands (dS rounded to the input dtype, G divided by a power of
-# two for fp16's range) instead of tf32 from float32 ones: off until timed. Offline ptxas (sm_90,
-# Triton 3.6; results/ptxas_bwd_v25.txt) gives it fewer registers and spills (rows kernel D=128:
-# 476 spilled bytes instead of 1064; keys kernel D=64: 80 instead of 224); the tests run both.
-GRAD_IN_INPUT_DTYPE = False
+# The gradient products on 16-bit operands (dL/ds rounded to the input dtype) instead of tf32 from
+# float32 ones. On the H100 (NOTES.md v26, results/grad_v26_products_h100.txt) forward + backward
+# took 12.1 instead of 17.5 ms at D=64 S=16384 and 9.8-10.1 instead of 21.3 ms at D=128 S=8192
+# (fewer registers and spills: results/ptxas_bwd_v25.txt); the gradients' error against float64
+# stays the rounding of the gradients themselves (results/grad_acc_v26_h100.txt). The tests run both.
+GRAD_IN_INPUT_DTYPE = True
 
 
 def _configs(block_d: int) -> tuple[dict, dict]:
@@ -205,33 +246,25 @@ def column_grads(query, key, lse, p: Problem, rows: range, key_keep, row_weight,
     dq = torch.zeros(query.shape, device=query.device, dtype=torch.float32)
     dk = torch.empty(key.shape, device=key.device, dtype=torch.float32)  # every key block writes its own
     lse2 = (lse.float() * LOG2E).contiguous()
+    block_d = max(16, utils.next_power_of_2(p.head_dim))
+    rows_cfg, keys_cfg = _configs(block_d)
     col_grad = col_grad.float().contiguous()
     row_weight = row_weight.float().contiguous()
     lse_grad = None if lse_grad is None else lse_grad.float().contiguous()
     sixteen_bit = query.dtype != torch.float32 and GRAD_IN_INPUT_DTYPE
-    if sixteen_bit:  # |dL/ds| <= 2 max|G| max|row_weight| + max|lse_grad|: divide it to ~1 for fp16's range
-        bound = col_grad.abs().amax() * row_weight.abs().amax() * 2
-        if lse_grad is not None:
-            bound = bound + lse_grad.abs().amax()
-        sigma = torch.exp2(torch.ceil(torch.log2(bound.clamp_min(2.0**-100))))  # a power of two: exact
-        col_grad = col_grad / sigma
-        lse_grad = None if lse_grad is None else lse_grad / sigma
     c = torch.empty_like(lse2)
+    n_bounds = cdiv(n_rows, rows_cfg["BLOCK_M"])
+    bound = torch.empty((p.batch, p.heads, n_bounds), device=query.device, dtype=torch.float32) if sixteen_bit else c
     # Without a mask any pointer serves: the kernels never read it.
     keep, keep_strides = (key_keep.view(torch.uint8), key_keep.stride()) if key_keep is not None else (lse2, (0, 0))
-    block_d = max(16, utils.next_power_of_2(p.head_dim))
-    rows_cfg, keys_cfg = _configs(block_d)
     meta = dict(D=p.head_dim, CAUSAL=p.causal, HAS_KEY_MASK=key_keep is not None, **_dot_flags(query.dtype),
                 GRAD_16BIT=sixteen_bit, GRAD_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", BLOCK_D=block_d)
     strides = (*query.stride(), *key.stride(), *keep_strides)
     sizes = (p.heads, p.group, n_rows, rows.start, p.k_len, p.causal_offset, p.scale * LOG2E, p.scale)
     with _on_device(query):
         utils.launch(_rows_kernel, (p.batch * p.heads * cdiv(n_rows, rows_cfg["BLOCK_M"]),), query, key, lse2, col_grad,
-                     row_weight, lse_grad if lse_grad is not None else lse2, keep, dq, c, *strides, p.q_len, *sizes,
+                     row_weight, lse_grad if lse_grad is not None else lse2, keep, dq, c, bound, *strides, p.q_len, *sizes,
                      HAS_LSE_GRAD=lse_grad is not None, **meta, **rows_cfg)
         utils.launch(_keys_kernel, (p.batch * p.kv_heads * cdiv(p.k_len, keys_cfg["BLOCK_N"]),), query, key, lse2,
-                     col_grad, row_weight, c, keep, dk, *strides, *sizes, **meta, **keys_cfg)
-    if sixteen_bit:
-        dq.mul_(sigma)
-        dk.mul_(sigma)
+                     col_grad, row_weight, c, bound, keep, dk, *strides, *sizes, n_bounds, **meta, **keys_cfg)
     return dq, dk

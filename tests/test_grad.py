@@ -120,6 +120,22 @@ def test_large_upstream_gradients(backend, device, grad_products):
 
 
 @pytest.mark.parametrize("backend,device", TARGETS)
+def test_tiny_upstream_gradients(backend, device, grad_products):
+    """dL/ds below fp16's subnormal spacing (6e-8) while dk, a sum over 4096 rows, is a normal fp16
+    number: two equal keys take half of every row's weight, upstream gradients +-4e-7 give dL/ds =
+    +-2e-7 and dk ~ 1e-4. 16-bit products must scale dL/ds up first (~10% off otherwise)."""
+    q = torch.rand(1, 1, 4096, 16, device=device).to(torch.float16)  # positive: the rows' terms add up
+    k = torch.randn(1, 1, 1, 16, device=device).to(torch.float16).expand(1, 1, 2, 16).contiguous()
+    weights = torch.tensor([[4e-7, -4e-7]], dtype=torch.float64)
+    fn = lambda q, k, **kw: column_stats(q, k, reduce="sum", heads="sum", **kw)  # noqa: E731
+    _, _, dk, _ = grads(lambda q, k: fn(q, k, backend=backend), q, k, weights)
+    _, _, ref_dk, _ = grads(lambda q, k: reference_column_stats(q, k, reduce="sum", heads="sum"), q.cpu().double(),
+                            k.cpu().double(), weights)
+    assert ref_dk.abs().min() > 6.2e-5  # normal fp16 numbers
+    assert rel_l2(dk, ref_dk) <= 1e-3
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
 def test_total_weight_has_no_gradient(backend, device):
     """Each row's weights sum to 1, so the sum of every key's column sum is constant: its gradient is
     0, which holds only if the c_i term cancels the G_j term exactly."""
