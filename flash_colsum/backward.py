@@ -35,15 +35,14 @@ from .utils import LOG2E, Problem, cdiv
 
 
 @triton.jit
-def _key_tile(q, k_base, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, lse2, offs_m, n0, Sk, causal_offset,
-              qk_scale, D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _key_tile(q, k_base, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, offs_m, n0, Sk, causal_offset, qk_scale,
+              D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
               UPCAST_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Keys n0 ... n0 + BLOCK_N against a block of rows (q, offs_m, their base-2 lse2): the keys
-    [BN, BD], the rows' softmax weights on them [BM, BN] (0 where masked) and the keys' G [BN]."""
+    """Keys n0 ... n0 + BLOCK_N against a block of rows (q, offs_m): the keys [BN, BD], the base-2
+    scores scale * log2(e) * q . k [BM, BN] (-inf where masked) and the keys' G [BN]."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     k = _load_main(k_base, offs_n, stride_kn, offs_n < Sk, stride_kd, D, BLOCK_D)
     s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT)  # [BM, BD] @ [BD, BN] -> [BM, BN]
-    w = tl.exp2(s * qk_scale - lse2[:, None])  # rows past the selection carry +inf: weight 0
     visible = offs_n[None, :] < Sk
     if CAUSAL:
         visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
@@ -51,7 +50,7 @@ def _key_tile(q, k_base, stride_kn, stride_kd, keep_base, stride_keep_n, g_base,
         keep = tl.load(keep_base + offs_n * stride_keep_n, mask=offs_n < Sk, other=0)
         visible = visible & (keep[None, :] != 0)
     g = tl.load(g_base + offs_n, mask=offs_n < Sk, other=0.0)
-    return k, tl.where(visible, w, 0.0), g
+    return k, tl.where(visible, s * qk_scale, float("-inf")), g
 
 
 @triton.jit
@@ -80,15 +79,18 @@ def _rows_kernel(
     Q, K, LSE2, G, ROW_W, LSE_GRAD, KEEP, DQ, C, BOUND,
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     stride_keep_b, stride_keep_n, Sq,
-    H, GROUP, n_rows, row_start, Sk, causal_offset, qk_scale, scale,
-    D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_LSE_GRAD: tl.constexpr,
+    H, GROUP, G_HEADS, n_rows, row_start, Sk, causal_offset, qk_scale, scale,
+    D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_LSE_GRAD: tl.constexpr, COMPUTE_LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, GRAD_16BIT: tl.constexpr, GRAD_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dq of one block of BLOCK_M selected rows of one query head, and those rows' c.
 
     LSE2, LSE_GRAD, C: (B, H, n_rows) float32 contiguous (base-2 LSE; natural-log LSE gradient).
-    G: (B, H, Sk) float32 contiguous. ROW_W: (B, n_rows). DQ: (B, H, Sq, D) float32 contiguous.
+    COMPUTE_LSE: the first sweep computes the LSE as a forward pass would (online maximum) and
+    stores it in LSE2 for `_keys_kernel`, instead of loading it: no pass of its own.
+    G: (B, H // G_HEADS, Sk) float32 contiguous, a row for G_HEADS consecutive query heads.
+    ROW_W: (B, n_rows). DQ: (B, H, Sq, D) contiguous, in any float dtype (stored once, rounded).
     GRAD_16BIT: BOUND (B, H, cdiv(n_rows, BLOCK_M)) gets the block's bound on |dL/ds / scale|,
     max_i |row_w_i| max_j |G_j| + |c_i| over its rows and swept keys (the weights are <= 1), and each
     row's products divide dL/ds by a power of two above its own bound, multiplied back on dq.
@@ -104,22 +106,42 @@ def _rows_kernel(
     q = _load_main(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, offs_m, stride_qm, mask_r, stride_qd, D, BLOCK_D)
     k_base = K + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
     row = bh.to(tl.int64) * n_rows + offs_r
-    lse2 = tl.load(LSE2 + row, mask=mask_r, other=float("inf"))
     row_w = tl.load(ROW_W + b.to(tl.int64) * n_rows + offs_r, mask=mask_r, other=0.0)
-    g_base = G + bh.to(tl.int64) * Sk
+    g_base = G + (bh // G_HEADS).to(tl.int64) * Sk
     keep_base = KEEP + b.to(tl.int64) * stride_keep_b
     n_hi = Sk
     if CAUSAL:  # the block's last row sees keys up to it + causal_offset
         n_hi = tl.minimum(Sk, tl.maximum(row_start + tl.minimum((pid % n_blocks + 1) * BLOCK_M, n_rows) + causal_offset, 0))
 
-    dot = tl.zeros([BLOCK_M], tl.float32)  # D_i
+    if COMPUTE_LSE:
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running maximum of the base-2 scores
+        total = tl.zeros([BLOCK_M], tl.float32)  # sum_j exp2(t_ij - m_i)
+    else:
+        lse2 = tl.load(LSE2 + row, mask=mask_r, other=float("inf"))  # rows past the selection: weight 0
+    dot = tl.zeros([BLOCK_M], tl.float32)  # D_i (times total when COMPUTE_LSE)
     g_max = 0.0  # max |G_j| over the swept keys
     for n0 in range(0, n_hi, BLOCK_N):
-        _, w, g = _key_tile(q, k_base, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, lse2, offs_m, n0, Sk,
+        _, t, g = _key_tile(q, k_base, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, offs_m, n0, Sk,
                             causal_offset, qk_scale, D, CAUSAL, HAS_KEY_MASK, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D)
-        dot += tl.sum(w * g[None, :], axis=1)
+        if COMPUTE_LSE:
+            m_new = tl.maximum(m, tl.max(t, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet: no -inf - -inf
+            alpha = tl.exp2(m - m_safe)
+            w = tl.exp2(t - m_safe[:, None])
+            total = total * alpha + tl.sum(w, axis=1)
+            dot = dot * alpha + tl.sum(w * g[None, :], axis=1)
+            m = m_new
+        else:
+            w = tl.exp2(t - lse2[:, None])
+            dot += tl.sum(w * g[None, :], axis=1)
         if GRAD_16BIT:
             g_max = tl.maximum(g_max, tl.max(tl.abs(g), axis=0))
+    if COMPUTE_LSE:  # rows that see no key get +inf: weight 0, as the forward kernels' convention
+        seen = (total > 0) & mask_r
+        total = tl.where(seen, total, 1.0)  # no log2(0), no 0 / 0 in the lanes dropped below
+        lse2 = tl.where(seen, m + tl.log2(total), float("inf"))
+        dot = tl.where(seen, dot / total, 0.0)
+        tl.store(LSE2 + row, lse2, mask=mask_r)
     c = row_w * dot
     if HAS_LSE_GRAD:
         c -= tl.load(LSE_GRAD + row, mask=mask_r, other=0.0)
@@ -135,8 +157,9 @@ def _rows_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(0, n_hi, BLOCK_N):
-        k, w, g = _key_tile(q, k_base, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, lse2, offs_m, n0, Sk,
+        k, t, g = _key_tile(q, k_base, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, offs_m, n0, Sk,
                             causal_offset, qk_scale, D, CAUSAL, HAS_KEY_MASK, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D)
+        w = tl.exp2(t - lse2[:, None])
         ds = w * (row_w[:, None] * g[None, :] - c[:, None])  # dL/ds / scale
         dq += _grad_dot(ds, k, GRAD_16BIT, GRAD_PRECISION, DOT_PRECISION, UPCAST_DOT)  # [BM, BN] @ [BN, BD] -> [BM, BD]
     offs_d = tl.arange(0, BLOCK_D)
@@ -149,13 +172,13 @@ def _keys_kernel(
     Q, K, LSE2, G, ROW_W, C, BOUND, KEEP, DK,
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     stride_keep_b, stride_keep_n,
-    H, GROUP, n_rows, row_start, Sk, causal_offset, qk_scale, scale, n_bounds,
+    H, GROUP, G_HEADS, n_rows, row_start, Sk, causal_offset, qk_scale, scale, n_bounds,
     D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, GRAD_16BIT: tl.constexpr, GRAD_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dk of one block of BLOCK_N keys of one key head, over the selected rows of its GROUP query
-    heads; C from `_rows_kernel`. DK: (B, Hk, Sk, D) float32 contiguous. GRAD_16BIT: BOUND from
+    heads; C from `_rows_kernel`. DK: (B, Hk, Sk, D) contiguous, any float dtype. GRAD_16BIT: BOUND from
     `_rows_kernel` (n_bounds a head) bounds every |dL/ds / scale| of these heads; the products divide
     dL/ds by one power of two above the largest, multiplied back on dk."""
     pid = tl.program_id(0)
@@ -188,7 +211,7 @@ def _keys_kernel(
     for g_index in range(0, GROUP):
         bh = b * H + hk * GROUP + g_index
         q_base = Q + b.to(tl.int64) * stride_qb + (hk * GROUP + g_index).to(tl.int64) * stride_qh
-        g = tl.load(G + bh.to(tl.int64) * Sk + offs_n, mask=mask_n, other=0.0)
+        g = tl.load(G + (bh // G_HEADS).to(tl.int64) * Sk + offs_n, mask=mask_n, other=0.0)
         if GRAD_16BIT:
             g = g / sigma  # exact: a power of two
         for r0 in range(r_lo, n_rows, BLOCK_M):
@@ -238,14 +261,20 @@ def _configs(block_d: int) -> tuple[dict, dict]:
 
 
 def column_grads(query, key, lse, p: Problem, rows: range, key_keep, row_weight, col_grad, lse_grad):
-    """(dq, dk) float32, the gradient of the column statistic (module docstring), as
-    `torch_backend.col_reduce_backward` takes its arguments: lse (B, H, len(rows)) natural log,
-    +inf for rows that see no key; row_weight (B, len(rows)); col_grad (B, H, Sk); lse_grad
-    (B, H, len(rows)) or None; key_keep (B, Sk) bool or None."""
+    """(dq, dk) in query's and key's dtypes, the gradient of the column statistic (module docstring),
+    as `torch_backend.col_reduce_backward` takes its arguments: lse (B, H, len(rows)) natural log,
+    +inf for rows that see no key, or None (`_rows_kernel` computes it); row_weight (B, len(rows));
+    col_grad (B, H // n, Sk), a row for n consecutive query heads; lse_grad (B, H, len(rows)) or
+    None; key_keep (B, Sk) bool or None."""
     n_rows = len(rows)
-    dq = torch.zeros(query.shape, device=query.device, dtype=torch.float32)
-    dk = torch.empty(key.shape, device=key.device, dtype=torch.float32)  # every key block writes its own
-    lse2 = (lse.float() * LOG2E).contiguous()
+    # Each block of rows and of keys is written once, so the kernels round to the input dtype
+    # themselves; rows outside ``rows`` get no gradient.
+    dq = (torch.empty if n_rows == p.q_len else torch.zeros)(query.shape, device=query.device, dtype=query.dtype)
+    dk = torch.empty(key.shape, device=key.device, dtype=key.dtype)
+    if lse is None:
+        lse2 = torch.empty((p.batch, p.heads, n_rows), device=query.device, dtype=torch.float32)
+    else:
+        lse2 = (lse.float() * LOG2E).contiguous()
     block_d = max(16, utils.next_power_of_2(p.head_dim))
     rows_cfg, keys_cfg = _configs(block_d)
     col_grad = col_grad.float().contiguous()
@@ -260,11 +289,11 @@ def column_grads(query, key, lse, p: Problem, rows: range, key_keep, row_weight,
     meta = dict(D=p.head_dim, CAUSAL=p.causal, HAS_KEY_MASK=key_keep is not None, **_dot_flags(query.dtype),
                 GRAD_16BIT=sixteen_bit, GRAD_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", BLOCK_D=block_d)
     strides = (*query.stride(), *key.stride(), *keep_strides)
-    sizes = (p.heads, p.group, n_rows, rows.start, p.k_len, p.causal_offset, p.scale * LOG2E, p.scale)
+    sizes = (p.heads, p.group, p.heads // col_grad.shape[1], n_rows, rows.start, p.k_len, p.causal_offset, p.scale * LOG2E, p.scale)
     with _on_device(query):
         utils.launch(_rows_kernel, (p.batch * p.heads * cdiv(n_rows, rows_cfg["BLOCK_M"]),), query, key, lse2, col_grad,
                      row_weight, lse_grad if lse_grad is not None else lse2, keep, dq, c, bound, *strides, p.q_len, *sizes,
-                     HAS_LSE_GRAD=lse_grad is not None, **meta, **rows_cfg)
+                     HAS_LSE_GRAD=lse_grad is not None, COMPUTE_LSE=lse is None, **meta, **rows_cfg)
         utils.launch(_keys_kernel, (p.batch * p.kv_heads * cdiv(p.k_len, keys_cfg["BLOCK_N"]),), query, key, lse2,
                      col_grad, row_weight, c, bound, keep, dk, *strides, *sizes, n_bounds, **meta, **keys_cfg)
     return dq, dk

@@ -147,15 +147,20 @@ def _reduce_grads(grad, grad_lse, query, key, lse, key_keep, row_keep, scale, ca
     p = problem_from_shapes(query, key, scale, causal, row_start, row_end, backend)
     rows = range(0, p.q_len) if full_lse else range(p.row_start, p.row_end)
     if lse is None:
-        lse = _backend_module(p).row_lse(query, key, p, key_keep, rows)
+        if p.backend != "triton":  # the Triton backward computes it in its first sweep over the keys
+            lse = _backend_module(p).row_lse(query, key, p, key_keep, rows)
     else:
         lse = lse[:, :, rows.start : rows.stop]
         lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
-    row_weight = torch.zeros((p.batch, len(rows)), device=query.device, dtype=torch.float32)
-    row_weight[:, p.row_start - rows.start : p.row_end - rows.start] = 1.0
-    if row_keep is not None:
-        row_weight.mul_(row_keep[:, rows.start : rows.stop])
-    col_grad = grad.float().repeat_interleave(heads_per_chunk, dim=1).div_(divisor)  # (B, H, Sk)
+    # The divisor of a mean goes on the row weights: one multiply fewer per score, no copy of grad.
+    if row_keep is None and len(rows) == p.n_rows:
+        row_weight = torch.full((p.batch, len(rows)), 1.0 / divisor, device=query.device, dtype=torch.float32)
+    else:
+        row_weight = torch.zeros((p.batch, len(rows)), device=query.device, dtype=torch.float32)
+        row_weight[:, p.row_start - rows.start : p.row_end - rows.start] = 1.0 / divisor
+        if row_keep is not None:
+            row_weight.mul_(row_keep[:, rows.start : rows.stop])
+    col_grad = grad.float()  # (B, H // heads_per_chunk, Sk)
     lse_grad = grad_lse.float() if full_lse else None
     if p.backend == "triton":
         from . import backward

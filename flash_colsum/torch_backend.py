@@ -166,8 +166,8 @@ def col_reduce_backward(query, key, lse, p: Problem, rows: range, key_keep, row_
     The statistic over ``rows``: out[b, h, j] = sum_i row_weight[b, i] * w[b, h, i, j], with
     w = exp(s - lse) the softmax weights of scores s = scale * q . k (causally hidden and padded
     keys: -inf, weight 0). lse: (B, H, len(rows)) natural-log LSE of those rows (+inf: a row that
-    sees no key). row_weight: (B, len(rows)) float32. col_grad: (B, H, Sk) float32, the gradient of
-    out; lse_grad: (B, H, len(rows)) float32 or None, the gradient of lse itself. Through the
+    sees no key). row_weight: (B, len(rows)) float32. col_grad: (B, H // n, Sk) float32, the gradient
+    of out, a row for n consecutive query heads; lse_grad: (B, H, len(rows)) float32 or None, the gradient of lse itself. Through the
     softmax, dL/ds_ij = w_ij * (row_weight_i * G_j - c_i) with G = col_grad, c_i = row_weight_i * D_i
     - lse_grad_i and D_i = sum_j w_ij G_j (FlashAttention's backward with a one-column V = G).
     Tiles stay within the memory budget; a tile that holds only some of the keys takes D_i in a
@@ -184,7 +184,7 @@ def col_reduce_backward(query, key, lse, p: Problem, rows: range, key_keep, row_
         r = slice(tile_rows.start - rows.start, tile_rows.stop - rows.start)
         tile_lse = lse[batch, :, r].reshape(b, hk, g, m, 1)
         weight = row_weight[batch, r].reshape(b, 1, 1, m, 1)
-        grads = col_grad[batch].reshape(b, hk, g, 1, p.k_len)
+        grads = col_grad[batch].repeat_interleave(p.heads // col_grad.shape[1], dim=1).reshape(b, hk, g, 1, p.k_len)
 
         def weights(keys):  # (b, Hk, G, M, N) softmax weights of the tile's rows against ``keys``
             s = _scores(query, key, p, batch, tile_rows, keys, key_keep)
