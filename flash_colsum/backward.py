@@ -247,16 +247,20 @@ GRAD_IN_INPUT_DTYPE = True
 
 
 def _configs(block_d: int) -> tuple[dict, dict]:
-    """Blocks and launch options of (`_rows_kernel`, `_keys_kernel`). On the H100 (fp16; S=16384 at
-    D=64, S=8192 at D=128; NOTES.md v25, results/tune_bwd_v25_h100.txt and grad_v25_h100.txt) these
-    took forward + backward from 23.1 to 17.7 ms at D=64 and from 30.1 to 21.3 ms at D=128 against
-    64 x 64 blocks and 4 warps (predicted from each kernel's tuning alone: ~13 and ~18 ms of backward)."""
+    """Blocks and launch options of (`_rows_kernel`, `_keys_kernel`), tuned on the H100 (fp16; S=16384
+    at D=64, S=8192 at D=128; NOTES.md v25 and v26). v25 (results/tune_bwd_v25_h100.txt) took
+    forward + backward from 23.1 to 17.7 ms at D=64 and from 30.1 to 21.3 ms at D=128 against 64 x 64
+    blocks and 4 warps; v26 retuned the rows kernel once its first sweep computed the LSE
+    (results/tune_rows_v26_h100.txt: D=128 9.77 -> 9.22 ms; D=64 kept, 11.29 ms)."""
     if block_d > 128:  # registers: the stationary block and its gradient are [BLOCK, BLOCK_D] each
         small = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
         return small, small
-    rows = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    keys = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2) if block_d <= 64 else \
-        dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3)
+    if block_d <= 64:
+        rows = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+        keys = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2)
+    else:
+        rows = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3)
+        keys = dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3)
     return rows, keys
 
 
