@@ -348,7 +348,9 @@ def column_stats(
     backward recomputes the weights: two Triton kernels on the Triton back end (`flash_colsum.backward`),
     PyTorch tiles under `get_memory_budget()` on the torch one. A given ``lse`` is taken as the exact
     LSE of ``query`` and ``key`` and gets no gradient; ``reduce="max"`` raises NotImplementedError
-    on backward.
+    on backward. Gradients come in the inputs' dtype: a mean's are ~1/(H·Sq·Sk) per element, below
+    fp16's smallest normal number at long sequences; scale the loss (as any fp16 training does) or
+    use bf16.
     """
     if cu_seqlens_q is not None or cu_seqlens_k is not None:
         return _column_stats_varlen(
