@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from . import ops
 from .ops import HEAD_MODES, NORMALIZATIONS, ROW_REDUCTIONS, head_plan
-from .utils import make_problem, resolve_rows
+from .utils import NoGradient, make_problem, resolve_rows
 
 STRATEGIES = ("auto", "heads", "ring")
 
@@ -83,21 +83,9 @@ def context_parallel_column_stats(
         out = _sharded_stats(query, key, group, world, rank, q_lens, k_lens, strategy, gather_result, dict(
             scale=scale, is_causal=is_causal, reduce=reduce, normalize=normalize, heads=heads, rows=rows, backend=backend))
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
-        out = _NoGradient.apply(out, query, key)
+        (out,) = NoGradient.apply("context_parallel_column_stats has no gradient; column_stats on one device has one",
+                                  (out,), query, key)
     return out
-
-
-class _NoGradient(torch.autograd.Function):
-    """Ties a result to inputs that require grad, so that a backward through it raises instead of
-    silently leaving their gradient out."""
-
-    @staticmethod
-    def forward(ctx, result, *inputs):
-        return result.clone()
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise NotImplementedError("context_parallel_column_stats has no gradient; column_stats on one device has one")
 
 
 def _sharded_stats(query, key, group, world, rank, q_lens, k_lens, strategy, gather_result, stats: dict) -> torch.Tensor:

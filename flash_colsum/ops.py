@@ -8,8 +8,8 @@ import torch
 
 from . import torch_backend
 from .reference import naive_colsum
-from .utils import (Problem, check_mask, check_tensor_arg, drop_rows, interpreting, make_problem, problem_from_shapes,
-                    resolve_rows)
+from .utils import (NoGradient, Problem, check_mask, check_tensor_arg, drop_rows, interpreting, make_problem,
+                    problem_from_shapes, resolve_rows)
 
 __all__ = ["column_stats", "flash_colsum", "naive_colsum"]
 
@@ -209,7 +209,14 @@ class _EagerReduceColumns(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, grad_lse):
-        return _backward(ctx, grad, grad_lse, _reduce_grads)  # without the dispatcher here too
+        with torch.no_grad():  # without the dispatcher here too; the torch tiles record nothing
+            dq, dk, *nothing = _backward(ctx, grad, grad_lse, _reduce_grads)
+        # First order only: under create_graph a second backward through dq, dk raises (a gradient
+        # penalty would otherwise take them as constants), as the operator's backward does.
+        if torch.is_grad_enabled():
+            dq, dk = NoGradient.apply("column_stats gradients are first order: no second backward", (dq, dk),
+                                      *[t for t in (grad, *ctx.saved_tensors[:2]) if t.requires_grad])
+        return dq, dk, *nothing
 
 
 def _visible_row_counts(p: Problem, row_keep, normalize: str, device):

@@ -358,3 +358,18 @@ def head_dim_blocks(head_dim: int) -> tuple[int, int]:
     main = max(16, padded // 2 if padded > head_dim else padded)
     tail = 0 if main >= head_dim else max(16, next_power_of_2(head_dim - main))
     return (main, tail) if main + tail < padded else (padded, 0)
+
+
+class NoGradient(torch.autograd.Function):
+    """``NoGradient.apply(message, results, *inputs)``: the tuple ``results`` (copies), tied to
+    ``inputs`` that require grad, so that a backward through them raises NotImplementedError(message)
+    instead of silently leaving those inputs' gradient out."""
+
+    @staticmethod
+    def forward(ctx, message, results, *inputs):
+        ctx.message = message
+        return tuple(result.clone() for result in results)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(ctx.message)

@@ -211,6 +211,22 @@ def test_row_max_has_no_gradient(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("compiled_op", [False, True], ids=["eager", "operator"])
+def test_second_order_raises(backend, device, compiled_op):
+    """Gradients are first order: differentiating dq again (a gradient penalty) must raise, not
+    treat dq as a constant (the Triton kernels record no graph) or fail inside the torch tiles."""
+    q, k = make_qk(1, 2, 2, 8, 12, 16, torch.float32, device)
+    q.requires_grad_(), k.requires_grad_()
+    if compiled_op:  # the path torch.compile traces: the registered operator and its backward
+        out, _ = reduce_columns_op(q, k, None, None, None, 0.25, False, 0, 8, 1, False, False, backend, 16.0)
+    else:
+        out = column_stats(q, k, backend=backend)
+    (dq,) = torch.autograd.grad((out * torch.randn_like(out)).sum(), q, create_graph=True)
+    with pytest.raises((NotImplementedError, RuntimeError), match="first order|no autograd formula"):
+        torch.autograd.grad(dq.pow(2).sum(), k)
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
 def test_forward_saves_only_its_inputs(backend, device):
     """The torch back end used to record every score tile for autograd (O(Sq * Sk) memory)."""
     q, k = make_qk(1, 8, 8, 256, 256, 16, torch.float32, device)
