@@ -92,8 +92,10 @@ def _rows_kernel(
     G: (B, H // G_HEADS, Sk) float32 contiguous, a row for G_HEADS consecutive query heads.
     ROW_W: (B, n_rows). DQ: (B, H, Sq, D) contiguous, in any float dtype (stored once, rounded).
     GRAD_16BIT: BOUND (B, H, cdiv(n_rows, BLOCK_M)) gets the block's bound on |dL/ds / scale|,
-    max_i |row_w_i| max_j |G_j| + |c_i| over its rows and swept keys (the weights are <= 1), and each
-    row's products divide dL/ds by a power of two above its own bound, multiplied back on dq.
+    max_i max_j w_ij (|row_w_i| max_j |G_j| + |c_i|) over its rows and swept keys, and each row's
+    products divide dL/ds by a power of two above its own bound, multiplied back on dq. The largest
+    weight counts: weights ~1/Sk (diffuse rows, long sequences) would otherwise leave dL/ds divided
+    by the bound under fp16's smallest normal number.
     """
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(n_rows, BLOCK_M)
@@ -120,6 +122,7 @@ def _rows_kernel(
         lse2 = tl.load(LSE2 + row, mask=mask_r, other=float("inf"))  # rows past the selection: weight 0
     dot = tl.zeros([BLOCK_M], tl.float32)  # D_i (times total when COMPUTE_LSE)
     g_max = 0.0  # max |G_j| over the swept keys
+    w_max = tl.zeros([BLOCK_M], tl.float32)  # max_j w_ij (given LSE; else 1 / total)
     for n0 in range(0, n_hi, BLOCK_N):
         _, t, g = _key_tile(q, k_base, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, offs_m, n0, Sk,
                             causal_offset, qk_scale, D, CAUSAL, HAS_KEY_MASK, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D)
@@ -134,6 +137,8 @@ def _rows_kernel(
         else:
             w = tl.exp2(t - lse2[:, None])
             dot += tl.sum(w * g[None, :], axis=1)
+            if GRAD_16BIT:
+                w_max = tl.maximum(w_max, tl.max(w, axis=1))
         if GRAD_16BIT:
             g_max = tl.maximum(g_max, tl.max(tl.abs(g), axis=0))
     if COMPUTE_LSE:  # rows that see no key get +inf: weight 0, as the forward kernels' convention
@@ -141,14 +146,15 @@ def _rows_kernel(
         total = tl.where(seen, total, 1.0)  # no log2(0), no 0 / 0 in the lanes dropped below
         lse2 = tl.where(seen, m + tl.log2(total), float("inf"))
         dot = tl.where(seen, dot / total, 0.0)
+        w_max = 1.0 / total  # the largest weight is exp2(m - lse2)
         tl.store(LSE2 + row, lse2, mask=mask_r)
     c = row_w * dot
     if HAS_LSE_GRAD:
         c -= tl.load(LSE_GRAD + row, mask=mask_r, other=0.0)
     tl.store(C + row, c, mask=mask_r)
     dq_scale = tl.zeros([BLOCK_M], tl.float32) + scale
-    if GRAD_16BIT:  # |dL/ds / scale| <= |row_w| |G| + |c| with weights <= 1: divide it to <= 1 for fp16's range
-        bound = tl.abs(row_w) * g_max + tl.abs(c)
+    if GRAD_16BIT:  # |dL/ds / scale| <= max w (|row_w| max|G| + |c|): divided to <= 1, near it, for fp16's range
+        bound = w_max * (tl.abs(row_w) * g_max + tl.abs(c))
         tl.store(BOUND + bh.to(tl.int64) * n_blocks + pid % n_blocks, tl.max(bound, axis=0))
         sigma = _power_of_two_above(bound)
         row_w = row_w / sigma  # exact: powers of two

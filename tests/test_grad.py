@@ -136,6 +136,23 @@ def test_tiny_upstream_gradients(backend, device, grad_products):
 
 
 @pytest.mark.parametrize("backend,device", TARGETS)
+def test_diffuse_weights_over_many_keys(backend, device, grad_products):
+    """Weights ~1/Sk over 16384 keys: dL/ds is ~5e-6 of the bound |row_w| max|G| + |c|, under fp16's
+    smallest normal number once divided by it. The 16-bit products must scale by the row's largest
+    weight too (a loss-scaled fp16 backward: upstream gradients ~2**12, dq and dk normal numbers).
+    Rounding dq to fp16 alone costs 2e-4, dL/ds's rounding ~2e-4 more; without the largest weight
+    in the bound dq was 6.8e-4 off."""
+    q, k = make_qk(1, 1, 1, 24, 16384, 16, torch.float16, device)
+    weights = torch.randn(1, 16384, dtype=torch.float64) * 2**12
+    fn = lambda q, k, **kw: column_stats(q, k, reduce="sum", heads="sum", **kw)  # noqa: E731
+    _, dq, dk, _ = grads(lambda q, k: fn(q, k, backend=backend), q, k, weights)
+    _, ref_dq, ref_dk, _ = grads(lambda q, k: reference_column_stats(q, k, reduce="sum", heads="sum"), q.cpu().double(),
+                                 k.cpu().double(), weights)
+    assert ref_dq.abs().max() > 6.2e-5 and ref_dk.abs().max() > 6.2e-5
+    assert rel_l2(dq, ref_dq) <= 4e-4 and rel_l2(dk, ref_dk) <= 4e-4
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
 def test_total_weight_has_no_gradient(backend, device):
     """Each row's weights sum to 1, so the sum of every key's column sum is constant: its gradient is
     0, which holds only if the c_i term cancels the G_j term exactly."""
