@@ -257,7 +257,9 @@ def _configs(block_d: int) -> tuple[dict, dict]:
     at D=64, S=8192 at D=128; NOTES.md v25 and v26). v25 (results/tune_bwd_v25_h100.txt) took
     forward + backward from 23.1 to 17.7 ms at D=64 and from 30.1 to 21.3 ms at D=128 against 64 x 64
     blocks and 4 warps; v26 retuned the rows kernel once its first sweep computed the LSE
-    (results/tune_rows_v26_h100.txt: D=128 9.77 -> 9.22 ms; D=64 kept, 11.29 ms)."""
+    (results/tune_rows_v26_h100.txt: D=128 9.77 -> 9.22 ms; D=64 kept, 11.29 ms) and then the keys
+    kernel (results/tune_keys_v26_h100.txt: D=128 32-row blocks, 4 warps 9.11 -> 8.56 ms; D=64 kept,
+    11.35 against 11.19-11.32 for the nearest others)."""
     if block_d > 128:  # registers: the stationary block and its gradient are [BLOCK, BLOCK_D] each
         small = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
         return small, small
@@ -266,7 +268,7 @@ def _configs(block_d: int) -> tuple[dict, dict]:
         keys = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2)
     else:
         rows = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3)
-        keys = dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3)
+        keys = dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3)
     return rows, keys
 
 
