@@ -141,7 +141,7 @@ def test_diffuse_weights_over_many_keys(backend, device, grad_products):
     smallest normal number once divided by it. The 16-bit products must scale by the row's largest
     weight too (a loss-scaled fp16 backward: upstream gradients ~2**12, dq and dk normal numbers).
     Rounding dq to fp16 alone costs 2e-4, dL/ds's rounding ~2e-4 more; without the largest weight
-    in the bound dq was 6.8e-4 off."""
+    in the bound dq was 6.8e-4 off. (tf32 products: ~5e-4 on the H100, exact float32 here.)"""
     q, k = make_qk(1, 1, 1, 24, 16384, 16, torch.float16, device)
     weights = torch.randn(1, 16384, dtype=torch.float64) * 2**12
     fn = lambda q, k, **kw: column_stats(q, k, reduce="sum", heads="sum", **kw)  # noqa: E731
@@ -149,7 +149,8 @@ def test_diffuse_weights_over_many_keys(backend, device, grad_products):
     _, ref_dq, ref_dk, _ = grads(lambda q, k: reference_column_stats(q, k, reduce="sum", heads="sum"), q.cpu().double(),
                                  k.cpu().double(), weights)
     assert ref_dq.abs().max() > 6.2e-5 and ref_dk.abs().max() > 6.2e-5
-    assert rel_l2(dq, ref_dq) <= 4e-4 and rel_l2(dk, ref_dk) <= 4e-4
+    tol = 4e-4 if grad_products or backend == "torch" else 1e-3
+    assert rel_l2(dq, ref_dq) <= tol and rel_l2(dk, ref_dk) <= tol
 
 
 @pytest.mark.parametrize("backend,device", TARGETS)
