@@ -30,19 +30,24 @@ import triton
 import triton.language as tl
 
 from . import utils
-from .triton_backend import _dot, _dot_flags, _load_main, _on_device
+from .triton_backend import _dot, _dot_flags, _load_main, _load_tail, _on_device
 from .utils import LOG2E, Problem, cdiv
 
 
 @triton.jit
-def _key_tile(q, k_base, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, offs_m, n0, Sk, causal_offset, qk_scale,
-              D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              UPCAST_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Keys n0 ... n0 + BLOCK_N against a block of rows (q, offs_m): the keys [BN, BD], the base-2
-    scores scale * log2(e) * q . k [BM, BN] (-inf where masked) and the keys' G [BN]."""
+def _key_tile(q, q_tail, k_base, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, offs_m, n0, Sk, causal_offset,
+              qk_scale, D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              UPCAST_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
+    """Keys n0 ... n0 + BLOCK_N against a block of rows (q, q_tail, offs_m): the keys [BN, BD] and
+    their tail [BN, BD2] (streamed: unmasked; k itself when BLOCK_D2 is 0), the base-2 scores
+    scale * log2(e) * q . k [BM, BN] (-inf where masked) and the keys' G [BN]."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     k = _load_main(k_base, offs_n, stride_kn, offs_n < Sk, stride_kd, D, BLOCK_D)
     s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT)  # [BM, BD] @ [BD, BN] -> [BM, BN]
+    k_tail = k
+    if BLOCK_D2 > 0:
+        k_tail = _load_tail(k_base, offs_n, stride_kn, offs_n < Sk, stride_kd, D, BLOCK_D, BLOCK_D2, False)
+        s += _dot(q_tail, tl.trans(k_tail), DOT_PRECISION, UPCAST_DOT)  # [BM, BD2] @ [BD2, BN]
     visible = offs_n[None, :] < Sk
     if CAUSAL:
         visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
@@ -50,7 +55,20 @@ def _key_tile(q, k_base, stride_kn, stride_kd, keep_base, stride_keep_n, g_base,
         keep = tl.load(keep_base + offs_n * stride_keep_n, mask=offs_n < Sk, other=0)
         visible = visible & (keep[None, :] != 0)
     g = tl.load(g_base + offs_n, mask=offs_n < Sk, other=0.0)
-    return k, tl.where(visible, s * qk_scale, float("-inf")), g
+    return k, k_tail, tl.where(visible, s * qk_scale, float("-inf")), g
+
+
+@triton.jit
+def _store_columns(row_ptrs, mask_row, values, D_START: tl.constexpr, D_HI_OR_LO: tl.constexpr, WIDTH: tl.constexpr):
+    """Store values [ROWS, WIDTH] into columns D_START ... D_START + WIDTH - 1 of the rows row_ptrs
+    [ROWS, 1]: the main block (D_START 0) below D_HI_OR_LO = D, a tail block at or past
+    D_HI_OR_LO = BLOCK_D (the columns it shares with the main block are the main block's)."""
+    offs_d = D_START + tl.arange(0, WIDTH)
+    if D_START == 0:
+        keep = offs_d[None, :] < D_HI_OR_LO
+    else:
+        keep = offs_d[None, :] >= D_HI_OR_LO
+    tl.store(row_ptrs + offs_d[None, :], values, mask=mask_row[:, None] & keep)
 
 
 @triton.jit
@@ -82,7 +100,7 @@ def _rows_kernel(
     H, GROUP, G_HEADS, n_rows, row_start, Sk, causal_offset, qk_scale, scale,
     D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_LSE_GRAD: tl.constexpr, COMPUTE_LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, GRAD_16BIT: tl.constexpr, GRAD_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
     """dq of one block of BLOCK_M selected rows of one query head, and those rows' c.
 
@@ -105,7 +123,11 @@ def _rows_kernel(
     offs_r = (pid % n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)  # within the selection
     mask_r = offs_r < n_rows
     offs_m = row_start + offs_r  # query rows
-    q = _load_main(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, offs_m, stride_qm, mask_r, stride_qd, D, BLOCK_D)
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    q = _load_main(q_base, offs_m, stride_qm, mask_r, stride_qd, D, BLOCK_D)  # [BM, BD]
+    q_tail = q  # unused unless BLOCK_D2 > 0
+    if BLOCK_D2 > 0:  # stationary: zero where it overlaps the main block
+        q_tail = _load_tail(q_base, offs_m, stride_qm, mask_r, stride_qd, D, BLOCK_D, BLOCK_D2, True)  # [BM, BD2]
     k_base = K + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
     row = bh.to(tl.int64) * n_rows + offs_r
     row_w = tl.load(ROW_W + b.to(tl.int64) * n_rows + offs_r, mask=mask_r, other=0.0)
@@ -124,8 +146,9 @@ def _rows_kernel(
     g_max = 0.0  # max |G_j| over the swept keys
     w_max = tl.zeros([BLOCK_M], tl.float32)  # max_j w_ij (given LSE; else 1 / total)
     for n0 in range(0, n_hi, BLOCK_N):
-        _, t, g = _key_tile(q, k_base, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, offs_m, n0, Sk,
-                            causal_offset, qk_scale, D, CAUSAL, HAS_KEY_MASK, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D)
+        _, _, t, g = _key_tile(q, q_tail, k_base, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, offs_m, n0, Sk,
+                               causal_offset, qk_scale, D, CAUSAL, HAS_KEY_MASK, DOT_PRECISION, UPCAST_DOT, BLOCK_N,
+                               BLOCK_D, BLOCK_D2)
         if COMPUTE_LSE:
             m_new = tl.maximum(m, tl.max(t, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet: no -inf - -inf
@@ -162,15 +185,21 @@ def _rows_kernel(
         dq_scale = dq_scale * sigma
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if BLOCK_D2 > 0:
+        dq_tail = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
     for n0 in range(0, n_hi, BLOCK_N):
-        k, t, g = _key_tile(q, k_base, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, offs_m, n0, Sk,
-                            causal_offset, qk_scale, D, CAUSAL, HAS_KEY_MASK, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D)
+        k, k_tail, t, g = _key_tile(q, q_tail, k_base, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, offs_m, n0,
+                                    Sk, causal_offset, qk_scale, D, CAUSAL, HAS_KEY_MASK, DOT_PRECISION, UPCAST_DOT,
+                                    BLOCK_N, BLOCK_D, BLOCK_D2)
         w = tl.exp2(t - lse2[:, None])
         ds = w * (row_w[:, None] * g[None, :] - c[:, None])  # dL/ds / scale
         dq += _grad_dot(ds, k, GRAD_16BIT, GRAD_PRECISION, DOT_PRECISION, UPCAST_DOT)  # [BM, BN] @ [BN, BD] -> [BM, BD]
-    offs_d = tl.arange(0, BLOCK_D)
-    dq_ptrs = DQ + ((bh.to(tl.int64) * Sq + offs_m) * D)[:, None] + offs_d[None, :]
-    tl.store(dq_ptrs, dq * dq_scale[:, None], mask=mask_r[:, None] & (offs_d[None, :] < D))
+        if BLOCK_D2 > 0:
+            dq_tail += _grad_dot(ds, k_tail, GRAD_16BIT, GRAD_PRECISION, DOT_PRECISION, UPCAST_DOT)  # -> [BM, BD2]
+    dq_rows = DQ + ((bh.to(tl.int64) * Sq + offs_m) * D)[:, None]
+    _store_columns(dq_rows, mask_r, dq * dq_scale[:, None], 0, D, BLOCK_D)
+    if BLOCK_D2 > 0:  # the columns past the main block only: the overlap is the main block's
+        _store_columns(dq_rows, mask_r, dq_tail * dq_scale[:, None], D - BLOCK_D2, BLOCK_D, BLOCK_D2)
 
 
 @triton.jit
@@ -181,7 +210,7 @@ def _keys_kernel(
     H, GROUP, G_HEADS, n_rows, row_start, Sk, causal_offset, qk_scale, scale, n_bounds,
     D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, GRAD_16BIT: tl.constexpr, GRAD_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
     """dk of one block of BLOCK_N keys of one key head, over the selected rows of its GROUP query
     heads; C from `_rows_kernel`. DK: (B, Hk, Sk, D) contiguous, any float dtype. GRAD_16BIT: BOUND from
@@ -195,7 +224,11 @@ def _keys_kernel(
     n0 = (pid % n_blocks) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < Sk
-    k = _load_main(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh, offs_n, stride_kn, mask_n, stride_kd, D, BLOCK_D)
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    k = _load_main(k_base, offs_n, stride_kn, mask_n, stride_kd, D, BLOCK_D)  # [BN, BD]
+    k_tail = k  # unused unless BLOCK_D2 > 0
+    if BLOCK_D2 > 0:  # stationary: zero where it overlaps the main block
+        k_tail = _load_tail(k_base, offs_n, stride_kn, mask_n, stride_kd, D, BLOCK_D, BLOCK_D2, True)  # [BN, BD2]
     visible_keys = mask_n
     if HAS_KEY_MASK:
         keep = tl.load(KEEP + b.to(tl.int64) * stride_keep_b + offs_n * stride_keep_n, mask=mask_n, other=0)
@@ -214,6 +247,8 @@ def _keys_kernel(
         sigma = _power_of_two_above(bound)
         dk_scale = dk_scale * sigma
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    if BLOCK_D2 > 0:
+        dk_tail = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
     for g_index in range(0, GROUP):
         bh = b * H + hk * GROUP + g_index
         q_base = Q + b.to(tl.int64) * stride_qb + (hk * GROUP + g_index).to(tl.int64) * stride_qh
@@ -232,6 +267,10 @@ def _keys_kernel(
             if GRAD_16BIT:
                 c = c / sigma
             s = _dot(k, tl.trans(q), DOT_PRECISION, UPCAST_DOT)  # [BN, BD] @ [BD, BM] -> [BN, BM]
+            q_tail = q
+            if BLOCK_D2 > 0:  # streamed: unmasked, as dk's tail needs every column
+                q_tail = _load_tail(q_base, offs_m, stride_qm, mask_r, stride_qd, D, BLOCK_D, BLOCK_D2, False)
+                s += _dot(k_tail, tl.trans(q_tail), DOT_PRECISION, UPCAST_DOT)  # [BN, BD2] @ [BD2, BM]
             w = tl.exp2(s * qk_scale - lse2[None, :])
             visible = visible_keys[:, None]
             if CAUSAL:
@@ -239,9 +278,12 @@ def _keys_kernel(
             w = tl.where(visible, w, 0.0)
             ds = w * (g[:, None] * row_w[None, :] - c[None, :])  # dL/ds / scale, [BN, BM]
             dk += _grad_dot(ds, q, GRAD_16BIT, GRAD_PRECISION, DOT_PRECISION, UPCAST_DOT)  # [BN, BM] @ [BM, BD] -> [BN, BD]
-    offs_d = tl.arange(0, BLOCK_D)
-    dk_ptrs = DK + ((bhk.to(tl.int64) * Sk + offs_n) * D)[:, None] + offs_d[None, :]
-    tl.store(dk_ptrs, dk * dk_scale, mask=mask_n[:, None] & (offs_d[None, :] < D))
+            if BLOCK_D2 > 0:
+                dk_tail += _grad_dot(ds, q_tail, GRAD_16BIT, GRAD_PRECISION, DOT_PRECISION, UPCAST_DOT)  # -> [BN, BD2]
+    dk_rows = DK + ((bhk.to(tl.int64) * Sk + offs_n) * D)[:, None]
+    _store_columns(dk_rows, mask_n, dk * dk_scale, 0, D, BLOCK_D)
+    if BLOCK_D2 > 0:
+        _store_columns(dk_rows, mask_n, dk_tail * dk_scale, D - BLOCK_D2, BLOCK_D, BLOCK_D2)
 
 
 # The gradient products on 16-bit operands (dL/ds rounded to the input dtype) instead of tf32 from
@@ -287,8 +329,8 @@ def column_grads(query, key, lse, p: Problem, rows: range, key_keep, row_weight,
         lse2 = torch.empty((p.batch, p.heads, n_rows), device=query.device, dtype=torch.float32)
     else:
         lse2 = (lse.float() * LOG2E).contiguous()
-    block_d = max(16, utils.next_power_of_2(p.head_dim))
-    rows_cfg, keys_cfg = _configs(block_d)
+    block_d, block_d2 = utils.head_dim_blocks(p.head_dim)  # 80 = 64 + 16, as the forward kernels
+    rows_cfg, keys_cfg = _configs(block_d + block_d2)
     col_grad = col_grad.float().contiguous()
     row_weight = row_weight.float().contiguous()
     lse_grad = None if lse_grad is None else lse_grad.float().contiguous()
@@ -299,7 +341,8 @@ def column_grads(query, key, lse, p: Problem, rows: range, key_keep, row_weight,
     # Without a mask any pointer serves: the kernels never read it.
     keep, keep_strides = (key_keep.view(torch.uint8), key_keep.stride()) if key_keep is not None else (lse2, (0, 0))
     meta = dict(D=p.head_dim, CAUSAL=p.causal, HAS_KEY_MASK=key_keep is not None, **_dot_flags(query.dtype),
-                GRAD_16BIT=sixteen_bit, GRAD_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", BLOCK_D=block_d)
+                GRAD_16BIT=sixteen_bit, GRAD_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", BLOCK_D=block_d,
+                BLOCK_D2=block_d2)
     strides = (*query.stride(), *key.stride(), *keep_strides)
     sizes = (p.heads, p.group, p.heads // col_grad.shape[1], n_rows, rows.start, p.k_len, p.causal_offset, p.scale * LOG2E, p.scale)
     with _on_device(query):
