@@ -295,13 +295,15 @@ GRAD_IN_INPUT_DTYPE = True
 
 
 def _configs(block_d: int) -> tuple[dict, dict]:
-    """Blocks and launch options of (`_rows_kernel`, `_keys_kernel`), tuned on the H100 (fp16; S=16384
+    """Blocks and launch options of (`_rows_kernel`, `_keys_kernel`) for a main head-dim block, tuned on the H100 (fp16; S=16384
     at D=64, S=8192 at D=128; NOTES.md v25 and v26). v25 (results/tune_bwd_v25_h100.txt) took
     forward + backward from 23.1 to 17.7 ms at D=64 and from 30.1 to 21.3 ms at D=128 against 64 x 64
     blocks and 4 warps; v26 retuned the rows kernel once its first sweep computed the LSE
     (results/tune_rows_v26_h100.txt: D=128 9.77 -> 9.22 ms; D=64 kept, 11.29 ms) and then the keys
     kernel (results/tune_keys_v26_h100.txt: D=128 32-row blocks, 4 warps 9.11 -> 8.56 ms; D=64 kept,
-    11.35 against 11.19-11.32 for the nearest others)."""
+    11.35 against 11.19-11.32 for the nearest others). Split head dims take their main block's: at
+    D=72/80/96 the D=64 configurations ran 19.7/12.9/3.75 ms against 23.5/13.7/3.80 with those of
+    D=128 (results/ab_split2_v26_h100.txt)."""
     if block_d > 128:  # registers: the stationary block and its gradient are [BLOCK, BLOCK_D] each
         small = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
         return small, small
@@ -330,7 +332,7 @@ def column_grads(query, key, lse, p: Problem, rows: range, key_keep, row_weight,
     else:
         lse2 = (lse.float() * LOG2E).contiguous()
     block_d, block_d2 = utils.head_dim_blocks(p.head_dim)  # 80 = 64 + 16, as the forward kernels
-    rows_cfg, keys_cfg = _configs(block_d + block_d2)
+    rows_cfg, keys_cfg = _configs(block_d)  # by the main block: 72-96 run best as 64 (v26)
     col_grad = col_grad.float().contiguous()
     row_weight = row_weight.float().contiguous()
     lse_grad = None if lse_grad is None else lse_grad.float().contiguous()
