@@ -35,18 +35,32 @@ from .utils import LOG2E, Problem, cdiv
 
 
 @triton.jit
-def _key_tile(q, q_tail, k_base, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, offs_m, n0, Sk, causal_offset,
+def _row_offsets(head_offset, offs_row, stride_row, ROWS_OF_8: tl.constexpr):
+    """Element offsets [ROWS] int64 of rows offs_row of a head. ROWS_OF_8 (the host checked the
+    batch, head and row strides): multiples of 8, which Triton cannot see in a stride like 72 (it
+    specializes integers divisible by 16 only), so the loads take 16 bytes, not 2, at a time (a hint
+    on the scalar stride is lost; on the offsets it holds: sm_90 PTX, results/hint_ptx_v26.txt)."""
+    rows = head_offset + offs_row.to(tl.int64) * stride_row
+    if ROWS_OF_8:
+        rows = tl.multiple_of(rows, 8)
+    return rows
+
+
+@triton.jit
+def _key_tile(q, q_tail, K, k_head, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, offs_m, n0, Sk, causal_offset,
               qk_scale, D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              UPCAST_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
+              UPCAST_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+              ROWS_OF_8: tl.constexpr):
     """Keys n0 ... n0 + BLOCK_N against a block of rows (q, q_tail, offs_m): the keys [BN, BD] and
     their tail [BN, BD2] (streamed: unmasked; k itself when BLOCK_D2 is 0), the base-2 scores
     scale * log2(e) * q . k [BM, BN] (-inf where masked) and the keys' G [BN]."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    k = _load_main(k_base, offs_n, stride_kn, offs_n < Sk, stride_kd, D, BLOCK_D)
+    k_rows = _row_offsets(k_head, offs_n, stride_kn, ROWS_OF_8)
+    k = _load_main(K, k_rows, 1, offs_n < Sk, stride_kd, D, BLOCK_D)
     s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT)  # [BM, BD] @ [BD, BN] -> [BM, BN]
     k_tail = k
     if BLOCK_D2 > 0:
-        k_tail = _load_tail(k_base, offs_n, stride_kn, offs_n < Sk, stride_kd, D, BLOCK_D, BLOCK_D2, False)
+        k_tail = _load_tail(K, k_rows, 1, offs_n < Sk, stride_kd, D, BLOCK_D, BLOCK_D2, False)
         s += _dot(q_tail, tl.trans(k_tail), DOT_PRECISION, UPCAST_DOT)  # [BM, BD2] @ [BD2, BN]
     visible = offs_n[None, :] < Sk
     if CAUSAL:
@@ -100,7 +114,7 @@ def _rows_kernel(
     H, GROUP, G_HEADS, n_rows, row_start, Sk, causal_offset, qk_scale, scale,
     D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_LSE_GRAD: tl.constexpr, COMPUTE_LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, GRAD_16BIT: tl.constexpr, GRAD_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, ROWS_OF_8: tl.constexpr,
 ):
     """dq of one block of BLOCK_M selected rows of one query head, and those rows' c.
 
@@ -123,12 +137,12 @@ def _rows_kernel(
     offs_r = (pid % n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)  # within the selection
     mask_r = offs_r < n_rows
     offs_m = row_start + offs_r  # query rows
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    q = _load_main(q_base, offs_m, stride_qm, mask_r, stride_qd, D, BLOCK_D)  # [BM, BD]
+    q_rows = _row_offsets(b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, offs_m, stride_qm, ROWS_OF_8)
+    q = _load_main(Q, q_rows, 1, mask_r, stride_qd, D, BLOCK_D)  # [BM, BD]
     q_tail = q  # unused unless BLOCK_D2 > 0
     if BLOCK_D2 > 0:  # stationary: zero where it overlaps the main block
-        q_tail = _load_tail(q_base, offs_m, stride_qm, mask_r, stride_qd, D, BLOCK_D, BLOCK_D2, True)  # [BM, BD2]
-    k_base = K + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
+        q_tail = _load_tail(Q, q_rows, 1, mask_r, stride_qd, D, BLOCK_D, BLOCK_D2, True)  # [BM, BD2]
+    k_head = b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
     row = bh.to(tl.int64) * n_rows + offs_r
     row_w = tl.load(ROW_W + b.to(tl.int64) * n_rows + offs_r, mask=mask_r, other=0.0)
     g_base = G + (bh // G_HEADS).to(tl.int64) * Sk
@@ -146,9 +160,9 @@ def _rows_kernel(
     g_max = 0.0  # max |G_j| over the swept keys
     w_max = tl.zeros([BLOCK_M], tl.float32)  # max_j w_ij (given LSE; else 1 / total)
     for n0 in range(0, n_hi, BLOCK_N):
-        _, _, t, g = _key_tile(q, q_tail, k_base, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, offs_m, n0, Sk,
+        _, _, t, g = _key_tile(q, q_tail, K, k_head, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, offs_m, n0, Sk,
                                causal_offset, qk_scale, D, CAUSAL, HAS_KEY_MASK, DOT_PRECISION, UPCAST_DOT, BLOCK_N,
-                               BLOCK_D, BLOCK_D2)
+                               BLOCK_D, BLOCK_D2, ROWS_OF_8)
         if COMPUTE_LSE:
             m_new = tl.maximum(m, tl.max(t, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet: no -inf - -inf
@@ -188,9 +202,9 @@ def _rows_kernel(
     if BLOCK_D2 > 0:
         dq_tail = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
     for n0 in range(0, n_hi, BLOCK_N):
-        k, k_tail, t, g = _key_tile(q, q_tail, k_base, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, offs_m, n0,
+        k, k_tail, t, g = _key_tile(q, q_tail, K, k_head, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, offs_m, n0,
                                     Sk, causal_offset, qk_scale, D, CAUSAL, HAS_KEY_MASK, DOT_PRECISION, UPCAST_DOT,
-                                    BLOCK_N, BLOCK_D, BLOCK_D2)
+                                    BLOCK_N, BLOCK_D, BLOCK_D2, ROWS_OF_8)
         w = tl.exp2(t - lse2[:, None])
         ds = w * (row_w[:, None] * g[None, :] - c[:, None])  # dL/ds / scale
         dq += _grad_dot(ds, k, GRAD_16BIT, GRAD_PRECISION, DOT_PRECISION, UPCAST_DOT)  # [BM, BN] @ [BN, BD] -> [BM, BD]
@@ -210,7 +224,7 @@ def _keys_kernel(
     H, GROUP, G_HEADS, n_rows, row_start, Sk, causal_offset, qk_scale, scale, n_bounds,
     D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, GRAD_16BIT: tl.constexpr, GRAD_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, ROWS_OF_8: tl.constexpr,
 ):
     """dk of one block of BLOCK_N keys of one key head, over the selected rows of its GROUP query
     heads; C from `_rows_kernel`. DK: (B, Hk, Sk, D) contiguous, any float dtype. GRAD_16BIT: BOUND from
@@ -224,11 +238,11 @@ def _keys_kernel(
     n0 = (pid % n_blocks) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < Sk
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    k = _load_main(k_base, offs_n, stride_kn, mask_n, stride_kd, D, BLOCK_D)  # [BN, BD]
+    k_rows = _row_offsets(b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh, offs_n, stride_kn, ROWS_OF_8)
+    k = _load_main(K, k_rows, 1, mask_n, stride_kd, D, BLOCK_D)  # [BN, BD]
     k_tail = k  # unused unless BLOCK_D2 > 0
     if BLOCK_D2 > 0:  # stationary: zero where it overlaps the main block
-        k_tail = _load_tail(k_base, offs_n, stride_kn, mask_n, stride_kd, D, BLOCK_D, BLOCK_D2, True)  # [BN, BD2]
+        k_tail = _load_tail(K, k_rows, 1, mask_n, stride_kd, D, BLOCK_D, BLOCK_D2, True)  # [BN, BD2]
     visible_keys = mask_n
     if HAS_KEY_MASK:
         keep = tl.load(KEEP + b.to(tl.int64) * stride_keep_b + offs_n * stride_keep_n, mask=mask_n, other=0)
@@ -251,7 +265,7 @@ def _keys_kernel(
         dk_tail = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
     for g_index in range(0, GROUP):
         bh = b * H + hk * GROUP + g_index
-        q_base = Q + b.to(tl.int64) * stride_qb + (hk * GROUP + g_index).to(tl.int64) * stride_qh
+        q_head = b.to(tl.int64) * stride_qb + (hk * GROUP + g_index).to(tl.int64) * stride_qh
         g = tl.load(G + (bh // G_HEADS).to(tl.int64) * Sk + offs_n, mask=mask_n, other=0.0)
         if GRAD_16BIT:
             g = g / sigma  # exact: a power of two
@@ -260,7 +274,8 @@ def _keys_kernel(
             mask_r = offs_r < n_rows
             offs_m = row_start + offs_r
             row = bh.to(tl.int64) * n_rows + offs_r
-            q = _load_main(q_base, offs_m, stride_qm, mask_r, stride_qd, D, BLOCK_D)
+            q_rows = _row_offsets(q_head, offs_m, stride_qm, ROWS_OF_8)
+            q = _load_main(Q, q_rows, 1, mask_r, stride_qd, D, BLOCK_D)
             lse2 = tl.load(LSE2 + row, mask=mask_r, other=float("inf"))
             row_w = tl.load(ROW_W + b.to(tl.int64) * n_rows + offs_r, mask=mask_r, other=0.0)
             c = tl.load(C + row, mask=mask_r, other=0.0)
@@ -269,7 +284,7 @@ def _keys_kernel(
             s = _dot(k, tl.trans(q), DOT_PRECISION, UPCAST_DOT)  # [BN, BD] @ [BD, BM] -> [BN, BM]
             q_tail = q
             if BLOCK_D2 > 0:  # streamed: unmasked, as dk's tail needs every column
-                q_tail = _load_tail(q_base, offs_m, stride_qm, mask_r, stride_qd, D, BLOCK_D, BLOCK_D2, False)
+                q_tail = _load_tail(Q, q_rows, 1, mask_r, stride_qd, D, BLOCK_D, BLOCK_D2, False)
                 s += _dot(k_tail, tl.trans(q_tail), DOT_PRECISION, UPCAST_DOT)  # [BN, BD2] @ [BD2, BM]
             w = tl.exp2(s * qk_scale - lse2[None, :])
             visible = visible_keys[:, None]
@@ -342,9 +357,10 @@ def column_grads(query, key, lse, p: Problem, rows: range, key_keep, row_weight,
     bound = torch.empty((p.batch, p.heads, n_bounds), device=query.device, dtype=torch.float32) if sixteen_bit else c
     # Without a mask any pointer serves: the kernels never read it.
     keep, keep_strides = (key_keep.view(torch.uint8), key_keep.stride()) if key_keep is not None else (lse2, (0, 0))
+    rows_of_8 = all(st % 8 == 0 for st in (*query.stride()[:3], *key.stride()[:3]))  # see _row_offsets
     meta = dict(D=p.head_dim, CAUSAL=p.causal, HAS_KEY_MASK=key_keep is not None, **_dot_flags(query.dtype),
                 GRAD_16BIT=sixteen_bit, GRAD_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", BLOCK_D=block_d,
-                BLOCK_D2=block_d2)
+                BLOCK_D2=block_d2, ROWS_OF_8=rows_of_8)
     strides = (*query.stride(), *key.stride(), *keep_strides)
     sizes = (p.heads, p.group, p.heads // col_grad.shape[1], n_rows, rows.start, p.k_len, p.causal_offset, p.scale * LOG2E, p.scale)
     with _on_device(query):
