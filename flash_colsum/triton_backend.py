@@ -422,7 +422,9 @@ def _block_sizes(head_dim: int, dtype: torch.dtype) -> dict:
     row_bytes = (block_d + block_d2) * (4 if dtype == torch.float32 else 2)
     if row_bytes <= 192:  # D <= 96 in fp16/bf16
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=block_d, BLOCK_D2=block_d2, num_warps=4, num_stages=3)
-    if row_bytes <= 256:
+    # float32 products run on the FMA pipes (exact "ieee" dots): from D=64 on, the 16-bit rows' wide
+    # tiles spilled (H100, B=1 H=16 S=8192 D=64: 159 ms, 43 with these; results/fp32_cfg_v26_h100.txt).
+    if row_bytes <= 256 and dtype != torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_D=block_d, BLOCK_D2=block_d2, num_warps=4, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, BLOCK_D2=block_d2, num_warps=8, num_stages=2)
 
@@ -439,7 +441,7 @@ def _row_block_sizes(head_dim: int, dtype: torch.dtype, n_rows: int, columns: bo
     row_bytes = (cfg["BLOCK_D"] + cfg["BLOCK_D2"]) * (4 if dtype == torch.float32 else 2)
     if row_bytes <= 192:
         cfg = dict(cfg, BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3)
-    elif row_bytes <= 256:
+    elif row_bytes <= 256 and dtype != torch.float32:  # float32: as in `_block_sizes`
         if columns:
             cfg = dict(cfg, BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
         elif n_rows <= 128:
