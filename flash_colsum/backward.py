@@ -310,8 +310,8 @@ GRAD_IN_INPUT_DTYPE = True
 
 
 def _configs(block_d: int) -> tuple[dict, dict]:
-    """Blocks and launch options of (`_rows_kernel`, `_keys_kernel`) for a main head-dim block, tuned on the H100 (fp16; S=16384
-    at D=64, S=8192 at D=128; NOTES.md v25 and v26). v25 (results/tune_bwd_v25_h100.txt) took
+    """Blocks and launch options of (`_rows_kernel`, `_keys_kernel`) for a main head-dim block,
+    tuned on the H100 (fp16; S=16384 at D=64, S=8192 at D=128; NOTES.md v25 and v26). v25 (results/tune_bwd_v25_h100.txt) took
     forward + backward from 23.1 to 17.7 ms at D=64 and from 30.1 to 21.3 ms at D=128 against 64 x 64
     blocks and 4 warps; v26 retuned the rows kernel once its first sweep computed the LSE
     (results/tune_rows_v26_h100.txt: D=128 9.77 -> 9.22 ms; D=64 kept, 11.29 ms) and then the keys
