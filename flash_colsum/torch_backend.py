@@ -168,8 +168,9 @@ def col_reduce_backward(query, key, lse, p: Problem, rows: range, key_keep, row_
     keys: -inf, weight 0). lse: (B, H, len(rows)) natural-log LSE of those rows (+inf: a row that
     sees no key). row_weight: (B, len(rows)) float32. col_grad: (B, H // n, Sk) float32, the gradient
     of out, a row for n consecutive query heads; lse_grad: (B, H, len(rows)) float32 or None, the
-    gradient of lse itself. Through the softmax, dL/ds_ij = w_ij * (row_weight_i * G_j - c_i) with G = col_grad, c_i = row_weight_i * D_i
-    - lse_grad_i and D_i = sum_j w_ij G_j (FlashAttention's backward with a one-column V = G).
+    gradient of lse itself. Through the softmax, dL/ds_ij = w_ij * (row_weight_i * G_j - c_i) with
+    G = col_grad, c_i = row_weight_i * D_i - lse_grad_i and D_i = sum_j w_ij G_j (FlashAttention's
+    backward with a one-column V = G).
     Tiles stay within the memory budget; a tile that holds only some of the keys takes D_i in a
     first sweep over them.
     """
