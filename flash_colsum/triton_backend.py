@@ -409,6 +409,13 @@ def _col_reduce_kernel(
              mask=mask_n)
 
 
+# float32 tiles (BLOCK_M, BLOCK_N, num_warps) by bytes per row. Its exact ("ieee") products run on
+# the FMA pipes and spilled in the tiles tuned for 16-bit rows of the same width. H100, B=1 H=16
+# S=8192 (results/fp32_cfg_v26_h100.txt, fp32_cfg2_v26_h100.txt): D=64 159 -> 43 ms, D=72 53 ->
+# 32, D=128 427 -> 78. Widths not listed take 64 x 64 with 8 warps.
+_FLOAT32_TILES = {256: (64, 64, 8), 320: (64, 64, 4), 512: (32, 64, 8)}
+
+
 @functools.lru_cache(maxsize=None)
 def _block_sizes(head_dim: int, dtype: torch.dtype) -> dict:
     """Pass-2 tiles and launch settings, a pure function of D and dtype (reproducible across processes).
@@ -422,9 +429,10 @@ def _block_sizes(head_dim: int, dtype: torch.dtype) -> dict:
     row_bytes = (block_d + block_d2) * (4 if dtype == torch.float32 else 2)
     if row_bytes <= 192:  # D <= 96 in fp16/bf16
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=block_d, BLOCK_D2=block_d2, num_warps=4, num_stages=3)
-    # float32 products run on the FMA pipes (exact "ieee" dots): from D=64 on, the 16-bit rows' wide
-    # tiles spilled (H100, B=1 H=16 S=8192 D=64: 159 ms, 43 with these; results/fp32_cfg_v26_h100.txt).
-    if row_bytes <= 256 and dtype != torch.float32:
+    if dtype == torch.float32:
+        block_m, block_n, warps = _FLOAT32_TILES.get(row_bytes, (64, 64, 8))
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_D2=block_d2, num_warps=warps, num_stages=2)
+    if row_bytes <= 256:
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_D=block_d, BLOCK_D2=block_d2, num_warps=4, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, BLOCK_D2=block_d2, num_warps=8, num_stages=2)
 
@@ -441,7 +449,9 @@ def _row_block_sizes(head_dim: int, dtype: torch.dtype, n_rows: int, columns: bo
     row_bytes = (cfg["BLOCK_D"] + cfg["BLOCK_D2"]) * (4 if dtype == torch.float32 else 2)
     if row_bytes <= 192:
         cfg = dict(cfg, BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3)
-    elif row_bytes <= 256 and dtype != torch.float32:  # float32: as in `_block_sizes`
+    elif dtype == torch.float32:
+        pass  # `_block_sizes`'s float32 tiles serve both passes
+    elif row_bytes <= 256:
         if columns:
             cfg = dict(cfg, BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
         elif n_rows <= 128:
