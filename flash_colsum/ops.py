@@ -146,10 +146,7 @@ def _reduce_grads(grad, grad_lse, query, key, lse, key_keep, row_keep, scale, ca
     """`reduce_columns_backward_op`'s computation."""
     p = problem_from_shapes(query, key, scale, causal, row_start, row_end, backend)
     rows = range(0, p.q_len) if full_lse else range(p.row_start, p.row_end)
-    if lse is None:
-        if p.backend != "triton":  # the Triton backward computes it in its first sweep over the keys
-            lse = _backend_module(p).row_lse(query, key, p, key_keep, rows)
-    else:
+    if lse is not None:  # else each back end's backward computes it
         lse = lse[:, :, rows.start : rows.stop]
         lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
     # The divisor of a mean goes on the row weights: one multiply fewer per score, no copy of grad.

@@ -166,7 +166,7 @@ def col_reduce_backward(query, key, lse, p: Problem, rows: range, key_keep, row_
     The statistic over ``rows``: out[b, h, j] = sum_i row_weight[b, i] * w[b, h, i, j], with
     w = exp(s - lse) the softmax weights of scores s = scale * q . k (causally hidden and padded
     keys: -inf, weight 0). lse: (B, H, len(rows)) natural-log LSE of those rows (+inf: a row that
-    sees no key). row_weight: (B, len(rows)) float32. col_grad: (B, H // n, Sk) float32, the gradient
+    sees no key), or None (computed here by `row_lse`). row_weight: (B, len(rows)) float32. col_grad: (B, H // n, Sk) float32, the gradient
     of out, a row for n consecutive query heads; lse_grad: (B, H, len(rows)) float32 or None, the
     gradient of lse itself. Through the softmax, dL/ds_ij = w_ij * (row_weight_i * G_j - c_i) with
     G = col_grad, c_i = row_weight_i * D_i - lse_grad_i and D_i = sum_j w_ij G_j (FlashAttention's
@@ -174,6 +174,8 @@ def col_reduce_backward(query, key, lse, p: Problem, rows: range, key_keep, row_
     Tiles stay within the memory budget; a tile that holds only some of the keys takes D_i in a
     first sweep over them.
     """
+    if lse is None:
+        lse = row_lse(query, key, p, key_keep, rows)
     query, key = query.float(), key.float()  # once, not per tile (an O(B * H * S * D) copy)
     dq = torch.zeros(query.shape, device=query.device, dtype=torch.float32)
     dk = torch.zeros(key.shape, device=key.device, dtype=torch.float32)
