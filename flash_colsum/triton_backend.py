@@ -411,9 +411,11 @@ def _col_reduce_kernel(
 
 # float32 tiles (BLOCK_M, BLOCK_N, num_warps) by bytes per row. Its exact ("ieee") products run on
 # the FMA pipes and spilled in the tiles tuned for 16-bit rows of the same width. H100, B=1 H=16
-# S=8192 (results/fp32_cfg_v26_h100.txt, fp32_cfg2_v26_h100.txt): D=64 159 -> 43 ms, D=72 53 ->
-# 32, D=128 427 -> 78. Widths not listed take 64 x 64 with 8 warps.
-_FLOAT32_TILES = {256: (64, 64, 8), 320: (64, 64, 4), 512: (32, 64, 8)}
+# S=8192 (results/fp32_cfg_v26_h100.txt, fp32_cfg2_v26_h100.txt, fp32_cfg3_v27_h100.txt): D=64 159
+# -> 43 ms, D=72 53 -> 32, D=96 62 -> 36, D=128 427 -> 78, D=160 414 -> 96, D=192 822 -> 119.
+# Widths not listed (D=256: 148 ms, the best of six tiles) take 64 x 64 with 8 warps.
+_FLOAT32_TILES = {256: (64, 64, 8), 320: (64, 64, 4), 384: (64, 64, 4), 512: (32, 64, 8), 640: (32, 64, 8),
+                  768: (32, 64, 8)}
 
 
 @functools.lru_cache(maxsize=None)

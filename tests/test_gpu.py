@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flash_colsum import flash_colsum
-from helpers import record_row_block_launches, rel_l2
+from helpers import record_row_block_launches, reference, rel_l2
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -117,3 +117,17 @@ def test_few_rows_over_many_heads(sq, sk, d, dtype, causal, monkeypatch):
         packs = sk > 4096 and dtype != torch.float32  # fp32's FMA dot ran 6x slower packed (NOTES.md v21)
         assert launches[0][0].get("PACK", 1) == (min(4, max_rows // rows) if packs else 1), kwargs
         assert all(cfg["BLOCK_M"] == max(16, cfg.get("PACK", 1) * rows) for cfg, _ in launches), kwargs
+
+
+@cuda
+@pytest.mark.parametrize("d", [64, 72, 96, 128, 160, 192, 256])
+def test_float32_tiles_per_row_width(d):
+    """float32 takes tiles of its own per row width (triton_backend._FLOAT32_TILES): against float64
+    at every width the table names, in one fused launch (small) and in two passes (2**27 scores or
+    more), causal or not, at lengths that end inside a tile."""
+    for h, s in ((4, 700), (16, 2900)):
+        q = torch.randn(1, h, s, d, device="cuda")
+        k = torch.randn(1, h // 2, s + 37, d, device="cuda")
+        for causal in (False, True):
+            out = flash_colsum(q, k, is_causal=causal, backend="triton")
+            assert rel_l2(out, reference(q, k, is_causal=causal)) <= 1e-5, (h, s, causal)
