@@ -126,3 +126,22 @@ def test_interleave_cli_on_the_cpu(tmp_path):
         interleave(["--device", "cpu", "--methods", "flash_colsum,nope", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         interleave(["--device", "cpu", "--iters", "0", "--out", str(tmp_path)])
+
+
+def test_ncu_stalls_summary(tmp_path):
+    """benchmarks.ncu_stalls reads ncu's per-instruction CSV: totals by stall reason and opcode
+    (predicates skipped), and runs of instructions executed equally often."""
+    from benchmarks.ncu_stalls import summarize
+
+    header = ["Address", "Source", "# Samples", "Instructions Executed", "stall_mio", "stall_wait", "stall_wait (Not Issued)"]
+    body = [["0x0", "  MUFU.EX2 R1, R2", "5", "7", "4", "1", "1"],
+            ["0x10", "  @!P0 FADD R3, R1, R3", "3", "7", "0", "3", "3"],
+            ["0x20", "  EXIT", "0", "1", "0", "0", "0"]]
+    path = tmp_path / "sass.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([["Kernel Name", "k"], header, *body])
+    text = summarize(str(path), min_run=2)
+    assert text.startswith("8 stall samples")
+    assert "mio                         4  50.0%" in text and "wait                        4  50.0%" in text
+    assert "MUFU" in text and "FADD" in text and "@!P0" not in text.split("hottest")[0]
+    assert "2 instructions x 7, 8 samples" in text
