@@ -74,12 +74,9 @@ def _lse_tile(s, m_i, l_i, n0, n_valid, qk_scale, BLOCK_B: gl.constexpr, layout:
     """Fold one [BLOCK_A, BLOCK_B] tile of raw scores (keys n0 onwards) into the rows' running
     (max, sum), base 2: l_i = sum over the keys so far of exp2(qk_scale * s - m_i), where with LAZY
     m_i is a lower bound of the rows' max rather than the max itself (only the reference point
-    lags; the LSE m_i + log2(l_i) is the same). LAZY: 0 an exact max every tile; 1 lazy, each tile
-    checked (below); 2 lazy and unchecked: after the first tile m_i stays, and a row whose later
-    scores pass it by 128 or more (base 2) gets an infinite or NaN sum, which the caller must find
-    and redo (`_lse_again`). Only the LAST tile can run past the key range: the others skip the
-    mask, which ptxas would otherwise turn into selects on every tile (128 FSEL per thread and tile
-    at D=64)."""
+    lags; the LSE m_i + log2(l_i) is the same). Only the LAST tile can run past the key range: the
+    others skip the mask, which ptxas would otherwise turn into selects on every tile (128 FSEL per
+    thread and tile at D=64)."""
     if LAST and n0 + BLOCK_B > n_valid:  # the rows past the key range belong to the next head
         offs_n = n0 + gl.arange(0, BLOCK_B, layout=gl.SliceLayout(0, layout))
         s = gl.where(offs_n[None, :] < n_valid, s, float("-inf"))
@@ -87,17 +84,13 @@ def _lse_tile(s, m_i, l_i, n0, n_valid, qk_scale, BLOCK_B: gl.constexpr, layout:
     # the scores (that max and the exponentials that wait on it cost 9% of pass 1: NOTES.md v22).
     # The sums stay exact, only their reference point lags; the tile is redone with a new max when
     # a row's sum passes LAZY_LIMIT (a score far above the rows' max so far; inf included) or is
-    # NaN (a row that has seen no key yet: -inf - -inf). One CTA-wide branch per tile and half
-    # (LAZY 1), or none (LAZY 2: 2-5% of the fused launch's time, NOTES.md v27).
+    # NaN (a row that has seen no key yet: -inf - -inf). One CTA-wide branch per tile and half.
     lazy = n0 < 0  # False, as a runtime flag like the one below
     tile_sum = l_i
-    if LAZY > 0:
+    if LAZY:
         if n0 > 0:
             tile_sum = gl.sum(gl.exp2(s * qk_scale - m_i[:, None]), axis=1)
-            if LAZY == 1:
-                lazy = gl.min((tile_sum <= _LAZY_LIMIT).to(gl.int32), axis=0) == 1
-            else:
-                lazy = n0 > 0
+            lazy = gl.min((tile_sum <= _LAZY_LIMIT).to(gl.int32), axis=0) == 1
     m_new = m_i
     if lazy:
         l_i = l_i + tile_sum
@@ -301,41 +294,6 @@ def _fused_columns(q_smem, q2_smem, k_smem, k2_smem, ready, lse2, out_base, stri
 
 
 @gluon.jit
-def _lse_again(a_lo, a_hi, a2_lo, a2_hi, b_smem, b2_smem, ready, bar, b_desc, b2_desc, b, k_head, n_tiles, Sk,
-               qk_scale, zero, STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, BLOCK_B: gl.constexpr,
-               layout: gl.constexpr):
-    """FUSED's first phase again with the exact update (LAZY 0), for a block whose unchecked sums
-    overflowed (rare: a score 128 or more above its row's first key tile's max, base 2): each key
-    tile is loaded into ring buffer 0 (completing on ``bar``, phases counted from 0) and folded
-    synchronously. The ring's buffers hold the second phase's first STAGES tiles (keys 0, 1, ...)
-    and their barriers have completed, so those loads are awaited first and the buffers refilled
-    after, through ``bar``, leaving the ring as the second phase expects it."""
-    for i in gl.static_range(STAGES):  # ring tile n_tiles + i, if loaded, holds key tile i
-        if i < n_tiles:
-            mbarrier.wait(ready.index((n_tiles + i) % STAGES), ((n_tiles + i) // STAGES) & 1)
-    m_lo = gl.full([zero.shape[0]], float("-inf"), gl.float32, layout=gl.SliceLayout(1, layout))
-    m_hi = m_lo
-    l_lo = gl.zeros([zero.shape[0]], gl.float32, layout=gl.SliceLayout(1, layout))
-    l_hi = l_lo
-    for t in range(n_tiles):
-        _load_rows(b_desc, b2_desc, b, k_head, t * BLOCK_B, bar, b_smem.index(0), b2_smem.index(0), True, HAS_TAIL)
-        mbarrier.wait(bar, t & 1)
-        acc = _issue(a_lo, a2_lo, b_smem, b2_smem, ready, 0, zero, False, STAGES, HAS_TAIL)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        m_lo, l_lo = _lse_tile(s, m_lo, l_lo, t * BLOCK_B, Sk, qk_scale, BLOCK_B, layout, True, False, 0)
-        acc = _issue(a_hi, a2_hi, b_smem, b2_smem, ready, 0, zero, False, STAGES, HAS_TAIL)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(acc, b_smem, b2_smem))[0]
-        m_hi, l_hi = _lse_tile(s, m_hi, l_hi, t * BLOCK_B, Sk, qk_scale, BLOCK_B, layout, True, False, 0)
-    for i in gl.static_range(STAGES):
-        if i < n_tiles:
-            slot = (n_tiles + i) % STAGES
-            _load_rows(b_desc, b2_desc, b, k_head, i * BLOCK_B, bar, b_smem.index(slot), b2_smem.index(slot), True,
-                       HAS_TAIL)
-            mbarrier.wait(bar, (n_tiles + i) & 1)
-    return m_lo, l_lo, m_hi, l_hi
-
-
-@gluon.jit
 def _next_fill(head, tile, tile0, n_row_tiles, h0, s0, head_step, BLOCK_B: gl.constexpr):
     """(head, row tile) of the streamed tile after (head, tile), and its (head, first row) coordinates:
     pass 2 streams row tiles tile0 ... n_row_tiles - 1 of one head (tile0 > 0: the causal mask hides
@@ -360,11 +318,10 @@ def _stream_kernel(
     # Descriptors over (B, heads, rows, D) with boxes [1, 1, rows, cols]; the tiles are [rows, cols].
     BLOCK_A: gl.constexpr = a_desc.block_type.shape[2]  # 128: two halves of 64, one wgmma each
     HALF: gl.constexpr = BLOCK_A // 2
-    # Pass 1's max (_lse_tile's LAZY): lazy, checked per tile; in FUSED lazy and unchecked, one check
-    # of the rows' sums at the end (2-5% less time than the exact max: NOTES.md v27; the checked lazy
-    # max gained nothing there and spilled more under the register cap, v22), but exact with a key
-    # mask, where a row that sees no key in its first tile would overflow and be redone every time.
-    LAZY: gl.constexpr = (2 if not HAS_KEY_MASK else 0) if FUSED else 1
+    # Pass 1's lazy max (_lse_tile) is off in FUSED: its loops are short (8 key tiles at S=1024, the
+    # first exact anyway), it gained nothing there (0.99-1.03, noise) and spilled more under the
+    # register cap (28 bytes instead of 12 at D=64, Triton 3.6; NOTES.md v22).
+    LAZY: gl.constexpr = not FUSED
     BLOCK_B: gl.constexpr = b_desc.block_type.shape[2]
     BLOCK_D: gl.constexpr = a_desc.block_type.shape[3]  # the main head-dim block; a2/b2: the tail
     HAS_TAIL: gl.constexpr = a2_desc is not None  # None (a constexpr) when D is a power of two
@@ -432,10 +389,6 @@ def _stream_kernel(
     a_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(a_bar, count=1)
-    again_bar = a_bar  # _lse_again's loads (LAZY 2)
-    if LAZY == 2:
-        again_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        mbarrier.init(again_bar, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
 
@@ -550,12 +503,6 @@ def _stream_kernel(
                                         BLOCK_B, layout, True, LAZY)
     else:
         warpgroup_mma_wait(num_outstanding=0, deps=(acc_lo, ))
-    if LAZY == 2:  # one check for the whole block: an overflowed (inf or NaN) sum redoes its rows
-        finite = (l_lo < float("inf")) & (l_hi < float("inf"))
-        if gl.min(finite.to(gl.int32), axis=0) == 0:
-            m_lo, l_lo, m_hi, l_hi = _lse_again(a_lo, a_hi, a2_lo, a2_hi, b_smem, b2_smem, ready, again_bar, b_desc,
-                                                b2_desc, b, b_head0, n_tiles, Sk, qk_scale, zero, STAGES, HAS_TAIL,
-                                                BLOCK_B, layout)
 
     offs_lo = a_block * BLOCK_A + gl.arange(0, HALF, layout=rows_layout)
     offs_hi = offs_lo + HALF
@@ -575,8 +522,6 @@ def _stream_kernel(
                        n_tiles, Sk, qk_scale, out_scale, USE_MAX, STAGES, HAS_TAIL, BLOCK_A, BLOCK_B, keys_layout,
                        b_desc, b2_desc, b, b_head0)
     mbarrier.invalidate(a_bar)
-    if LAZY == 2:
-        mbarrier.invalidate(again_bar)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
 
