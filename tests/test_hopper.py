@@ -375,7 +375,8 @@ def test_fast_paths_switch_off(monkeypatch):
 def test_lazy_max_matches_reference(case, d, dtype):
     """Pass 1's lazy max (`_lse_tile`) on scores that jump far above the max so far, lag far below it,
     keep moving, or stay unseen for whole tiles: the LSE against float64 and the portable kernel, and
-    the column sums of pass 2 on that LSE (25 key tiles; FUSED keeps the exact update)."""
+    the column sums of pass 2 on that LSE (25 key tiles); and both passes in one launch (FUSED, the
+    exact update) against float64 on the same inputs."""
     q, k, keep, causal = lazy_max_inputs(case, 2, 3, 300, 3200, d, dtype, "cuda")
     p = make_problem(q, k, None, causal, "triton")
     lse = hopper.row_lse(q, k, p, key_keep=keep)
@@ -387,6 +388,12 @@ def test_lazy_max_matches_reference(case, d, dtype):
         out = hopper.col_reduce(q, k, lse, p, 1, use_max=False)
         weights = torch.exp(scores_reference(q, k, p.scale, causal=causal) - ref[..., None])
         assert rel_l2(out, weights.sum(2)) <= 1e-5
+    if not causal:  # FUSED takes no causal mask
+        fused = hopper.fused_columns(q, k, p, use_max=False, key_keep=keep).sum(2)
+        if keep is not None:  # its caller zeroes the dropped keys' columns
+            fused = fused.masked_fill(~keep[:, None, :], 0.0)
+        weights = torch.exp(scores_reference(q, k, p.scale, key_keep=keep) - ref[..., None]).nan_to_num(0.0)
+        assert rel_l2(fused, weights.sum(2)) <= 1e-5
 
 def _inspect_ptx(*args: str) -> str:
     """stdout of `python -m benchmarks.inspect_ptx ARGS` in a fresh process: compiling for sm_90
