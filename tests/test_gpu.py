@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flash_colsum import flash_colsum
-from helpers import record_row_block_launches, reference, rel_l2
+from helpers import TOLERANCE, record_row_block_launches, reference, rel_l2
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -120,14 +120,15 @@ def test_few_rows_over_many_heads(sq, sk, d, dtype, causal, monkeypatch):
 
 
 @cuda
-@pytest.mark.parametrize("d", [64, 72, 96, 128, 160, 192, 256])
-def test_float32_tiles_per_row_width(d):
-    """float32 takes tiles of its own per row width (triton_backend._FLOAT32_TILES): against float64
-    at every width the table names, in one fused launch (small) and in two passes (2**27 scores or
-    more), causal or not, at lengths that end inside a tile."""
+@pytest.mark.parametrize("d,dtype", [(d, torch.float32) for d in (64, 72, 96, 128, 160, 192, 256)]
+                         + [(d, torch.float16) for d in (160, 192, 256)])
+def test_tiles_per_row_width(d, dtype):
+    """Tiles by bytes per row: float32's (triton_backend._FLOAT32_TILES) at every width the table
+    names, and fp16 rows wider than 256 bytes (_WIDE_TILES). Against float64 in one fused launch
+    (small) and in two passes (2**27 scores or more), causal or not, at lengths ending inside a tile."""
     for h, s in ((4, 700), (16, 2900)):
-        q = torch.randn(1, h, s, d, device="cuda")
-        k = torch.randn(1, h // 2, s + 37, d, device="cuda")
+        q = torch.randn(1, h, s, d, device="cuda", dtype=dtype)
+        k = torch.randn(1, h // 2, s + 37, d, device="cuda", dtype=dtype)
         for causal in (False, True):
             out = flash_colsum(q, k, is_causal=causal, backend="triton")
-            assert rel_l2(out, reference(q, k, is_causal=causal)) <= 1e-5, (h, s, causal)
+            assert rel_l2(out, reference(q, k, is_causal=causal)) <= TOLERANCE[dtype], (h, s, causal)
