@@ -318,10 +318,11 @@ def _configs(block_d: int) -> tuple[dict, dict]:
     kernel (results/tune_keys_v26_h100.txt: D=128 32-row blocks, 4 warps 9.11 -> 8.56 ms; D=64 kept,
     11.35 against 11.19-11.32 for the nearest others). Split head dims take their main block's: at
     D=72/80/96 the D=64 configurations ran 19.7/12.9/3.75 ms against 23.5/13.7/3.80 with those of
-    D=128 (results/ab_split2_v26_h100.txt)."""
-    if block_d > 128:  # registers: the stationary block and its gradient are [BLOCK, BLOCK_D] each
-        small = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
-        return small, small
+    D=128 (results/ab_split2_v26_h100.txt). Above D=128, 64 x 64 blocks with 4 warps for both
+    (results/bwd_wide_v27_h100.txt)."""
+    if block_d > 128:  # D=256, S=4096: 64 x 64 rows 4.78 -> 3.05 ms, keys 4.78 -> 3.97 against 32 x 32
+        wide = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+        return wide, wide
     if block_d <= 64:
         rows = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
         keys = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2)
