@@ -309,18 +309,21 @@ def _keys_kernel(
 GRAD_IN_INPUT_DTYPE = True
 
 
-def _configs(block_d: int) -> tuple[dict, dict]:
-    """Blocks and launch options of (`_rows_kernel`, `_keys_kernel`) for a main head-dim block,
-    tuned on the H100 (fp16; S=16384 at D=64, S=8192 at D=128; NOTES.md v25 and v26). v25 (results/tune_bwd_v25_h100.txt) took
-    forward + backward from 23.1 to 17.7 ms at D=64 and from 30.1 to 21.3 ms at D=128 against 64 x 64
-    blocks and 4 warps; v26 retuned the rows kernel once its first sweep computed the LSE
+def _configs(block_d: int, block_d2: int = 0) -> tuple[dict, dict]:
+    """Blocks and launch options of (`_rows_kernel`, `_keys_kernel`) for a head dim split into
+    (block_d, block_d2) as `utils.head_dim_blocks` splits it, tuned on the H100 (fp16; S=16384 at
+    D=64, S=8192 at D=128; NOTES.md v25 and v26). v25 (results/tune_bwd_v25_h100.txt) took forward +
+    backward from 23.1 to 17.7 ms at D=64 and from 30.1 to 21.3 ms at D=128 against 64 x 64 blocks
+    and 4 warps; v26 retuned the rows kernel once its first sweep computed the LSE
     (results/tune_rows_v26_h100.txt: D=128 9.77 -> 9.22 ms; D=64 kept, 11.29 ms) and then the keys
     kernel (results/tune_keys_v26_h100.txt: D=128 32-row blocks, 4 warps 9.11 -> 8.56 ms; D=64 kept,
-    11.35 against 11.19-11.32 for the nearest others). Split head dims take their main block's: at
-    D=72/80/96 the D=64 configurations ran 19.7/12.9/3.75 ms against 23.5/13.7/3.80 with those of
-    D=128 (results/ab_split2_v26_h100.txt). Above D=128, 64 x 64 blocks with 4 warps for both
-    (results/bwd_wide_v27_h100.txt)."""
-    if block_d > 128:  # D=256, S=4096: 64 x 64 rows 4.78 -> 3.05 ms, keys 4.78 -> 3.97 against 32 x 32
+    11.35 against 11.19-11.32 for the nearest others). Split head dims up to 160 take their main
+    block's: at D=72/80/96 the D=64 configurations ran 19.7/12.9/3.75 ms against 23.5/13.7/3.80 with
+    those of D=128 (results/ab_split2_v26_h100.txt). Wider rows (D=161-256) take 64 x 64 blocks with
+    4 warps in both, forward + backward at S=4096 (v27): D=256 4.78 -> 2.29 ms against 32 x 32
+    (results/bwd_wide_v27_h100.txt), D=192 2.27 -> 1.79 against D=128's (bwd_mid_v27_h100.txt;
+    D=160 1.75 -> 1.71, kept)."""
+    if block_d + block_d2 > 160:
         wide = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
         return wide, wide
     if block_d <= 64:
@@ -348,7 +351,7 @@ def column_grads(query, key, lse, p: Problem, rows: range, key_keep, row_weight,
     else:
         lse2 = (lse.float() * LOG2E).contiguous()
     block_d, block_d2 = utils.head_dim_blocks(p.head_dim)  # 80 = 64 + 16, as the forward kernels
-    rows_cfg, keys_cfg = _configs(block_d)  # by the main block: 72-96 run best as 64 (v26)
+    rows_cfg, keys_cfg = _configs(block_d, block_d2)  # 72-96 run best as 64 (v26)
     col_grad = col_grad.float().contiguous()
     row_weight = row_weight.float().contiguous()
     lse_grad = None if lse_grad is None else lse_grad.float().contiguous()

@@ -79,9 +79,9 @@ def test_gradients_over_many_blocks(backend, device, sq, sk, grad_products):
 
 
 @pytest.mark.parametrize("backend,device", TARGETS)
-# Every block configuration of the Triton kernels, split head dims (72 = 64 + 16, 96 = 64 + 32) and
-# rows that are not 16-byte aligned (D=36).
-@pytest.mark.parametrize("d", [36, 72, 96, 128, 256])
+# Every block configuration of the Triton kernels, split head dims (72 = 64 + 16, 96 = 64 + 32,
+# 192 = 128 + 64) and rows that are not 16-byte aligned (D=36).
+@pytest.mark.parametrize("d", [36, 72, 96, 128, 192, 256])
 def test_gradients_at_head_dims(backend, device, d, grad_products):
     q, k = make_qk(1, 4, 4, 70, 150, d, torch.float16, device)
     check_against_reference(q, k, backend, is_causal=True, heads="none")
