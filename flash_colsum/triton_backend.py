@@ -418,11 +418,12 @@ _FLOAT32_TILES = {256: (64, 64, 8), 320: (64, 64, 4), 384: (64, 64, 4), 512: (32
                   768: (32, 64, 8)}
 
 # fp16/bf16 rows wider than 256 bytes (D > 128, portable kernels only): (pass-1 tiles, pass-2 tiles)
-# as (BLOCK_M, BLOCK_N, num_warps), 2 stages, by bytes per row. H100, B=1 H=16 S=8192, each pass
-# against the 64 x 64 tiles with 8 warps they had (results/tune_wide_v27_h100.txt): D=192 2.47 ->
-# 0.94 and 2.39 -> 1.00 ms, D=256 1.96 -> 1.26 and 1.77 -> 1.41. D=136-160 (320 bytes) take D=192's.
-_WIDE_TILES = {320: ((128, 64, 8), (64, 128, 8)), 384: ((128, 64, 8), (64, 128, 8)),
-               512: ((128, 128, 8), (128, 128, 8))}
+# as (BLOCK_M, BLOCK_N, num_warps), 2 stages, for rows split as 128 + a tail (D=129-192, 288 to 384
+# bytes) and padded to 256 (D=193-256). H100, B=1 H=16 S=8192, each pass against the 64 x 64 tiles
+# with 8 warps they had (results/tune_wide_v27_h100.txt, wide_after_v27_h100.txt): D=160 2.42 ->
+# 0.86 and 2.01 -> 0.96 ms, D=192 2.47 -> 0.94 and 2.39 -> 1.00, D=256 1.96 -> 1.26 and 1.77 -> 1.41.
+_SPLIT_WIDE_TILES = ((128, 64, 8), (64, 128, 8))
+_PADDED_WIDE_TILES = ((128, 128, 8), (128, 128, 8))
 
 
 @functools.lru_cache(maxsize=None)
@@ -443,7 +444,7 @@ def _block_sizes(head_dim: int, dtype: torch.dtype) -> dict:
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_D2=block_d2, num_warps=warps, num_stages=2)
     if row_bytes <= 256:
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_D=block_d, BLOCK_D2=block_d2, num_warps=4, num_stages=3)
-    block_m, block_n, warps = _WIDE_TILES[row_bytes][1]
+    block_m, block_n, warps = (_SPLIT_WIDE_TILES if block_d2 else _PADDED_WIDE_TILES)[1]
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_D2=block_d2, num_warps=warps, num_stages=2)
 
 
@@ -471,7 +472,7 @@ def _row_block_sizes(head_dim: int, dtype: torch.dtype, n_rows: int, columns: bo
     elif columns:
         cfg = dict(cfg, BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
     else:
-        block_m, block_n, warps = _WIDE_TILES[row_bytes][0]
+        block_m, block_n, warps = (_SPLIT_WIDE_TILES if cfg["BLOCK_D2"] else _PADDED_WIDE_TILES)[0]
         cfg = dict(cfg, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2)
     return _fit_rows(cfg, n_rows, dtype)
 

@@ -179,6 +179,25 @@ def test_row_blocks_fitted_to_few_rows():
         assert _fit_rows(cfg, n_rows, torch.float16) is cfg
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_tiles_for_every_head_dim(dtype, monkeypatch):
+    """The GPU tile choices (`_block_sizes`, `_row_block_sizes`) are pure functions of the head dim
+    and dtype: every D from 1 to 256 gets one, with its head-dim split, for both passes and any row
+    count (the interpreter takes small tiles instead, so CI would not otherwise reach them)."""
+    pytest.importorskip("triton")
+    from flash_colsum import triton_backend as tb
+    from flash_colsum.utils import head_dim_blocks
+
+    monkeypatch.setattr(tb, "interpreting", lambda: False)
+    for d in range(1, 257):
+        block_d, block_d2 = head_dim_blocks(d)
+        cfg = tb._block_sizes.__wrapped__(d, dtype)
+        assert (cfg["BLOCK_D"], cfg["BLOCK_D2"]) == (block_d, block_d2), d
+        for n_rows, columns in ((32, False), (100, True), (4096, False), (4096, True)):
+            rows = tb._row_block_sizes.__wrapped__(d, dtype, n_rows, columns)
+            assert rows["BLOCK_M"] >= 16 and rows["BLOCK_N"] >= 16 and rows["num_warps"] in (4, 8), (d, n_rows)
+
+
 def test_heads_packed_by_key_head():
     """A block holds the rows of PACK query heads of one key head: the largest divisor of the group
     size (and of the heads a column sum may mix) whose rows, a power of two each, fit the block."""
