@@ -189,13 +189,20 @@ def test_tiles_for_every_head_dim(dtype, monkeypatch):
     from flash_colsum.utils import head_dim_blocks
 
     monkeypatch.setattr(tb, "interpreting", lambda: False)
-    for d in range(1, 257):
-        block_d, block_d2 = head_dim_blocks(d)
-        cfg = tb._block_sizes.__wrapped__(d, dtype)
-        assert (cfg["BLOCK_D"], cfg["BLOCK_D2"]) == (block_d, block_d2), d
-        for n_rows, columns in ((32, False), (100, True), (4096, False), (4096, True)):
-            rows = tb._row_block_sizes.__wrapped__(d, dtype, n_rows, columns)
-            assert rows["BLOCK_M"] >= 16 and rows["BLOCK_N"] >= 16 and rows["num_warps"] in (4, 8), (d, n_rows)
+    caches = (tb._block_sizes, tb._row_block_sizes)  # GPU tiles must not stay cached for the interpreter's tests
+    for cached in caches:
+        cached.cache_clear()
+    try:
+        for d in range(1, 257):
+            block_d, block_d2 = head_dim_blocks(d)
+            cfg = tb._block_sizes(d, dtype)
+            assert (cfg["BLOCK_D"], cfg["BLOCK_D2"]) == (block_d, block_d2), d
+            for n_rows, columns in ((32, False), (100, True), (4096, False), (4096, True)):
+                rows = tb._row_block_sizes(d, dtype, n_rows, columns)
+                assert rows["BLOCK_M"] >= 16 and rows["BLOCK_N"] >= 16 and rows["num_warps"] in (4, 8), (d, n_rows)
+    finally:
+        for cached in caches:
+            cached.cache_clear()
 
 
 def test_heads_packed_by_key_head():
