@@ -25,7 +25,8 @@ def _opcode(source: str) -> str:
 
 
 def summarize(path: str, hottest: int = 20, min_run: int = 20) -> str:
-    rows = list(csv.reader(open(path)))
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
     header = next(r for r in rows if "Source" in r and "# Samples" in r)
     col = {name: i for i, name in enumerate(header)}
     data = [r for r in rows[rows.index(header) + 1:] if len(r) == len(header)]
@@ -35,12 +36,13 @@ def summarize(path: str, hottest: int = 20, min_run: int = 20) -> str:
         return int(r[col[name]] or 0)
 
     samples = sum(count(r, "# Samples") for r in data)
-    by_reason = collections.Counter({s: sum(count(r, s) for r in data) for s in reasons})
-    executed, stalls_of = collections.Counter(), collections.defaultdict(collections.Counter)
+    by_reason, executed = collections.Counter(), collections.Counter()
+    stalls_of = collections.defaultdict(collections.Counter)
     for r in data:
         op = _opcode(r[col["Source"]])
         executed[op] += count(r, "Instructions Executed")
         for s in reasons:
+            by_reason[s] += count(r, s)
             stalls_of[op][s[6:]] += count(r, s)
     lines = [f"{samples} stall samples"]
     lines += [f"  {s[6:]:20s} {v:8d} {100 * v / max(samples, 1):5.1f}%" for s, v in by_reason.most_common() if v]
