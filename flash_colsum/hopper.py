@@ -20,8 +20,9 @@ S = A . B^T is [BLOCK_A, BLOCK_B]:
   rows as B, S^T = K . Q^T; each program writes its row block's column sums (maxima), float32
   (B, H, row blocks, Sk). The ring runs on across the two phases: the first key tiles of the
   second are in flight while the first ends.
-Head dims that are not a power of two load as a main block and a tail block (72 = 64 + 16), each a
-TMA box; columns past D arrive as zeros.
+Head dims that are not a power of two load as a main block and a tail block (72 = 64 + 16, 192 =
+128 + 64), each a TMA box, or padded to the next power of two where that is less work (224 -> 256);
+columns past D arrive as zeros.
 CAUSAL (the two passes, not FUSED; Sq <= Sk): pass 1's row block streams keys up to its last row's
 diagonal, pass 2's key block starts at the row tile of its first key's diagonal (skipping whole
 tiles, per head of the chunk); only the tiles the diagonal crosses pay a mask. The blocks launch
@@ -30,7 +31,7 @@ longest first.
 KEY PADDING MASK (HAS_KEY_MASK, pass 1 and FUSED's first phase): dropped keys' scores become -inf,
 so a row may see no key (its LSE is then +inf); pass 2 needs no mask, its caller zeroes the columns.
 Scope (`supports`): CUDA capability 9.0, fp16/bf16, D a multiple of 8 (16-byte rows) from 16 to
-128, a causal mask only with Sq <= Sk (and pass 2 not between D=80 and 128),
+256, a causal mask only with Sq <= Sk (and pass 2 not between D=80 and 128, nor above 192),
 Q and K with D contiguous and 16-byte strides (read in place through 4-D TMA descriptors:
 contiguous tensors and transposed (B, S, H, D) views alike);
 the caller (triton_backend._fast_path) also wants all selected rows and 2**29 scores or more per
@@ -545,7 +546,9 @@ BLOCK_ROWS = 128
 
 def _config(head_dim: int, columns: bool, causal: bool = False) -> tuple[int, int, bool]:
     """(BLOCK_B, STAGES, A_IN_REGS) for a pass (results/tune_hopper_h100_v10*.csv, v12 for D=72-96,
-    v16 for D=96-128, v17 for causal pass 2, v23 for pass 1 at D=128)."""
+    v16 for D=96-128, v17 for causal pass 2, v23 for pass 1 at D=128, v28 above D=128)."""
+    if head_dim > 128:
+        return _wide_config(head_dim, columns, causal)
     if columns and head_dim <= 64:
         return 64, 3, False
     # The causal mask costs pass 2 ~50 registers: at D=72/80 the keys from shared memory and 2 stages
@@ -565,6 +568,21 @@ def _config(head_dim: int, columns: bool, causal: bool = False) -> tuple[int, in
     return 128, 2, False
 
 
+def _wide_config(head_dim: int, columns: bool, causal: bool) -> tuple[int, int, bool]:
+    """Rows over 256 bytes (results/wide_tune_v28_h100.txt: B=1, H=16, S=16384, against the portable
+    kernels' own wide tiles). Each pass runs one or two CTAs per SM here, and shared memory decides:
+    - split rows (D=129-192, 128 + a tail): 64-key tiles, the stationary operand from registers
+      but for causal masks. D=192: pass 1 3.18 vs 3.68 ms, pass 2 2.76 vs 3.82; causal 1.82 vs
+      1.99 and 1.65 vs 2.00. (128-key tiles: D=136 pass 1 2.56 ms against 2.91, D=160 3.91 against 3.04.)
+    - padded rows (D=193-256, one 256-column block): 128-key tiles, one CTA per SM either way. D=256:
+      pass 1 4.30 vs 4.85 ms, pass 2 3.85 vs 5.24; causal pass 1 2.29 vs 2.61 (Triton 3.6's ptxas
+      spills 36 bytes there). The causal pass 2 gains nothing (2.41 vs 2.44 in 64-key tiles): it
+      stays portable (CAUSAL_COLUMNS_SLOWER)."""
+    if head_dim > 192:
+        return 128, 2, False
+    return 64, 2, not causal
+
+
 _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
 
 
@@ -574,8 +592,9 @@ def _capability(device: torch.device) -> tuple[int, int]:
 
 
 # A causal pass 2 lost to the portable kernel at D=96 (1.07-1.10 vs 1.05-1.07 ms, S=16384, H=16;
-# results/causal_tune_v17_h100.txt): between D=80 and 128 the Hopper path runs causal pass 1 only.
-CAUSAL_COLUMNS_SLOWER = range(81, 128)
+# results/causal_tune_v17_h100.txt) and gains nothing above D=192 (`_wide_config`): between D=80 and
+# 128, and above 192, the Hopper path runs causal pass 1 only.
+CAUSAL_COLUMNS_SLOWER = frozenset((*range(81, 128), *range(193, 257)))
 
 
 def supports(query: torch.Tensor, key: torch.Tensor, p: Problem, mode: str = "lse") -> bool:
@@ -590,7 +609,7 @@ def supports(query: torch.Tensor, key: torch.Tensor, p: Problem, mode: str = "ls
         and _capability(query.device) == (9, 0)
         and query.dtype in _GL_DTYPES
         and p.head_dim % 8 == 0  # 16-byte rows for TMA
-        and 16 <= p.head_dim <= 128
+        and 16 <= p.head_dim <= 256
         and _tma_strides(query)
         and _tma_strides(key)
     )
@@ -668,7 +687,9 @@ def _fused_config(head_dim: int) -> tuple[int, int, int | None]:
     slower; at D=128 3 and 4 cost a CTA per SM, 142 -> 182 us at B=8 S=1024). Up to D=96 a cap of
     168 registers (173-183 uncapped, 4-20 bytes spilled) fits three CTAs per SM instead of two:
     B=8 S=1024 D=64 116.6 -> 109.2 us; B=16 D=72/80/96 250 -> 225, 247 -> 222, 256 -> 238 us. At
-    D=128 shared memory holds two CTAs anyway, and the cap lost (142 -> 147; NOTES.md v15, v16)."""
+    D=128 shared memory holds two CTAs anyway, and the cap lost (142 -> 147; NOTES.md v15, v16).
+    Above D=128 the same tiles beat the portable kernels' two passes at every size they fuse: B=8
+    S=1024 D=136/192/256 0.171/0.243/0.269 ms against 0.235/0.291/0.426 (results/wide_tune_v28_h100.txt)."""
     return 128, 2, 168 if head_dim <= 96 else None
 
 

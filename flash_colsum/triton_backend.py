@@ -739,7 +739,7 @@ def _fast_path(query, key, p: Problem, rows: range, key_keep=None, mode="lse"):
     """The Hopper kernels (`flash_colsum.hopper`) when they cover this call in ``mode`` ("lse": pass
     1, "columns": pass 2, "fused": both in one launch), else None.
 
-    They take fp16/bf16 problems with D a multiple of 8 up to 128, Q and K with D contiguous and
+    They take fp16/bf16 problems with D a multiple of 8 up to 256, Q and K with D contiguous and
     16-byte strides (contiguous, or transposed (B, S, H, D) views), on a CUDA capability 9.0 GPU,
     over all selected rows, with at least FAST_PATH_MIN_SCORES scores (FUSED_FAST_PATH_MIN_SCORES
     fused); causal ones with Sq <= Sk, not fused (`hopper.supports`). A key padding mask

@@ -53,9 +53,13 @@ def _col_reference(q, k, lse, scale, rows, heads_per_chunk, use_max, causal=Fals
     return w.amax(dim=2) if use_max else w.sum(dim=2)
 
 
-# Head dims: powers of two, and main + tail blocks (72 = 64 + 16, 96 = 64 + 32, 40 = 32 + 16).
+# Head dims: powers of two, and main + tail blocks (72 = 64 + 16, 96 = 64 + 32, 40 = 32 + 16); rows
+# over 256 bytes: 192 = 128 + 64 (64-key tiles, stationary rows from registers), 224 padded to 256
+# (TMA zero-fills the columns past D) and 256 (128-key tiles).
 DIMS = [(64, torch.float16), (64, torch.bfloat16), (128, torch.float16), (128, torch.bfloat16),
-        (72, torch.float16), (96, torch.bfloat16), (40, torch.float16)]
+        (72, torch.float16), (96, torch.bfloat16), (40, torch.float16),
+        (192, torch.bfloat16), (224, torch.float16), (256, torch.bfloat16)]
+KEY_MASK_DIMS = DIMS[:5] + [(192, torch.float16), (256, torch.float16)]
 
 
 # Causal: the shapes with Sq <= Sk (every row sees key 0), and two more: the diagonal falls in one
@@ -123,18 +127,18 @@ def test_fused_matches_reference(b, h, hk, sq, sk, d, dtype, rows):
 
 
 @hopper_gpu
-@pytest.mark.parametrize("d", [64, 72, 96, 128])
+@pytest.mark.parametrize("d", [64, 72, 96, 128, 192, 256])
 def test_public_api_takes_the_fast_path_when_causal(monkeypatch, hopper_calls, d):
     """A causal prefill (Sq = Sk) and a causal chunk over a longer cache both run the two Hopper
-    passes (pass 1 only at D=96, where the portable pass 2 is faster; thresholds lowered: the shapes
-    stay small for float64) and match the portable kernels and float64."""
+    passes (pass 1 only at D=96 and 256, where the portable pass 2 is faster; thresholds lowered: the
+    shapes stay small for float64) and match the portable kernels and float64."""
     monkeypatch.setattr(tb, "FAST_PATH_MIN_SCORES", 0)
     monkeypatch.setattr(tb, "_use_fused", lambda *args, **kwargs: False)
     for sq, sk in [(1024, 1024), (768, 1024)]:
         hopper_calls.clear()
         q, k = make_qk(1, 32, 8, sq, sk, d, torch.float16, "cuda")
         out = flash_colsum(q, k, is_causal=True, backend="triton")
-        assert hopper_calls == (["row_lse"] if d == 96 else ["row_lse", "col_reduce"]), (sq, sk)
+        assert hopper_calls == (["row_lse"] if d in (96, 256) else ["row_lse", "col_reduce"]), (sq, sk)
         assert rel_l2(out, reference(q, k, is_causal=True)) <= TOLERANCE[torch.float16]
         with monkeypatch.context() as env:
             env.setenv("FLASH_COLSUM_FAST_PATHS", "0")
@@ -156,7 +160,7 @@ def _key_keep(kind, b, sk):
 
 
 @hopper_gpu
-@pytest.mark.parametrize("d,dtype", DIMS[:5], ids=[f"d{d}-{str(t)[6:]}" for d, t in DIMS[:5]])
+@pytest.mark.parametrize("d,dtype", KEY_MASK_DIMS, ids=[f"d{d}-{str(t)[6:]}" for d, t in KEY_MASK_DIMS])
 @pytest.mark.parametrize("b,h,hk,sq,sk", [(2, 4, 2, 300, 129), (2, 3, 3, 640, 2048), (2, 2, 1, 100, 50)])
 @pytest.mark.parametrize("kind", ["left_padding", "holes", "one_row_empty"])
 @pytest.mark.parametrize("causal", [False, True])
@@ -292,7 +296,7 @@ def test_public_api_takes_the_fast_path_on_transposed_views(monkeypatch, hopper_
 
 
 @hopper_gpu
-@pytest.mark.parametrize("d,hk", [(64, 16), (64, 4), (72, 16), (128, 8)])
+@pytest.mark.parametrize("d,hk", [(64, 16), (64, 4), (72, 16), (128, 8), (192, 16), (256, 4)])
 def test_public_api_fuses_on_the_fast_path(monkeypatch, hopper_calls, d, hk):
     """Small calls take the fused Hopper kernel, and the public result (mean over heads and rows,
     GQA included) matches float64 and the portable kernels. (B=4, H=16, S=1024 is 2**26 scores:
@@ -309,7 +313,7 @@ def test_public_api_fuses_on_the_fast_path(monkeypatch, hopper_calls, d, hk):
 
 
 @hopper_gpu
-@pytest.mark.parametrize("d", [64, 80, 128])
+@pytest.mark.parametrize("d", [64, 80, 128, 160, 256])
 def test_public_api_takes_the_fast_path(monkeypatch, hopper_calls, d):
     """flash_colsum picks both Hopper passes where they apply, and the result matches float64."""
     monkeypatch.setattr(tb, "FAST_PATH_MIN_SCORES", 0)  # the shape is small, to keep the float64 check quick,
@@ -324,10 +328,10 @@ def test_public_api_takes_the_fast_path(monkeypatch, hopper_calls, d):
 def test_falls_back_outside_its_scope():
     q, k = make_qk(1, 2, 2, 600, 700, 64, torch.float16, "cuda")  # causal (k, q): Sq > Sk, a row sees no key
     q36, k36 = make_qk(1, 2, 2, 600, 700, 36, torch.float16, "cuda")  # rows of 72 bytes: no TMA
-    q256, k256 = make_qk(1, 2, 2, 600, 700, 256, torch.float16, "cuda")
+    q8, k8 = make_qk(1, 2, 2, 600, 700, 8, torch.float16, "cuda")  # under 16 columns
     broadcast = k[:, :1].expand(-1, 2, -1, -1)  # stride 0 over heads
     unaligned = torch.empty(1, 2, 700, 72, dtype=torch.float16, device="cuda")[..., 4:68]  # base off by 8 bytes
-    for causal, qq, kk in [(True, k, q), (False, q.float(), k.float()), (False, q36, k36), (False, q256, k256),
+    for causal, qq, kk in [(True, k, q), (False, q.float(), k.float()), (False, q36, k36), (False, q8, k8),
                            (False, q.transpose(2, 3).contiguous().transpose(2, 3), k), (False, q, broadcast),
                            (False, q, unaligned)]:
         p = make_problem(qq, kk, None, causal, "triton")
@@ -335,7 +339,7 @@ def test_falls_back_outside_its_scope():
 
 
 @hopper_gpu
-@pytest.mark.parametrize("d", [96, 128])
+@pytest.mark.parametrize("d", [96, 128, 256])
 def test_fused_hopper_up_to_2_28_scores_at_every_head_dim(monkeypatch, hopper_calls, d):
     """Above D=64 the portable fused kernel stops at 2**27 scores, the Hopper one at 2**28: B=16,
     H=16, S=1024 fuses, and matches the portable kernels' two passes."""
@@ -350,7 +354,8 @@ def test_fused_hopper_up_to_2_28_scores_at_every_head_dim(monkeypatch, hopper_ca
 def test_fused_fast_path_thresholds():
     """Both passes in one Hopper launch from 2**27 scores, with or without a head-dim tail; below,
     the portable fused kernel."""
-    for d, b, expected in [(64, 8, True), (64, 4, False), (128, 8, True), (72, 8, True), (72, 4, False), (96, 8, True)]:
+    for d, b, expected in [(64, 8, True), (64, 4, False), (128, 8, True), (72, 8, True), (72, 4, False), (96, 8, True),
+                             (256, 8, True), (256, 4, False)]:
         q, k = make_qk(b, 16, 16, 1024, 1024, d, torch.float16, "cuda")
         p = make_problem(q, k, None, False, "triton")
         assert (tb._fast_path(q, k, p, range(p.row_start, p.row_end), mode="fused") is hopper) == expected, (d, b)
@@ -370,7 +375,7 @@ def test_fast_paths_switch_off(monkeypatch):
 
 @hopper_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
-@pytest.mark.parametrize("d", [64, 72, 128])
+@pytest.mark.parametrize("d", [64, 72, 128, 256])
 @pytest.mark.parametrize("case", LAZY_MAX_CASES)
 def test_lazy_max_matches_reference(case, d, dtype):
     """Pass 1's lazy max (`_lse_tile`) on scores that jump far above the max so far, lag far below it,
@@ -409,7 +414,10 @@ def _inspect_ptx(*args: str) -> str:
                                     (64, "fused"), (32, "fused"), (96, "fused"), (128, "fused"),  # pass 2 above D=64: A in registers
                                     (64, "lse causal"), (64, "columns causal"), (72, "columns causal"), (128, "lse causal"),
                                     (128, "columns causal"), (64, "lse key-mask"), (128, "lse causal key-mask"),
-                                    (64, "fused key-mask"), (72, "fused key-mask")])
+                                    (64, "fused key-mask"), (72, "fused key-mask"),
+                                    (136, "lse"), (192, "lse"), (192, "columns"), (192, "columns causal"),
+                                    (256, "lse"), (256, "columns"), (256, "lse causal"), (256, "fused"),
+                                    (192, "fused key-mask"), (256, "lse causal key-mask")])
 def test_kernels_compile_for_sm90_with_async_wgmma(d, mode):
     """Both passes, and both in one launch, build for sm_90 (no GPU needed) with no register spills,
     and ptxas keeps the wgmmas asynchronous (warning C7514 says it serialized them: with Triton
@@ -422,6 +430,11 @@ def test_kernels_compile_for_sm90_with_async_wgmma(d, mode):
     # Fused up to D=96 runs under a register cap (hopper._fused_config): a few bytes spill for a third CTA per
     # SM; with a key mask a few more (16-28 bytes at D=72, up to 48 at D=96, on Triton 3.6/3.9).
     allowed = (48 if "key-mask" in mode else 24) if mode.startswith("fused") and d <= 96 else 0
+    # Padded 256-column rows in 128-key tiles spill a little: Triton 3.6's ptxas 24 bytes in the causal
+    # pass 1 and 44 with a key mask too, 3.9's 32 in pass 2; measured (3.6) 0.73-0.89x the portable
+    # passes all the same (NOTES.md v28).
+    if d > 192 and not mode.startswith("fused"):
+        allowed = 48
     assert spills and int(spills.group(1)) <= allowed, report
 
 
@@ -441,10 +454,12 @@ def test_portable_kernel_loads_vectorize_for_sm90(unit):
     (600, 700, 64, "lse", True), (600, 700, 64, "columns", True), (600, 700, 64, "fused", False),
     (700, 600, 64, "lse", False), (700, 700, 96, "lse", True), (700, 700, 96, "columns", False),
     (700, 700, 128, "columns", True), (700, 700, 80, "columns", True),
+    (700, 700, 192, "columns", True), (700, 700, 256, "columns", False), (700, 700, 256, "lse", True),
 ])
 def test_causal_scope_of_the_fast_path(monkeypatch, sq, sk, d, mode, expected):
     """Which causal calls the Hopper kernels take (checked on the CPU with the capability faked):
-    Sq <= Sk, not fused, and pass 2 not between D=80 and 128 (the portable one is faster there)."""
+    Sq <= Sk, not fused, and pass 2 not between D=80 and 128 nor above 192 (the portable one is
+    as fast or faster there)."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     from flash_colsum import hopper as hopper_module
 
