@@ -6,14 +6,25 @@
     rec.importance        # {layer index: (B, Sk) float32}
 
 Inside the block the model's attention implementation is a registered wrapper: the output comes
-from the wrapped implementation (``"sdpa"`` by default; never eager, never ``output_attentions``),
+from the wrapped implementation (``"sdpa"`` by default, the model's eager one only if asked; never
+``output_attentions``),
 and `column_stats` records the statistic of each layer's queries and keys. No attention matrix is
 built by the recorder. The statistics are recorded without gradients (they keep no layer's queries
 and keys alive); call `column_stats` in the model's attention for differentiable ones. Needs
 transformers >= 5 (its AttentionInterface).
+
+Attention sinks (gpt-oss's ``s_aux``) are folded into each row's log-sum-exp. Layers whose softmax
+`column_stats` cannot reproduce raise NotImplementedError rather than record another statistic:
+logit soft-capping (Gemma 2), sliding windows or attention chunks shorter than the keys (Mistral,
+Gemma 2/3, Llama 4), and masks other than causal or bidirectional with padding (prefix-LM or
+bidirectional image tokens in PaliGemma and Gemma 3, packed sequences). For those, call
+`column_stats` on the rows and keys whose softmax it does match.
 """
 
 from __future__ import annotations
+
+import inspect
+import sys
 
 import torch
 
@@ -30,20 +41,57 @@ def _recording_attention(module, query, key, value, attention_mask, scaling=None
     if not _active:
         raise RuntimeError(f"attention implementation {NAME!r} used outside an ImportanceRecorder block")
     recorder = _active[-1]
-    inner = ALL_ATTENTION_FUNCTIONS[recorder.inner]
+    if recorder.inner == "eager":  # transformers calls a model's own eager function directly, unregistered
+        inner = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if inner is None:
+            raise ValueError(f"inner='eager': {type(module).__module__} has no eager_attention_forward")
+    else:
+        inner = ALL_ATTENTION_FUNCTIONS[recorder.inner]
     result = inner(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    recorder.record(module, query, key, scaling)
+    recorder.record(module, query, key, scaling, kwargs)
     return result
+
+
+def _unlike_column_stats(module, options: dict, k_len: int) -> str | None:
+    """What makes this layer's softmax differ from the one `column_stats` computes (scaled scores,
+    causal and padding masks), or None. transformers passes soft-capping and sliding windows to the
+    attention function as keywords, and marks chunked layers in ``config.layer_types``; a window or
+    chunk at least as long as the keys hides none of them."""
+    if options.get("softcap") is not None:
+        return f"attention logit soft-capping (softcap={options['softcap']})"
+    window = options.get("sliding_window")
+    if window is not None and k_len > window:
+        return f"a sliding window of {window} keys over {k_len}"
+    return None
+
+
+# Rows of the model's mask pattern checked at a time (`ImportanceRecorder._note_mask`): bounds the
+# check's memory to B * 1024 * Sk bytes where the wrapped kernel (FlashAttention) builds no mask.
+_MASK_ROWS = 1024
+
+
+def _recording_mask(*args, **kwargs):
+    """AttentionMaskInterface entry: the wrapped implementation's own mask, in its own format (eager's
+    additive floats, SDPA's booleans, FlashAttention's padding...), after the recorder notes whether
+    the model's pattern is one `column_stats` computes."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    inner = "sdpa"
+    if _active:
+        arguments = inspect.signature(sdpa_mask).bind(*args, **kwargs).arguments  # every mask function's parameters
+        _active[-1]._note_mask(**{name: value for name, value in arguments.items() if name != "kwargs"})
+        inner = _active[-1].inner
+    return ALL_MASK_ATTENTION_FUNCTIONS[inner if inner in ALL_MASK_ATTENTION_FUNCTIONS else "sdpa"](*args, **kwargs)
 
 
 def _register() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     if NAME not in AttentionInterface._global_mapping:
         AttentionInterface.register(NAME, _recording_attention)
-    if NAME not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-        AttentionMaskInterface.register(NAME, sdpa_mask)  # the wrapped kernels take SDPA's mask
+    if ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(NAME) is not _recording_mask:
+        AttentionMaskInterface.register(NAME, _recording_mask)
 
 
 class ImportanceRecorder:
@@ -53,7 +101,8 @@ class ImportanceRecorder:
         model: a transformers ``PreTrainedModel`` whose attention goes through the AttentionInterface.
         attention_mask: the (B, S) padding mask given to the model (1 = real token), or None. Keys
             and query rows are aligned to its end (the last Sk / Sq positions), as with a KV cache.
-        inner: the attention implementation that computes the output (``"sdpa"``, ``"flash_attention_2"``...).
+        inner: the attention implementation that computes the output (``"sdpa"``, ``"flash_attention_2"``,
+            ``"eager"``: the model's own, e.g. for gpt-oss's sinks, which SDPA ignores...).
         **stats: `column_stats` arguments (``heads``, ``reduce``, ``normalize``, ``rows``, ``backend``...).
 
     ``importance`` maps each layer index to its statistic (shape as ``heads`` says); a new forward
@@ -68,13 +117,20 @@ class ImportanceRecorder:
             raise ValueError(f"attention_mask must be a (B, S) tensor; got {getattr(attention_mask, 'shape', attention_mask)!r}")
         self.model, self.attention_mask, self.inner, self.stats = model, attention_mask, inner, stats
         self.importance: dict[int, torch.Tensor] = {}
+        self._other_mask = False  # a mask built inside the block hides or shows keys other than causal/padding
         self._previous = None
         self._order: dict[int, int] = {}  # module id -> layer index, for modules without layer_idx
 
     def __enter__(self) -> "ImportanceRecorder":
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
         _register()
+        if self.inner != "eager" and self.inner not in ALL_ATTENTION_FUNCTIONS:
+            raise ValueError(f"inner must be 'eager' or a registered attention implementation "
+                             f"({', '.join(ALL_ATTENTION_FUNCTIONS.valid_keys())}); got {self.inner!r}")
         self._previous = self.model.config._attn_implementation
         self.model.set_attn_implementation(NAME)
+        self._other_mask = False
         _active.append(self)
         return self
 
@@ -83,18 +139,62 @@ class ImportanceRecorder:
         self.model.set_attn_implementation(self._previous)
         return False
 
-    def record(self, module, query: torch.Tensor, key: torch.Tensor, scaling) -> None:
+    def _note_mask(self, *, batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                   use_vmap=False, device="cpu", **_) -> None:
+        """Note a mask pattern other than causal or bidirectional (padding aside): prefix-LM or
+        bidirectional image tokens (PaliGemma, Gemma 3), sliding windows, attention chunks, packed
+        sequences. The plain patterns cost nothing; others are evaluated _MASK_ROWS rows at a time."""
+        from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
+
+        if mask_function in (None, causal_mask_function, bidirectional_mask_function) or self._other_mask:
+            return
+        keys = kv_offset + torch.arange(kv_length, device=device)
+        causal = full = True
+        for q0 in range(0, q_length, _MASK_ROWS):
+            n = min(_MASK_ROWS, q_length - q0)
+            seen = sdpa_mask(batch_size=batch_size, q_length=n, kv_length=kv_length, q_offset=q_offset + q0,
+                             kv_offset=kv_offset, mask_function=mask_function, attention_mask=None,
+                             allow_is_causal_skip=False, allow_is_bidirectional_skip=False, use_vmap=use_vmap,
+                             device=device)[:, 0]  # (B, n, Sk) bool
+            rows = q_offset + q0 + torch.arange(n, device=device)
+            causal = causal and bool((seen == (keys[None, :] <= rows[:, None])).all())
+            full = full and bool(seen.all())
+            if not (causal or full):
+                self._other_mask = True
+                return
+
+    def record(self, module, query: torch.Tensor, key: torch.Tensor, scaling, options: dict | None = None) -> None:
+        """Record the statistic of one attention call; ``options``: the keywords the model passed to
+        its attention function (sliding_window, softcap, s_aux / sinks...)."""
+        options = options or {}
         layer = getattr(module, "layer_idx", None)
         if layer is None:
             layer = self._order.setdefault(id(module), len(self._order))
         q_len, k_len = query.shape[2], key.shape[2]
+        unlike = _unlike_column_stats(module, options, k_len)
+        if unlike is None and self._other_mask:
+            unlike = ("an attention mask other than causal or bidirectional with padding (prefix-LM or "
+                      "bidirectional image tokens, a sliding window or chunks shorter than the keys, packed sequences)")
+        if unlike is not None:
+            raise NotImplementedError(
+                f"ImportanceRecorder: layer {layer} uses {unlike}, which flash_colsum does not compute; "
+                "its statistic would not be the model's attention")
         masks = {}
         if self.attention_mask is not None:
             keep = self.attention_mask.to(device=query.device, dtype=torch.bool)
             masks = dict(key_padding_mask=keep[:, -k_len:], query_padding_mask=keep[:, -q_len:])
         causal = bool(getattr(module, "is_causal", False)) and q_len > 1
+        common = dict(scale=scaling, is_causal=causal, **masks)
+        sinks = options.get("s_aux", options.get("sinks"))
         with torch.no_grad():
-            self.importance[layer] = column_stats(query, key, scale=scaling, is_causal=causal, **masks, **self.stats)
+            if sinks is not None:
+                # Attention sinks (gpt-oss): one more logit per head in every row's softmax denominator,
+                # none in the numerators, so the weights are exp(s - lse') with lse' = logaddexp(lse, sink).
+                _, lse = column_stats(query, key, **common, heads="none", reduce="sum", return_lse=True,
+                                      backend=self.stats.get("backend", "auto"))
+                sink = sinks.detach().to(device=lse.device, dtype=torch.float32).reshape(1, -1, 1)
+                common["lse"] = torch.logaddexp(lse, sink)
+            self.importance[layer] = column_stats(query, key, **common, **self.stats)
 
     def stacked(self) -> torch.Tensor:
         return torch.stack([self.importance[i] for i in sorted(self.importance)])

@@ -111,3 +111,93 @@ def test_recorder_rejects_conflicting_arguments():
         ImportanceRecorder(None, key_padding_mask=torch.ones(1, 3))
     with pytest.raises(ValueError, match=r"attention_mask must be a \(B, S\) tensor"):
         ImportanceRecorder(None, attention_mask=torch.ones(3))
+
+
+def tiny_gpt_oss(sliding_window=128):
+    """gpt-oss with attention sinks (random, non-zero) and a sliding window on every other layer."""
+    config = transformers.GptOssConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+        sliding_window=sliding_window, max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    model = transformers.GptOssForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0.0, 2.0)
+    return model
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_attention_sinks(backend, device):
+    """gpt-oss's sinks add a logit per head to every row's softmax denominator: the recorded
+    statistic matches eager output_attentions (whose rows then sum to less than 1), padded or not."""
+    model = tiny_gpt_oss().to(device)
+    model.set_attn_implementation("eager")
+    ids = torch.randint(0, 128, (2, 19), device=device)
+    mask = torch.ones(2, 19, dtype=torch.long, device=device)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        eager = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+        expected = eager_column_means(eager.attentions, mask.bool())
+        with ImportanceRecorder(model, attention_mask=mask, inner="eager", backend=backend) as rec:
+            model(input_ids=ids, attention_mask=mask)
+    assert expected.sum(-1).max() < 0.99  # the sinks take real weight: a test that can fail
+    assert rel_l2(rec.stacked(), expected) <= 1e-5
+
+
+@pytest.mark.parametrize("family,why", [
+    ("gemma2", "soft-capping"), ("mistral", "sliding window of 8 keys over 21"),
+    ("gpt_oss", "sliding window of 8 keys over 21"), ("llama4", "chunks shorter than the keys"),
+])
+def test_recorder_refuses_attention_it_cannot_reproduce(family, why):
+    """Logit soft-capping, and sliding windows or chunks shorter than the keys, raise instead of
+    recording the statistic of a different softmax; a window as long as the keys records (its mask
+    pattern is evaluated and found causal)."""
+    small = dict(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+    if family == "gemma2":
+        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**small, sliding_window=64))
+    elif family == "mistral":
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**small, sliding_window=8))
+    elif family == "gpt_oss":
+        model = tiny_gpt_oss(sliding_window=8)
+    else:
+        config = transformers.Llama4TextConfig(**small, attention_chunk_size=8, num_local_experts=2,
+                                               intermediate_size_mlp=64, no_rope_layers=[1, 0])
+        model = transformers.Llama4ForCausalLM(config)
+    model.eval()
+    ids = torch.randint(0, 128, (1, 21))
+    with torch.no_grad(), pytest.raises(NotImplementedError, match=why):
+        with ImportanceRecorder(model, inner="eager", backend="torch"):
+            model(input_ids=ids)
+    if family == "mistral":  # 21 keys inside a window of 32: nothing hidden, nothing raised
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**small, sliding_window=32)).eval()
+        model.set_attn_implementation("eager")
+        with torch.no_grad():
+            eager = model(input_ids=ids, output_attentions=True)
+            with ImportanceRecorder(model, backend="torch") as rec:
+                model(input_ids=ids)
+        assert rel_l2(rec.stacked(), eager_column_means(eager.attentions, torch.ones(1, 21, dtype=torch.bool))) <= 1e-5
+
+
+def test_recorder_refuses_packed_sequences():
+    """Two sequences packed in one row (position_ids restart, no cache: training's format):
+    transformers masks each to itself, which a causal statistic over the row does not; the recorder
+    raises. The same row unpacked records."""
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 20))
+    packed = torch.cat([torch.arange(12), torch.arange(8)])[None]
+    with torch.no_grad():
+        with pytest.raises(NotImplementedError, match="packed sequences"):
+            with ImportanceRecorder(model, backend="torch"):
+                model(input_ids=ids, position_ids=packed, use_cache=False)
+        with ImportanceRecorder(model, backend="torch") as rec:
+            model(input_ids=ids, position_ids=torch.arange(20)[None], use_cache=False)
+    assert rec.stacked().shape == (2, 1, 20)
+
+
+def test_recorder_rejects_unknown_inner():
+    with pytest.raises(ValueError, match="inner must be 'eager' or a registered attention implementation"):
+        with ImportanceRecorder(tiny_llama(), inner="no_such_kernel"):
+            pass
