@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import weakref
 
 import torch
 
@@ -48,7 +49,7 @@ def _recording_attention(module, query, key, value, attention_mask, scaling=None
     else:
         inner = ALL_ATTENTION_FUNCTIONS[recorder.inner]
     result = inner(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    recorder.record(module, query, key, scaling, kwargs)
+    recorder.record(module, query, key, scaling, kwargs, attention_mask)
     return result
 
 
@@ -76,12 +77,12 @@ def _recording_mask(*args, **kwargs):
     the model's pattern is one `column_stats` computes."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    inner = "sdpa"
+    inner = _active[-1].inner if _active else "sdpa"
+    mask = ALL_MASK_ATTENTION_FUNCTIONS[inner if inner in ALL_MASK_ATTENTION_FUNCTIONS else "sdpa"](*args, **kwargs)
     if _active:
         arguments = inspect.signature(sdpa_mask).bind(*args, **kwargs).arguments  # every mask function's parameters
-        _active[-1]._note_mask(**{name: value for name, value in arguments.items() if name != "kwargs"})
-        inner = _active[-1].inner
-    return ALL_MASK_ATTENTION_FUNCTIONS[inner if inner in ALL_MASK_ATTENTION_FUNCTIONS else "sdpa"](*args, **kwargs)
+        _active[-1]._note_mask(mask, **{name: value for name, value in arguments.items() if name != "kwargs"})
+    return mask
 
 
 def _register() -> None:
@@ -117,7 +118,8 @@ class ImportanceRecorder:
             raise ValueError(f"attention_mask must be a (B, S) tensor; got {getattr(attention_mask, 'shape', attention_mask)!r}")
         self.model, self.attention_mask, self.inner, self.stats = model, attention_mask, inner, stats
         self.importance: dict[int, torch.Tensor] = {}
-        self._other_mask = False  # a mask built inside the block hides or shows keys other than causal/padding
+        self._mask_kinds: dict = {}  # id(mask) -> (weakref to it, "causal" | "full" | "other"): `_note_mask`
+        self._untracked_other = False  # an "other" pattern whose mask object cannot be followed to its layers
         self._previous = None
         self._order: dict[int, int] = {}  # module id -> layer index, for modules without layer_idx
 
@@ -130,7 +132,8 @@ class ImportanceRecorder:
                              f"({', '.join(ALL_ATTENTION_FUNCTIONS.valid_keys())}); got {self.inner!r}")
         self._previous = self.model.config._attn_implementation
         self.model.set_attn_implementation(NAME)
-        self._other_mask = False
+        self._mask_kinds.clear()
+        self._untracked_other = False
         _active.append(self)
         return self
 
@@ -139,40 +142,61 @@ class ImportanceRecorder:
         self.model.set_attn_implementation(self._previous)
         return False
 
-    def _note_mask(self, *, batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+    def _note_mask(self, mask, *, batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                    use_vmap=False, device="cpu", **_) -> None:
-        """Note a mask pattern other than causal or bidirectional (padding aside): prefix-LM or
-        bidirectional image tokens (PaliGemma, Gemma 3), sliding windows, attention chunks, packed
-        sequences. The plain patterns cost nothing; others are evaluated _MASK_ROWS rows at a time."""
+        """Note the pattern of a mask the model built, padding aside: "causal", "full" (bidirectional:
+        PaliGemma's prefix) or "other" (bidirectional image tokens among causal text, sliding windows
+        or chunks shorter than the keys, packed sequences). Plain causal and bidirectional functions
+        cost nothing; composite ones are evaluated _MASK_ROWS rows at a time. The layers that get
+        this mask look its pattern up (`record`)."""
         from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
 
-        if mask_function in (None, causal_mask_function, bidirectional_mask_function) or self._other_mask:
+        if mask_function is causal_mask_function or mask_function is bidirectional_mask_function:
+            kind = "causal" if mask_function is causal_mask_function else "full"
+        elif mask_function is None:
             return
-        keys = kv_offset + torch.arange(kv_length, device=device)
-        causal = full = True
-        for q0 in range(0, q_length, _MASK_ROWS):
-            n = min(_MASK_ROWS, q_length - q0)
-            seen = sdpa_mask(batch_size=batch_size, q_length=n, kv_length=kv_length, q_offset=q_offset + q0,
-                             kv_offset=kv_offset, mask_function=mask_function, attention_mask=None,
-                             allow_is_causal_skip=False, allow_is_bidirectional_skip=False, use_vmap=use_vmap,
-                             device=device)[:, 0]  # (B, n, Sk) bool
-            rows = q_offset + q0 + torch.arange(n, device=device)
-            causal = causal and bool((seen == (keys[None, :] <= rows[:, None])).all())
-            full = full and bool(seen.all())
-            if not (causal or full):
-                self._other_mask = True
-                return
+        else:
+            keys = kv_offset + torch.arange(kv_length, device=device)
+            causal = full = True
+            for q0 in range(0, q_length, _MASK_ROWS):
+                n = min(_MASK_ROWS, q_length - q0)
+                seen = sdpa_mask(batch_size=batch_size, q_length=n, kv_length=kv_length, q_offset=q_offset + q0,
+                                 kv_offset=kv_offset, mask_function=mask_function, attention_mask=None,
+                                 allow_is_causal_skip=False, allow_is_bidirectional_skip=False, use_vmap=use_vmap,
+                                 device=device)[:, 0]  # (B, n, Sk) bool
+                rows = q_offset + q0 + torch.arange(n, device=device)
+                causal = causal and bool((seen == (keys[None, :] <= rows[:, None])).all())
+                full = full and bool(seen.all())
+                if not (causal or full):
+                    break
+            kind = "causal" if causal else "full" if full else "other"
+        try:
+            ref = weakref.ref(mask)
+        except TypeError:  # None (FlashAttention without padding) or a type without weak references
+            self._untracked_other |= kind == "other"  # then every layer of the block refuses
+            return
+        self._mask_kinds = {key: value for key, value in self._mask_kinds.items() if value[0]() is not None}
+        self._mask_kinds[id(mask)] = (ref, kind)
 
-    def record(self, module, query: torch.Tensor, key: torch.Tensor, scaling, options: dict | None = None) -> None:
+    def _mask_kind(self, mask):
+        """The noted pattern of the mask a layer got, or None (no mask, or one built outside the block)."""
+        ref, kind = self._mask_kinds.get(id(mask), (None, None))
+        if mask is not None and ref is not None and ref() is mask:
+            return kind
+        return "other" if self._untracked_other else None
+
+    def record(self, module, query: torch.Tensor, key: torch.Tensor, scaling, options: dict | None = None,
+               mask=None) -> None:
         """Record the statistic of one attention call; ``options``: the keywords the model passed to
-        its attention function (sliding_window, softcap, s_aux / sinks...)."""
+        its attention function (sliding_window, softcap, s_aux / sinks...); ``mask``: the mask it got."""
         options = options or {}
         layer = getattr(module, "layer_idx", None)
         if layer is None:
             layer = self._order.setdefault(id(module), len(self._order))
         q_len, k_len = query.shape[2], key.shape[2]
         unlike = _unlike_column_stats(module, options, k_len)
-        if unlike is None and self._other_mask:
+        kind = self._mask_kind(mask)
+        if unlike is None and kind == "other":
             unlike = ("an attention mask other than causal or bidirectional with padding (prefix-LM or "
                       "bidirectional image tokens, a sliding window or chunks shorter than the keys, packed sequences)")
         if unlike is not None:
@@ -183,7 +207,10 @@ class ImportanceRecorder:
         if self.attention_mask is not None:
             keep = self.attention_mask.to(device=query.device, dtype=torch.bool)
             masks = dict(key_padding_mask=keep[:, -k_len:], query_padding_mask=keep[:, -q_len:])
-        causal = bool(getattr(module, "is_causal", False)) and q_len > 1
+        causal = options.get("is_causal")  # as transformers' SDPA integration reads it
+        causal = bool(getattr(module, "is_causal", False) if causal is None else causal) and q_len > 1
+        if kind is not None:  # the mask the model built says which (PaliGemma's prefix is bidirectional)
+            causal = kind == "causal" and q_len > 1
         common = dict(scale=scaling, is_causal=causal, **masks)
         sinks = options.get("s_aux", options.get("sinks"))
         with torch.no_grad():

@@ -204,3 +204,60 @@ def test_recorder_rejects_unknown_inner():
     with pytest.raises(ValueError, match="inner must be 'eager' or a registered attention implementation"):
         with ImportanceRecorder(tiny_llama(), inner="no_such_kernel"):
             pass
+
+
+def tiny_paligemma():
+    """PaliGemma: 4 image tokens (28 x 28 pixels in 14 x 14 patches), then text; its prefix (token
+    type 0: the image and the prompt) attends bidirectionally, its suffix (type 1) causally."""
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    text = transformers.GemmaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=1, head_dim=16)
+    config = transformers.PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=63,
+                                          projection_dim=64)
+    torch.manual_seed(0)
+    return transformers.PaliGemmaForConditionalGeneration(config).eval()
+
+
+def test_prefix_lm_image_tokens():
+    """PaliGemma's prefix is bidirectional although its layers are causal modules: the recorder follows
+    the mask the model built (a statistic over a causal softmax would silently differ), and matches
+    eager output_attentions. With a causal suffix the mask is neither pattern, and it refuses."""
+    model = tiny_paligemma()
+    ids = torch.cat([torch.full((1, 4), 63), torch.randint(1, 60, (1, 8))], 1)
+    pixels = torch.randn(1, 3, 28, 28)
+    prefix_only = torch.zeros_like(ids)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        eager = model(input_ids=ids, pixel_values=pixels, token_type_ids=prefix_only, output_attentions=True)
+        expected = eager_column_means(eager.attentions, torch.ones(1, 12, dtype=torch.bool))
+        with ImportanceRecorder(model, backend="torch") as rec:
+            model(input_ids=ids, pixel_values=pixels, token_type_ids=prefix_only)
+        # The language model's layers (the vision tower's, recorded first, share index 0).
+        got = torch.stack([rec.importance[0], rec.importance[1]])
+        assert rel_l2(got, expected) <= 1e-5
+        with_suffix = prefix_only.clone()
+        with_suffix[:, -3:] = 1
+        with pytest.raises(NotImplementedError, match="other than causal or bidirectional"):
+            with ImportanceRecorder(model, backend="torch"):
+                model(input_ids=ids, pixel_values=pixels, token_type_ids=with_suffix)
+
+
+def test_follows_the_models_mask_over_the_layers_flag():
+    """A decoder run bidirectionally (config.is_causal=False, a padded batch) keeps causal attention
+    modules, but transformers passes is_causal=False and builds a bidirectional mask, and the
+    recorded statistic follows them (either alone suffices here; with neither this test fails)."""
+    model = tiny_llama()
+    model.config.is_causal = False
+    assert all(layer.self_attn.is_causal for layer in model.model.layers)
+    ids = torch.randint(0, 128, (2, 15))
+    mask = torch.ones(2, 15, dtype=torch.long)
+    mask[1, :4] = 0
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        eager = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+        expected = eager_column_means(eager.attentions, mask.bool())
+        with ImportanceRecorder(model, attention_mask=mask, backend="torch") as rec:
+            model(input_ids=ids, attention_mask=mask)
+    assert eager.attentions[0][0, 0, 0, -1] > 0  # the first row sees the last key: not causal
+    assert rel_l2(rec.stacked(), expected) <= 1e-5
