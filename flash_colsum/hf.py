@@ -107,7 +107,10 @@ class ImportanceRecorder:
         **stats: `column_stats` arguments (``heads``, ``reduce``, ``normalize``, ``rows``, ``backend``...).
 
     ``importance`` maps each layer index to its statistic (shape as ``heads`` says); a new forward
-    overwrites it. ``stacked()`` gives (layers, ...) in layer order.
+    overwrites it. Attention modules without a ``layer_idx`` (a VLM's vision tower) are keyed by their
+    name in the model instead, so that they do not overwrite the language model's layers.
+    ``stacked()`` gives (layers, ...) of the indexed layers in order (of all, in model order, for a
+    model without indices).
     """
 
     def __init__(self, model, attention_mask=None, *, inner="sdpa", **stats):
@@ -117,11 +120,11 @@ class ImportanceRecorder:
         if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
             raise ValueError(f"attention_mask must be a (B, S) tensor; got {getattr(attention_mask, 'shape', attention_mask)!r}")
         self.model, self.attention_mask, self.inner, self.stats = model, attention_mask, inner, stats
-        self.importance: dict[int, torch.Tensor] = {}
+        self.importance: dict[int | str, torch.Tensor] = {}
         self._mask_kinds: dict = {}  # id(mask) -> (weakref to it, "causal" | "full" | "other"): `_note_mask`
         self._untracked_other = False  # an "other" pattern whose mask object cannot be followed to its layers
         self._previous = None
-        self._order: dict[int, int] = {}  # module id -> layer index, for modules without layer_idx
+        self._names: dict[int, str] = {}  # module id -> its name in the model, for modules without layer_idx
 
     def __enter__(self) -> "ImportanceRecorder":
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -192,7 +195,9 @@ class ImportanceRecorder:
         options = options or {}
         layer = getattr(module, "layer_idx", None)
         if layer is None:
-            layer = self._order.setdefault(id(module), len(self._order))
+            if not self._names:
+                self._names = {id(m): name for name, m in self.model.named_modules()}
+            layer = self._names.get(id(module)) or f"{type(module).__name__}@{id(module):x}"
         q_len, k_len = query.shape[2], key.shape[2]
         unlike = _unlike_column_stats(module, options, k_len)
         kind = self._mask_kind(mask)
@@ -224,4 +229,8 @@ class ImportanceRecorder:
             self.importance[layer] = column_stats(query, key, **common, **self.stats)
 
     def stacked(self) -> torch.Tensor:
-        return torch.stack([self.importance[i] for i in sorted(self.importance)])
+        indexed = sorted(key for key in self.importance if isinstance(key, int))
+        if not indexed:  # named modules only: in model order (named_modules lists them so)
+            order = {name: i for i, name in enumerate(self._names.values())}
+            indexed = sorted(self.importance, key=lambda name: order.get(name, len(order)))
+        return torch.stack([self.importance[key] for key in indexed])

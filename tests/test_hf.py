@@ -233,9 +233,10 @@ def test_prefix_lm_image_tokens():
         expected = eager_column_means(eager.attentions, torch.ones(1, 12, dtype=torch.bool))
         with ImportanceRecorder(model, backend="torch") as rec:
             model(input_ids=ids, pixel_values=pixels, token_type_ids=prefix_only)
-        # The language model's layers (the vision tower's, recorded first, share index 0).
-        got = torch.stack([rec.importance[0], rec.importance[1]])
-        assert rel_l2(got, expected) <= 1e-5
+        # The language model's layers by index; the vision tower's (no layer_idx) by name.
+        assert sorted(key for key in rec.importance if isinstance(key, str)) == [
+            "model.vision_tower.encoder.layers.0.self_attn"]
+        assert rel_l2(rec.stacked(), expected) <= 1e-5
         with_suffix = prefix_only.clone()
         with_suffix[:, -3:] = 1
         with pytest.raises(NotImplementedError, match="other than causal or bidirectional"):
