@@ -17,8 +17,8 @@ Attention sinks (gpt-oss's ``s_aux``) are folded into each row's log-sum-exp. La
 `column_stats` cannot reproduce raise NotImplementedError rather than record another statistic:
 logit soft-capping (Gemma 2), sliding windows or attention chunks shorter than the keys (Mistral,
 Gemma 2/3, Llama 4), and masks other than causal or bidirectional with padding (prefix-LM or
-bidirectional image tokens in PaliGemma and Gemma 3, packed sequences). For those, call
-`column_stats` on the rows and keys whose softmax it does match.
+bidirectional image tokens in PaliGemma and Gemma 3, packed sequences). ``unsupported="skip"``
+leaves such layers out instead; or call `column_stats` on rows and keys whose softmax it matches.
 """
 
 from __future__ import annotations
@@ -104,6 +104,9 @@ class ImportanceRecorder:
             and query rows are aligned to its end (the last Sk / Sq positions), as with a KV cache.
         inner: the attention implementation that computes the output (``"sdpa"``, ``"flash_attention_2"``,
             ``"eager"``: the model's own, e.g. for gpt-oss's sinks, which SDPA ignores...).
+        unsupported: ``"raise"`` (NotImplementedError) at a layer whose softmax `column_stats` cannot
+            reproduce (below), or ``"skip"``: leave it out of ``importance`` and say why in ``skipped``
+            (gpt-oss's and Gemma 3's sliding-window layers, say, while their full layers record).
         **stats: `column_stats` arguments (``heads``, ``reduce``, ``normalize``, ``rows``, ``backend``...).
 
     ``importance`` maps each layer index to its statistic (shape as ``heads`` says); a new forward
@@ -113,13 +116,17 @@ class ImportanceRecorder:
     model without indices).
     """
 
-    def __init__(self, model, attention_mask=None, *, inner="sdpa", **stats):
+    def __init__(self, model, attention_mask=None, *, inner="sdpa", unsupported="raise", **stats):
+        if unsupported not in ("raise", "skip"):
+            raise ValueError(f"unsupported must be 'raise' or 'skip'; got {unsupported!r}")
         for bad in ("query_padding_mask", "key_padding_mask", "is_causal", "scale", "lse", "cu_seqlens_q", "cu_seqlens_k"):
             if bad in stats:
                 raise ValueError(f"{bad} is set by the recorder from the model; do not pass it")
         if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
             raise ValueError(f"attention_mask must be a (B, S) tensor; got {getattr(attention_mask, 'shape', attention_mask)!r}")
         self.model, self.attention_mask, self.inner, self.stats = model, attention_mask, inner, stats
+        self.unsupported = unsupported
+        self.skipped: dict[int | str, str] = {}  # with unsupported="skip": layer -> why it was not recorded
         self.importance: dict[int | str, torch.Tensor] = {}
         self._mask_kinds: dict = {}  # id(mask) -> (weakref to it, "causal" | "full" | "other"): `_note_mask`
         self._untracked_other = False  # an "other" pattern whose mask object cannot be followed to its layers
@@ -205,9 +212,14 @@ class ImportanceRecorder:
             unlike = ("an attention mask other than causal or bidirectional with padding (prefix-LM or "
                       "bidirectional image tokens, a sliding window or chunks shorter than the keys, packed sequences)")
         if unlike is not None:
+            if self.unsupported == "skip":
+                self.importance.pop(layer, None)  # an earlier forward's statistic would be stale
+                self.skipped[layer] = unlike
+                return
             raise NotImplementedError(
                 f"ImportanceRecorder: layer {layer} uses {unlike}, which flash_colsum does not compute; "
-                "its statistic would not be the model's attention")
+                "its statistic would not be the model's attention (unsupported='skip' records the other layers)")
+        self.skipped.pop(layer, None)
         masks = {}
         if self.attention_mask is not None:
             keep = self.attention_mask.to(device=query.device, dtype=torch.bool)

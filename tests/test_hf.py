@@ -262,3 +262,21 @@ def test_follows_the_models_mask_over_the_layers_flag():
             model(input_ids=ids, attention_mask=mask)
     assert eager.attentions[0][0, 0, 0, -1] > 0  # the first row sees the last key: not causal
     assert rel_l2(rec.stacked(), expected) <= 1e-5
+
+
+def test_recorder_skips_what_it_cannot_reproduce_when_asked():
+    """unsupported="skip": gpt-oss's sliding-window layer (window 8 over 19 keys) is left out and
+    named in `skipped`; its full-attention layer records and matches eager."""
+    model = tiny_gpt_oss(sliding_window=8)
+    assert model.config.layer_types == ["sliding_attention", "full_attention"]
+    model.set_attn_implementation("eager")
+    ids = torch.randint(0, 128, (2, 19))
+    with torch.no_grad():
+        eager = model(input_ids=ids, output_attentions=True)
+        expected = eager_column_means(eager.attentions, torch.ones(2, 19, dtype=torch.bool))
+        with ImportanceRecorder(model, inner="eager", unsupported="skip", backend="torch") as rec:
+            model(input_ids=ids)
+    assert list(rec.importance) == [1] and "sliding window of 8 keys over 19" in rec.skipped[0]
+    assert rel_l2(rec.importance[1], expected[1]) <= 1e-5
+    with pytest.raises(ValueError, match="unsupported must be 'raise' or 'skip'"):
+        ImportanceRecorder(model, unsupported="ignore")
