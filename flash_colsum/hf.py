@@ -13,11 +13,12 @@ built by the recorder. The statistics are recorded without gradients (they keep 
 and keys alive); call `column_stats` in the model's attention for differentiable ones. Needs
 transformers >= 5 (its AttentionInterface).
 
-Attention sinks (gpt-oss's ``s_aux``) are folded into each row's log-sum-exp. Layers whose softmax
-`column_stats` cannot reproduce raise NotImplementedError rather than record another statistic:
-logit soft-capping (Gemma 2), sliding windows or attention chunks shorter than the keys (Mistral,
-Gemma 2/3, Llama 4), and masks other than causal or bidirectional with padding (prefix-LM or
-bidirectional image tokens in PaliGemma and Gemma 3, packed sequences). ``unsupported="skip"``
+Attention sinks (gpt-oss's ``s_aux``) are folded into each row's log-sum-exp, and logit
+soft-capping (Gemma 2's ``softcap``) passes to `column_stats`. Layers whose softmax it cannot
+reproduce raise NotImplementedError rather than record another statistic: sliding windows or
+attention chunks shorter than the keys (Mistral, Gemma 2/3, gpt-oss, Llama 4), and masks other
+than causal or bidirectional with padding (a causal suffix after PaliGemma's bidirectional prefix,
+Gemma 3's image tokens, packed sequences). ``unsupported="skip"``
 leaves such layers out instead; or call `column_stats` on rows and keys whose softmax it matches.
 """
 
@@ -54,12 +55,10 @@ def _recording_attention(module, query, key, value, attention_mask, scaling=None
 
 
 def _unlike_column_stats(module, options: dict, k_len: int) -> str | None:
-    """What makes this layer's softmax differ from the one `column_stats` computes (scaled scores,
-    causal and padding masks), or None. transformers passes soft-capping and sliding windows to the
-    attention function as keywords, and marks chunked layers in ``config.layer_types``; a window or
-    chunk at least as long as the keys hides none of them."""
-    if options.get("softcap") is not None:
-        return f"attention logit soft-capping (softcap={options['softcap']})"
+    """What makes this layer's softmax differ from the one `column_stats` computes (scaled, possibly
+    soft-capped scores, causal and padding masks), or None: a sliding window, which transformers
+    passes to the attention function as a keyword (one at least as long as the keys hides none;
+    chunks and other patterns show in the mask, `ImportanceRecorder._note_mask`)."""
     window = options.get("sliding_window")
     if window is not None and k_len > window:
         return f"a sliding window of {window} keys over {k_len}"
@@ -228,7 +227,7 @@ class ImportanceRecorder:
         causal = bool(getattr(module, "is_causal", False) if causal is None else causal) and q_len > 1
         if kind is not None:  # the mask the model built says which (PaliGemma's prefix is bidirectional)
             causal = kind == "causal" and q_len > 1
-        common = dict(scale=scaling, is_causal=causal, **masks)
+        common = dict(scale=scaling, is_causal=causal, softcap=options.get("softcap"), **masks)
         sinks = options.get("s_aux", options.get("sinks"))
         with torch.no_grad():
             if sinks is not None:

@@ -83,17 +83,18 @@ def reduce_columns_op(
     full_lse: bool,
     backend: str,
     divisor: float,
+    softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H // heads_per_chunk, Sk) reduced weights and, with ``full_lse``, the computed (B, H, Sq)
     LSE (else an empty tensor: the kernels may not keep it)."""
     return _reduce_chunks(query, key, lse, key_keep, row_keep, scale, causal, row_start, row_end, heads_per_chunk, use_max,
-                          full_lse, backend, divisor)
+                          full_lse, backend, divisor, softcap)
 
 
 def _reduce_chunks(query, key, lse, key_keep, row_keep, scale, causal, row_start, row_end, heads_per_chunk, use_max,
-                   full_lse, backend, divisor):
+                   full_lse, backend, divisor, softcap):
     """`reduce_columns_op`'s computation."""
-    p = problem_from_shapes(query, key, scale, causal, row_start, row_end, backend)
+    p = problem_from_shapes(query, key, scale, causal, row_start, row_end, backend, softcap)
     # A chunk of a whole key head's query heads may come as a fused launch's partials (one launch
     # for a small call, as in eager calls): (B, H * R / PACK, Sk), R row blocks a head, reduced here.
     out, computed = _reduce_columns(query, key, p, lse, key_keep, row_keep, heads_per_chunk, use_max, full_lse, divisor,
@@ -107,7 +108,7 @@ def _reduce_chunks(query, key, lse, key_keep, row_keep, scale, causal, row_start
 
 @reduce_columns_op.register_fake
 def _(query, key, lse, key_keep, row_keep, scale, causal, row_start, row_end, heads_per_chunk, use_max, full_lse, backend,
-      divisor):
+      divisor, softcap):
     b, h, sq = query.shape[:3]
     out = query.new_empty((b, h // heads_per_chunk, key.shape[2]), dtype=torch.float32)
     return out, query.new_empty((b, h, sq) if full_lse else (0,), dtype=torch.float32)
@@ -177,17 +178,19 @@ def _(grad, grad_lse, query, key, *args):
 def _save_for_backward(ctx, inputs, output):
     query, key, lse, key_keep, row_keep, *args = inputs
     ctx.save_for_backward(query, key, lse, key_keep, row_keep)
-    ctx.args = args  # scale, causal, row_start, row_end, heads_per_chunk, use_max, full_lse, backend, divisor
+    ctx.args = args  # scale, causal, row_start, row_end, heads_per_chunk, use_max, full_lse, backend, divisor, softcap
 
 
 def _backward(ctx, grad, grad_lse, grads_of=reduce_columns_backward_op):
     query, key, lse, key_keep, row_keep = ctx.saved_tensors
-    scale, causal, row_start, row_end, heads_per_chunk, use_max, full_lse, backend, divisor = ctx.args
+    scale, causal, row_start, row_end, heads_per_chunk, use_max, full_lse, backend, divisor, softcap = ctx.args
     if use_max:
         raise NotImplementedError("column_stats: reduce='max' has no gradient; reduce='sum' and 'mean' have one")
+    if softcap:
+        raise NotImplementedError("column_stats: softcap has no gradient yet; call it without softcap to differentiate")
     dq, dk = grads_of(grad, grad_lse, query, key, lse, key_keep, row_keep, scale, causal, row_start, row_end,
                       heads_per_chunk, full_lse, backend, divisor)
-    return dq, dk, *[None] * 12  # nothing for lse, the masks and the arguments
+    return dq, dk, *[None] * 13  # nothing for lse, the masks and the arguments
 
 
 torch.library.register_autograd("flash_colsum::reduce_columns", _backward, setup_context=_save_for_backward)
@@ -233,9 +236,9 @@ def _visible_row_counts(p: Problem, row_keep, normalize: str, device):
     return suffix[:, first_row].clamp_min_(1)
 
 
-def _validated_plan(query, key, scale, is_causal, reduce, normalize, heads, rows, backend) -> tuple:
+def _validated_plan(query, key, scale, is_causal, reduce, normalize, heads, rows, backend, softcap=None) -> tuple:
     """Check the arguments that every call has; (Problem with the selected rows, `head_plan`, result shape)."""
-    p = make_problem(query, key, scale, is_causal, backend)
+    p = make_problem(query, key, scale, is_causal, backend, softcap=softcap)
     if reduce not in ROW_REDUCTIONS:
         raise ValueError(f"reduce must be one of {ROW_REDUCTIONS}; got {reduce!r}")
     if normalize not in NORMALIZATIONS:
@@ -260,11 +263,12 @@ _PLANS_MAX = 1024
 _PLAIN = frozenset((type(None), bool, int, float, str))
 
 
-def _plan_key(query, key, scale, is_causal, reduce, normalize, heads, rows, backend):
+def _plan_key(query, key, scale, is_causal, reduce, normalize, heads, rows, backend, softcap=None):
     """A call's signature for `_PLANS`, or None where an argument is not of a plain type (or under
     torch.compile, which traces the checks)."""
     if (type(query) is not torch.Tensor or type(key) is not torch.Tensor or torch.compiler.is_compiling()
-            or not {type(scale), type(is_causal), type(reduce), type(normalize), type(heads), type(backend)} <= _PLAIN):
+            or not {type(scale), type(is_causal), type(reduce), type(normalize), type(heads), type(backend),
+                    type(softcap)} <= _PLAIN):
         return None
     if rows is not None:
         if type(rows) not in (slice, range) or not {type(rows.start), type(rows.stop), type(rows.step)} <= _PLAIN:
@@ -272,7 +276,7 @@ def _plan_key(query, key, scale, is_causal, reduce, normalize, heads, rows, back
         rows = (type(rows), rows.start, rows.stop, rows.step)
     device = query.device
     return (query.shape, key.shape, query.dtype, key.dtype, device, key.device, device.type == "cuda" or interpreting(),
-            type(scale), scale, type(is_causal), is_causal, reduce, normalize, heads, rows, backend)
+            type(scale), scale, type(is_causal), is_causal, reduce, normalize, heads, rows, backend, type(softcap), softcap)
 
 
 def _call_plan(*args) -> tuple:
@@ -306,6 +310,7 @@ def column_stats(
     lse=None,
     return_lse=False,
     accumulate_into=None,
+    softcap=None,
     backend="auto",
 ):
     """Column statistics of softmax attention, without materializing the Sq x Sk matrix.
@@ -341,6 +346,10 @@ def column_stats(
         return_lse: also return the (B, H, Sq) float32 natural-log LSE (+inf for rows that see no key).
         accumulate_into: a float32 tensor of the result's shape and device; the result is added
             into it in place and it is returned (running statistics across decoding steps, H2O).
+        softcap: logit soft-capping (Gemma 2's ``attn_logit_softcapping``): the scores become
+            softcap * tanh(scale * q . k / softcap) before the masks and the softmax. A finite positive
+            number, or None (off). Runs on the portable kernels (not the Hopper path) and the torch
+            back end; no gradient yet (NotImplementedError on backward).
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see `flash_colsum`).
 
     Returns:
@@ -361,11 +370,12 @@ def column_stats(
             query, key, cu_seqlens_q, cu_seqlens_k, lse=lse, return_lse=return_lse, accumulate_into=accumulate_into,
             conflicts=dict(row_mask=row_mask, query_padding_mask=query_padding_mask, key_padding_mask=key_padding_mask),
             scale=scale, is_causal=is_causal, reduce=reduce, normalize=normalize, heads=heads, rows=rows, backend=backend,
+            softcap=softcap,
         )
     if rows is not None and row_mask is not None:
         raise ValueError("give rows or row_mask, not both: they are two ways to select query rows")
     p, (head_op, kv, use_max, heads_per_chunk), out_shape = _call_plan(
-        query, key, scale, is_causal, reduce, normalize, heads, rows, backend)
+        query, key, scale, is_causal, reduce, normalize, heads, rows, backend, softcap)
     b, sq, sk = p.batch, p.q_len, p.k_len
     row_keep = check_mask("row_mask", row_mask, (b, sq), query.device)
     pad_keep = check_mask("query_padding_mask", query_padding_mask, (b, sq), query.device)
@@ -390,7 +400,7 @@ def column_stats(
         compiling = torch.compiler.is_compiling()
         if compiling or (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)):
             args = (query, key, lse, key_keep, row_keep, p.scale, p.causal, p.row_start, p.row_end, heads_per_chunk,
-                    use_max, full_lse, p.backend, float(divisor))
+                    use_max, full_lse, p.backend, float(divisor), p.softcap)
             chunks, computed = reduce_columns_op(*args) if compiling else _EagerReduceColumns.apply(*args)
             if chunks.requires_grad:  # the outputs may be views, which autograd forbids changing in place
                 chunks, computed = chunks.clone(), computed.clone()

@@ -13,15 +13,19 @@ from .utils import SUPPORTED_DTYPES, check_positive_int, make_problem, resolve_r
 _DTYPES = SUPPORTED_DTYPES + (torch.float64,)
 
 
-def attention_weights(query, key, scale=None, is_causal=False, key_padding_mask=None, *, dtype=torch.float64):
-    """softmax(scale * Q K^T) as a (B, H, Sq, Sk) tensor of ``dtype``.
+def attention_weights(query, key, scale=None, is_causal=False, key_padding_mask=None, *, softcap=None,
+                      dtype=torch.float64):
+    """softmax(scale * Q K^T) as a (B, H, Sq, Sk) tensor of ``dtype``; with ``softcap``, of
+    softcap * tanh(scale * Q K^T / softcap).
 
     Causal is bottom-right aligned; padded keys (mask False/0) get weight 0; a row with every key
     masked is all 0.
     """
-    p = make_problem(query, key, scale, is_causal, "torch", allowed_dtypes=_DTYPES)
+    p = make_problem(query, key, scale, is_causal, "torch", allowed_dtypes=_DTYPES, softcap=softcap)
     k = key.to(dtype).repeat_interleave(p.group, dim=1)  # query head h reads key head h // G
     scores = p.scale * (query.to(dtype) @ k.transpose(-1, -2))  # [B, H, Sq, D] @ [B, H, D, Sk]
+    if p.softcap:
+        scores = p.softcap * torch.tanh(scores / p.softcap)
     hidden = torch.zeros((p.q_len, p.k_len), dtype=torch.bool, device=query.device)
     if p.causal:
         i = torch.arange(p.q_len, device=query.device)[:, None]
@@ -37,11 +41,12 @@ def attention_weights(query, key, scale=None, is_causal=False, key_padding_mask=
 def reference_column_stats(
     query, key, *, scale=None, is_causal=False, reduce="mean", normalize="rows", heads="mean", rows=None,
     row_mask=None, query_padding_mask=None, key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None,
-    dtype=torch.float64,
+    softcap=None, dtype=torch.float64,
 ):
     """`column_stats` by materializing the weights; same arguments (no lse, accumulation or backend)."""
     if cu_seqlens_q is not None:  # one sequence at a time, results packed along keys
-        kwargs = dict(scale=scale, is_causal=is_causal, reduce=reduce, normalize=normalize, heads=heads, rows=rows, dtype=dtype)
+        kwargs = dict(scale=scale, is_causal=is_causal, reduce=reduce, normalize=normalize, heads=heads, rows=rows,
+                      softcap=softcap, dtype=dtype)
         heads_kept = {"none": query.shape[1]}.get(heads, key.shape[1] if heads.startswith("kv_") else None)
         bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
         pieces = []
@@ -54,7 +59,7 @@ def reference_column_stats(
         return torch.cat(pieces, dim=-1)
     b, h, sq, _ = query.shape
     hk, sk = key.shape[1], key.shape[2]
-    w = attention_weights(query, key, scale, is_causal, key_padding_mask, dtype=dtype)  # (B, H, Sq, Sk)
+    w = attention_weights(query, key, scale, is_causal, key_padding_mask, softcap=softcap, dtype=dtype)  # (B, H, Sq, Sk)
     start, stop = resolve_rows(rows, sq)
     keep = torch.zeros((b, sq), dtype=torch.bool)
     keep[:, start:stop] = True

@@ -58,7 +58,8 @@ def _tiles(p: Problem, rows: range, bytes_per_score: int = _BYTES_PER_SCORE, squ
 
 
 def _scores(query, key, p: Problem, batch: slice, rows: range, keys: range, key_keep=None) -> torch.Tensor:
-    """Scaled float32 scores of a tile, (b, Hk, G * M, N); causally hidden (and padded) keys are -inf.
+    """Scaled (and soft-capped) float32 scores of a tile, (b, Hk, G * M, N); causally hidden (and
+    padded) keys are -inf.
 
     The G query heads of a key head are stacked along the row axis, so one batched matmul serves
     GQA without copying K per query head. key_keep: (B, Sk) bool or None (no padding mask applied).
@@ -68,6 +69,8 @@ def _scores(query, key, p: Problem, batch: slice, rows: range, keys: range, key_
     b, hk, g, m = q.shape[0], p.kv_heads, p.group, len(rows)
     q = q.reshape(b, hk, g * m, p.head_dim)
     s = torch.matmul(q, k.transpose(-1, -2)).mul_(p.scale)  # [b, Hk, G*M, D] @ [b, Hk, D, N]
+    if p.softcap:
+        s = s.div_(p.softcap).tanh_().mul_(p.softcap)
     hidden = None
     if p.causal:
         i = torch.arange(rows.start, rows.stop, device=q.device)

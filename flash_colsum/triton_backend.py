@@ -87,9 +87,9 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
 @triton.jit
 def _key_block_scores(q, q_tail, k_base, stride_kn, stride_kd, offs_n, Sk,
                       D: tl.constexpr, TRANSPOSED: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                      BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
+                      BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, RAW_SOFTCAP: tl.constexpr):
     """Unscaled scores of the rows held in registers (q, q_tail) against the keys offs_n:
-    [BM, BN] = Q . K^T, or [BN, BM] = K . Q^T when TRANSPOSED."""
+    [BM, BN] = Q . K^T, or [BN, BM] = K . Q^T when TRANSPOSED; soft-capped if RAW_SOFTCAP > 0."""
     k = _load_main(k_base, offs_n, stride_kn, offs_n < Sk, stride_kd, D, BLOCK_D)  # [BN, BD]
     if TRANSPOSED:
         s = _dot(k, tl.trans(q), DOT_PRECISION, UPCAST_DOT)  # [BN, BD] @ [BD, BM] -> [BN, BM]
@@ -101,7 +101,19 @@ def _key_block_scores(q, q_tail, k_base, stride_kn, stride_kd, offs_n, Sk,
             s += _dot(k_tail, tl.trans(q_tail), DOT_PRECISION, UPCAST_DOT)  # [BN, BD2] @ [BD2, BM]
         else:
             s += _dot(q_tail, tl.trans(k_tail), DOT_PRECISION, UPCAST_DOT)  # [BM, BD2] @ [BD2, BN]
+    if RAW_SOFTCAP > 0:
+        s = _soft_cap(s, RAW_SOFTCAP)
     return s
+
+
+@triton.jit
+def _soft_cap(s, RAW_SOFTCAP: tl.constexpr):
+    """R * tanh(s / R) for raw scores s (R = softcap / scale: Gemma 2's logit soft-capping before the
+    scale, so the exp2 after needs no change), through one exp2: tanh|y| = (1 - t) / (1 + t) with
+    t = exp2(-2 log2(e) |y|) in (0, 1], which cannot overflow; NaN stays NaN."""
+    t = tl.exp2(tl.abs(s) * (-2.0 * _LOG2E / RAW_SOFTCAP))
+    capped = RAW_SOFTCAP * (1.0 - t) / (1.0 + t)
+    return tl.where(s < 0, -capped, capped)
 
 
 @triton.jit
@@ -109,12 +121,12 @@ def _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, str
                 offs_m, n0, n_hi, Sk, causal_offset, D: tl.constexpr, qk_scale, scores_ptrs, mask_m,
                 MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, STORE_SCORES: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, RAW_SOFTCAP: tl.constexpr):
     """Fold one block of BLOCK_N keys into the running (max, sum) of each row, in base 2; with
     STORE_SCORES, also store the block's scaled base-2 scores (-inf where masked) at scores_ptrs."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     s = _key_block_scores(q, q_tail, k_base, stride_kn, stride_kd, offs_n, Sk, D, False,
-                          DOT_PRECISION, UPCAST_DOT, BLOCK_D, BLOCK_D2)  # [BM, BN]
+                          DOT_PRECISION, UPCAST_DOT, BLOCK_D, BLOCK_D2, RAW_SOFTCAP)  # [BM, BN]
     if MASK:
         visible = offs_n[None, :] < n_hi
         if CAUSAL:
@@ -141,7 +153,7 @@ def _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, str
 def _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, n0, Sk, causal_offset,
                D: tl.constexpr, qk_scale, out_scale, MASK: tl.constexpr, USE_MAX: tl.constexpr,
                DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, RAW_SOFTCAP: tl.constexpr):
     """Store the column sums (or maxima) of one block of BLOCK_N keys over the block's rows.
 
     The score tile is computed transposed, K . Q^T, so the sum over rows runs along a tile row,
@@ -149,7 +161,7 @@ def _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, 
     """
     offs_n = n0 + tl.arange(0, BLOCK_N)
     s = _key_block_scores(q, q_tail, k_base, stride_kn, stride_kd, offs_n, Sk, D, True,
-                          DOT_PRECISION, UPCAST_DOT, BLOCK_D, BLOCK_D2)  # [BN, BM]
+                          DOT_PRECISION, UPCAST_DOT, BLOCK_D, BLOCK_D2, RAW_SOFTCAP)  # [BN, BM]
     # Rows past the selection carry lse = +inf: their weights are exactly 0 without a row mask.
     p = tl.exp2(s * qk_scale - lse2[None, :])
     if MASK:  # the causal diagonal
@@ -178,7 +190,7 @@ def _rows_lse(q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, stride_keep_n, 
               causal_offset, D: tl.constexpr, qk_scale, scores_ptrs, mask_m, CAUSAL: tl.constexpr,
               HAS_KEY_MASK: tl.constexpr, STORE_SCORES: tl.constexpr, DOT_PRECISION: tl.constexpr,
               UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
+              BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, RAW_SOFTCAP: tl.constexpr):
     """The rows' running (max, sum) in base 2 over keys [n_lo, n_hi); blocks before n_full unmasked
     (and, with STORE_SCORES, their scaled scores stored).
 
@@ -190,11 +202,13 @@ def _rows_lse(q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, stride_keep_n, 
     for n0 in range(n_lo, n_full, BLOCK_N):
         m_i, l_i = _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, stride_keep_n,
                                offs_m, n0, n_hi, Sk, causal_offset, D, qk_scale, scores_ptrs, mask_m, False, CAUSAL,
-                               HAS_KEY_MASK, STORE_SCORES, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2)
+                               HAS_KEY_MASK, STORE_SCORES, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2,
+                               RAW_SOFTCAP)
     for n0 in range(n_full, n_hi, BLOCK_N):
         m_i, l_i = _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, stride_keep_n,
                                offs_m, n0, n_hi, Sk, causal_offset, D, qk_scale, scores_ptrs, mask_m, True, CAUSAL,
-                               HAS_KEY_MASK, STORE_SCORES, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2)
+                               HAS_KEY_MASK, STORE_SCORES, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2,
+                               RAW_SOFTCAP)
     return m_i, l_i
 
 
@@ -212,7 +226,7 @@ def _row_block_kernel(
     CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SPLIT: tl.constexpr, STORE_SCORES: tl.constexpr,
     STRIDE_UNIT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
-    PACK: tl.constexpr, PACK_ROWS: tl.constexpr,
+    PACK: tl.constexpr, PACK_ROWS: tl.constexpr, RAW_SOFTCAP: tl.constexpr,
 ):
     """Row-stationary: a block of BLOCK_M query rows of one head stays in registers while a range of
     keys streams past (the keys split among programs when rows are few, as in flash-decoding).
@@ -291,7 +305,8 @@ def _row_block_kernel(
     if FUSED:
         m_i, l_i = _rows_lse(q, q_tail, k_base, stride_kn, stride_kd, KEY_KEEP, stride_keep_n, offs_m,
                              n_lo, n_full, n_hi, Sk, causal_offset, D, qk_scale, scores_ptrs, mask_m, CAUSAL,
-                             HAS_KEY_MASK, False, DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_D2)
+                             HAS_KEY_MASK, False, DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_D2,
+                             RAW_SOFTCAP)
         # The rows' final LSE, base 2; +inf (weight 0) for rows past the selection or seeing no key.
         lse2 = tl.where(mask_m & (l_i > 0), m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
     elif LSE_PARTS:
@@ -302,7 +317,7 @@ def _row_block_kernel(
         m_i, l_i = _rows_lse(q, q_tail, k_base, stride_kn, stride_kd, KEY_KEEP, stride_keep_n, offs_m,
                              n_lo, n_full, n_hi, Sk, causal_offset, D, qk_scale, scores_ptrs, mask_m, CAUSAL,
                              HAS_KEY_MASK, STORE_SCORES, DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N, BLOCK_D,
-                             BLOCK_D2)
+                             BLOCK_D2, RAW_SOFTCAP)
         seen = l_i > 0
         lse = (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * _LN2  # base 2 -> natural
         # A split's partial for a row that saw none of its keys is -inf (neutral in the combining
@@ -319,10 +334,12 @@ def _row_block_kernel(
         out_ptrs += tl.arange(0, BLOCK_N) * stride_on
         for n0 in range(n_lo, n_full, BLOCK_N):
             _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, n0, Sk, causal_offset, D,
-                       qk_scale, out_scale, False, USE_MAX, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2)
+                       qk_scale, out_scale, False, USE_MAX, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2,
+                       RAW_SOFTCAP)
         for n0 in range(n_full, n_hi, BLOCK_N):
             _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, n0, Sk, causal_offset, D,
-                       qk_scale, out_scale, CAUSAL, USE_MAX, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2)
+                       qk_scale, out_scale, CAUSAL, USE_MAX, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2,
+                       RAW_SOFTCAP)
         # Keys past the causal limit of every row of the block: weight 0 (the output is not pre-zeroed).
         for n0 in range(n_seen, n_end, BLOCK_N):
             tl.store(out_ptrs + n0, tl.zeros([BLOCK_N], tl.float32), mask=n0 + tl.arange(0, BLOCK_N) < n_end)
@@ -333,7 +350,7 @@ def _col_update(col, k, k_tail, q_base, stride_qm, stride_qd, lse_base, stride_l
                 row_start, row_end, Sk, causal_offset, D: tl.constexpr, qk_scale,
                 CAUSAL_MASK: tl.constexpr, USE_MAX: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, RAW_SOFTCAP: tl.constexpr):
     """Fold the weights of BLOCK_M query rows into the block's column sums (or maxima)."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     mask_m = offs_m < row_end
@@ -342,6 +359,8 @@ def _col_update(col, k, k_tail, q_base, stride_qm, stride_qd, lse_base, stride_l
     if BLOCK_D2 > 0:
         q_tail = _load_tail(q_base, offs_m, stride_qm, mask_m, stride_qd, D, BLOCK_D, BLOCK_D2, False)
         s += _dot(k_tail, tl.trans(q_tail), DOT_PRECISION, UPCAST_DOT)  # [BN, BD2] @ [BD2, BM]
+    if RAW_SOFTCAP > 0:
+        s = _soft_cap(s, RAW_SOFTCAP)
     # Rows past row_end load lse = +inf, so their weights are exactly 0: no score mask needed.
     lse2 = tl.load(lse_base + (offs_m - row_start) * stride_lm, mask=mask_m, other=float("inf")) * _LOG2E
     p = tl.exp2(s * qk_scale - lse2[None, :])
@@ -363,6 +382,7 @@ def _col_reduce_kernel(
     out_scale, CAUSAL: tl.constexpr, USE_MAX: tl.constexpr, STRIDE_UNIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+    RAW_SOFTCAP: tl.constexpr,
 ):
     # 1-D grid: key blocks of one (batch, head chunk) are neighbours, sharing Q and lse in L2.
     pid = tl.program_id(0)
@@ -399,11 +419,11 @@ def _col_reduce_kernel(
             for m0 in range(m_lo, m_unmasked, BLOCK_M):
                 col = _col_update(col, k, k_tail, q_base, stride_qm, stride_qd, lse_base, stride_lm, offs_n, m0,
                                   row_start, row_end, Sk, causal_offset, D, qk_scale, True, USE_MAX,
-                                  DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_D, BLOCK_D2)
+                                  DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_D, BLOCK_D2, RAW_SOFTCAP)
         for m0 in range(m_unmasked, row_end, BLOCK_M):
             col = _col_update(col, k, k_tail, q_base, stride_qm, stride_qd, lse_base, stride_lm, offs_n, m0,
                               row_start, row_end, Sk, causal_offset, D, qk_scale, False, USE_MAX,
-                              DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_D, BLOCK_D2)
+                              DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_D, BLOCK_D2, RAW_SOFTCAP)
     # Keys past Sk computed garbage from zero-filled K rows; the store mask drops them.
     tl.store(OUT + b.to(tl.int64) * stride_ob + chunk.to(tl.int64) * stride_oc + offs_n * stride_on, col * out_scale,
              mask=mask_n)
@@ -709,7 +729,7 @@ def _row_blocks_plan(p: Problem, rows: range, cfg: tuple, q_strides: tuple, k_st
     floats = [p.scale * LOG2E, out_scale]
     meta = dict(D=p.head_dim, COLUMNS=out_strides is not None, FUSED=fused, LSE_PARTS=lse_parts, USE_MAX=use_max,
                 CAUSAL=p.causal, HAS_KEY_MASK=has_key_mask, STORE_SCORES=scores_strides is not None, STRIDE_UNIT=unit,
-                **_dot_flags(q_dtype), **cfg)
+                RAW_SOFTCAP=p.raw_softcap, **_dot_flags(q_dtype), **cfg)
     if fused:  # each program needs all the keys of its rows
         keys_per_split = cdiv(p.k_len, cfg["BLOCK_N"]) * cfg["BLOCK_N"]
     else:
@@ -1018,7 +1038,8 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
             *qk_strides, *lse.stride(), *out.stride(),
             p.heads, p.group, heads_per_chunk, p.causal_offset, p.k_len, p.head_dim, p.row_start, p.row_end,
             n_key_blocks, p.scale * LOG2E, 1.0 / divisor,
-            CAUSAL=p.causal, USE_MAX=use_max, STRIDE_UNIT=unit, **_dot_flags(query.dtype), **cfg,
+            CAUSAL=p.causal, USE_MAX=use_max, STRIDE_UNIT=unit, RAW_SOFTCAP=p.raw_softcap, **_dot_flags(query.dtype),
+            **cfg,
         )
     return out
 

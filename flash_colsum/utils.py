@@ -58,11 +58,18 @@ class Problem:
     row_end: int  # one past the last selected query row
     backend: str  # "triton" or "torch" after resolving "auto"
     causal_offset: int = 0  # causal: query i sees keys j <= i + causal_offset (Sk - Sq: bottom-right)
+    softcap: float = 0.0  # > 0: scores s become softcap * tanh(s / softcap) (Gemma 2's logit soft-capping)
 
     def with_rows(self, row_start: int, row_end: int) -> "Problem":
         # Not dataclasses.replace: that introspects the fields on every call (~5 us of host time).
         return Problem(self.batch, self.heads, self.kv_heads, self.q_len, self.k_len, self.head_dim, self.scale,
-                       self.causal, row_start, row_end, self.backend, self.causal_offset)
+                       self.causal, row_start, row_end, self.backend, self.causal_offset, self.softcap)
+
+    @property
+    def raw_softcap(self) -> float:
+        """The soft cap in units of the raw products q . k (softcap / scale; 0.0: none): the kernels
+        cap those, R * tanh(s / R), so that everything after (the scale, max, exp2) stays as it is."""
+        return self.softcap / self.scale if self.softcap else 0.0
 
     @property
     def group(self) -> int:
@@ -152,7 +159,7 @@ def resolve_backend(backend, device: torch.device, head_dim: int) -> str:
     return backend
 
 
-def make_problem(query, key, scale, is_causal, backend, allowed_dtypes=SUPPORTED_DTYPES) -> Problem:
+def make_problem(query, key, scale, is_causal, backend, allowed_dtypes=SUPPORTED_DTYPES, softcap=None) -> Problem:
     """Validate the tensors and the common arguments; all query rows selected."""
     check_tensors(query, key, allowed_dtypes)
     if not isinstance(is_causal, bool):
@@ -162,18 +169,31 @@ def make_problem(query, key, scale, is_causal, backend, allowed_dtypes=SUPPORTED
     return Problem(
         batch=b, heads=h, kv_heads=hk, q_len=sq, k_len=sk, head_dim=d,
         scale=resolve_scale(scale, d), causal=is_causal, row_start=0, row_end=sq,
-        backend=resolve_backend(backend, query.device, d), causal_offset=sk - sq,
+        backend=resolve_backend(backend, query.device, d), causal_offset=sk - sq, softcap=resolve_softcap(softcap),
     )
 
 
-def problem_from_shapes(query, key, scale: float, causal: bool, row_start: int, row_end: int, backend: str) -> Problem:
+def resolve_softcap(softcap) -> float:
+    """``softcap`` as the Problem keeps it: 0.0 for None, else checked to be a finite positive number."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a real number or None; got {type(softcap).__name__}")
+    softcap = float(softcap)
+    if not math.isfinite(softcap) or softcap <= 0:
+        raise ValueError(f"softcap must be finite and positive (or None); got {softcap}")
+    return softcap
+
+
+def problem_from_shapes(query, key, scale: float, causal: bool, row_start: int, row_end: int, backend: str,
+                        softcap: float = 0.0) -> Problem:
     """A Problem for already validated arguments (inside the registered operator)."""
     b, h, sq, d = query.shape
     sk = key.shape[2]
     return Problem(
         batch=b, heads=h, kv_heads=key.shape[1], q_len=sq, k_len=sk, head_dim=d,
         scale=scale, causal=causal, row_start=row_start, row_end=row_end, backend=backend,
-        causal_offset=sk - sq,
+        causal_offset=sk - sq, softcap=softcap,
     )
 
 

@@ -150,17 +150,17 @@ def test_attention_sinks(backend, device):
 
 
 @pytest.mark.parametrize("family,why", [
-    ("gemma2", "soft-capping"), ("mistral", "sliding window of 8 keys over 21"),
+    ("gemma2", "sliding window of 8 keys over 21"), ("mistral", "sliding window of 8 keys over 21"),
     ("gpt_oss", "sliding window of 8 keys over 21"), ("llama4", "chunks shorter than the keys"),
 ])
 def test_recorder_refuses_attention_it_cannot_reproduce(family, why):
-    """Logit soft-capping, and sliding windows or chunks shorter than the keys, raise instead of
-    recording the statistic of a different softmax; a window as long as the keys records (its mask
-    pattern is evaluated and found causal)."""
+    """Sliding windows or chunks shorter than the keys raise instead of recording the statistic of
+    a different softmax; a window as long as the keys records (its mask pattern is evaluated and
+    found causal)."""
     small = dict(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
     if family == "gemma2":
-        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**small, sliding_window=64))
+        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**small, sliding_window=8))
     elif family == "mistral":
         model = transformers.MistralForCausalLM(transformers.MistralConfig(**small, sliding_window=8))
     elif family == "gpt_oss":
@@ -280,3 +280,34 @@ def test_recorder_skips_what_it_cannot_reproduce_when_asked():
     assert rel_l2(rec.importance[1], expected[1]) <= 1e-5
     with pytest.raises(ValueError, match="unsupported must be 'raise' or 'skip'"):
         ImportanceRecorder(model, unsupported="ignore")
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_gemma2_soft_capping(backend, device):
+    """Gemma 2 caps its attention logits (softcap * tanh(s / softcap)): the recorder passes the cap to
+    column_stats and matches eager output_attentions (SDPA refuses soft-capping: inner="eager")."""
+    config = transformers.Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       sliding_window=64, attn_logit_softcapping=1.0)
+    torch.manual_seed(0)
+    model = transformers.Gemma2ForCausalLM(config).eval().to(device)
+    with torch.no_grad():
+        for layer in model.model.layers:  # larger queries and keys: logits well past the cap of 1
+            layer.self_attn.q_proj.weight.mul_(60.0)
+            layer.self_attn.k_proj.weight.mul_(60.0)
+    model.set_attn_implementation("eager")
+    ids = torch.randint(0, 128, (2, 21), device=device)
+    mask = torch.ones(2, 21, dtype=torch.long, device=device)
+    mask[1, :6] = 0
+    with torch.no_grad():
+        eager = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+        expected = eager_column_means(eager.attentions, mask.bool())
+        with ImportanceRecorder(model, attention_mask=mask, inner="eager", backend=backend) as rec:
+            model(input_ids=ids, attention_mask=mask)
+        uncapped = ImportanceRecorder(model, attention_mask=mask, inner="eager", backend=backend)
+        uncapped.record = lambda module, q, k, scaling, options=None, mask=None, _r=uncapped.record: _r(
+            module, q, k, scaling, {**(options or {}), "softcap": None}, mask)
+        with uncapped:
+            model(input_ids=ids, attention_mask=mask)
+    assert rel_l2(rec.stacked(), expected) <= 1e-5
+    assert rel_l2(uncapped.stacked(), expected) > 1e-3  # the cap matters here: a test that can fail

@@ -1,0 +1,96 @@
+"""Logit soft-capping (Gemma 2): scores softcap * tanh(scale * q . k / softcap) before the softmax,
+on every back end and kernel path, against the float64 reference."""
+
+import pytest
+import torch
+
+from flash_colsum import column_stats
+from flash_colsum.reference import attention_weights, reference_column_stats
+from helpers import TOLERANCE, make_qk, rel_l2
+from conftest import TARGETS
+
+CAP = 2.0  # small against the scores below (std ~3): tanh saturates, so capping changes the result
+
+
+def _qk(b, h, hk, sq, sk, d, dtype, device):
+    q, k = make_qk(b, h, hk, sq, sk, d, dtype, device)
+    return q * 3, k  # scores of std ~3 at scale 1/sqrt(D)
+
+
+def _check(q, k, backend, dtype, **kwargs):
+    got = column_stats(q, k, softcap=CAP, backend=backend, **kwargs)
+    want = reference_column_stats(q.cpu(), k.cpu(), softcap=CAP, **kwargs)
+    assert rel_l2(got, want) <= TOLERANCE[dtype], kwargs
+    # The cap matters at these scores: without it the statistic is another one (a test that can fail).
+    assert rel_l2(reference_column_stats(q.cpu(), k.cpu(), **kwargs), want) > 100 * TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_softcap_matches_reference(backend, device, dtype):
+    """Both passes, fused small calls, causal masks, GQA, key padding, rows and every reduction."""
+    q, k = _qk(2, 4, 2, 40, 72, 40, dtype, device)  # D = 32 + 8: a head-dim tail block
+    keep = torch.rand(2, 72, device=device) < 0.8
+    for kwargs in (dict(), dict(is_causal=True), dict(reduce="max", heads="none"),
+                   dict(key_padding_mask=keep, heads="kv_sum", reduce="sum"), dict(rows=slice(-7, None))):
+        _check(q, k, backend, dtype, **kwargs)
+
+
+@pytest.mark.parametrize("backend,device", [t for t in TARGETS if t[0] == "triton"])
+def test_softcap_on_every_triton_path(backend, device, monkeypatch):
+    """Pass 1 then the key-centric pass 2 (not fused; more rows than the interpreter's row-stationary
+    pass 2 takes, 4 blocks of 16), and pass 1's stored scores for few rows."""
+    import flash_colsum.triton_backend as tb
+
+    q, k = _qk(1, 2, 1, 80, 150, 32, torch.float32, device)
+    monkeypatch.setattr(tb, "_use_fused", lambda *args: False)
+    _check(q, k, backend, torch.float32, is_causal=True)
+    monkeypatch.setattr(tb, "SCORES_MIN_KEYS", 0)
+    taken = []
+    original = tb.scores_reduce
+    monkeypatch.setattr(tb, "scores_reduce", lambda *a, **kw: (lambda out: taken.append(out is not None) or out)(original(*a, **kw)))
+    _check(q, k, backend, torch.float32, rows=slice(0, 3))  # 3 rows * 8 <= D: scores stored once
+    assert taken == [True]
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_softcap_lse(backend, device):
+    """The returned LSE is the capped scores' one, and given back it reproduces the statistic."""
+    q, k = _qk(1, 2, 2, 20, 30, 16, torch.float32, device)
+    stats, lse = column_stats(q, k, softcap=CAP, return_lse=True, heads="none", backend=backend)
+    scores = CAP * torch.tanh(q.double().cpu() @ k.double().cpu().transpose(-1, -2) / 4 / CAP)
+    assert rel_l2(lse, torch.logsumexp(scores, dim=-1)) <= 1e-6
+    again = column_stats(q, k, softcap=CAP, lse=lse, heads="none", backend=backend)
+    assert rel_l2(again, stats) <= 1e-6
+    w = attention_weights(q.cpu(), k.cpu(), softcap=CAP)
+    assert rel_l2(stats, w.mean(dim=2)) <= 1e-5
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_softcap_has_no_gradient_yet(backend, device):
+    q, k = _qk(1, 2, 2, 8, 12, 16, torch.float32, device)
+    q.requires_grad_()
+    out = column_stats(q, k, softcap=CAP, backend=backend)
+    with pytest.raises(NotImplementedError, match="softcap has no gradient"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("bad,error", [(0, ValueError), (-1.0, ValueError), (float("inf"), ValueError),
+                                       (float("nan"), ValueError), ("50", TypeError), (True, TypeError)])
+def test_bad_softcap(bad, error):
+    q, k = make_qk(1, 1, 1, 4, 4, 8)
+    with pytest.raises(error, match="softcap"):
+        column_stats(q, k, softcap=bad, backend="torch")
+
+
+def test_hopper_path_declines_softcap(monkeypatch):
+    """Checked on the CPU with the capability faked: the Gluon kernels have no soft cap."""
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    from flash_colsum import hopper
+    from flash_colsum.utils import make_problem
+
+    monkeypatch.setattr(hopper, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    q, k = make_qk(1, 2, 2, 256, 256, 64, torch.float16)
+    assert hopper.supports(q, k, make_problem(q, k, None, False, "torch"))
+    assert not hopper.supports(q, k, make_problem(q, k, None, False, "torch", softcap=50.0))
