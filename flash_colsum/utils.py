@@ -118,16 +118,22 @@ def check_tensors(query, key, allowed_dtypes=SUPPORTED_DTYPES) -> None:
         raise ValueError(f"query has no rows (Sq=0), so the mean over rows is undefined; got query {_shape(query)}")
 
 
+def _positive_real(name: str, value, default: float) -> float:
+    """``value`` as a float, ``default`` for None; else a TypeError/ValueError naming ``name`` unless
+    it is a finite positive real number."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number or None; got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be finite and positive (or None); got {value}")
+    return value
+
+
 def resolve_scale(scale, head_dim: int) -> float:
     """``scale`` or its default 1/sqrt(D), checked to be a finite positive number."""
-    if scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a real number or None; got {type(scale).__name__}")
-    scale = float(scale)
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be finite and positive; got {scale}")
-    return scale
+    return _positive_real("scale", scale, 1.0 / math.sqrt(head_dim))
 
 
 def check_positive_int(name: str, value) -> int:
@@ -175,14 +181,7 @@ def make_problem(query, key, scale, is_causal, backend, allowed_dtypes=SUPPORTED
 
 def resolve_softcap(softcap) -> float:
     """``softcap`` as the Problem keeps it: 0.0 for None, else checked to be a finite positive number."""
-    if softcap is None:
-        return 0.0
-    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
-        raise TypeError(f"softcap must be a real number or None; got {type(softcap).__name__}")
-    softcap = float(softcap)
-    if not math.isfinite(softcap) or softcap <= 0:
-        raise ValueError(f"softcap must be finite and positive (or None); got {softcap}")
-    return softcap
+    return _positive_real("softcap", softcap, 0.0)
 
 
 def problem_from_shapes(query, key, scale: float, causal: bool, row_start: int, row_end: int, backend: str,

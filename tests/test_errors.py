@@ -50,7 +50,7 @@ def test_bad_types_and_dtypes():
         (dict(cls_len=-2), ValueError, "cls_len"),
         (dict(cls_len=1.0), TypeError, "cls_len must be a positive int or None; got float"),
         (dict(cls_len=True), TypeError, "cls_len"),
-        (dict(scale=0.0), ValueError, "scale must be finite and positive; got 0.0"),
+        (dict(scale=0.0), ValueError, r"scale must be finite and positive \(or None\); got 0.0"),
         (dict(scale=-1.0), ValueError, "scale"),
         (dict(scale=float("nan")), ValueError, "scale"),
         (dict(scale=float("inf")), ValueError, "scale"),
