@@ -13,12 +13,12 @@ built by the recorder. The statistics are recorded without gradients (they keep 
 and keys alive); call `column_stats` in the model's attention for differentiable ones. Needs
 transformers >= 5 (its AttentionInterface).
 
-Attention sinks (gpt-oss's ``s_aux``) are folded into each row's log-sum-exp, and logit
-soft-capping (Gemma 2's ``softcap``) passes to `column_stats`. Layers whose softmax it cannot
-reproduce raise NotImplementedError rather than record another statistic: sliding windows or
-attention chunks shorter than the keys (Mistral, Gemma 2/3, gpt-oss, Llama 4), and masks other
-than causal or bidirectional with padding (a causal suffix after PaliGemma's bidirectional prefix,
-Gemma 3's image tokens, packed sequences). ``unsupported="skip"``
+Attention sinks (gpt-oss's ``s_aux``) are folded into each row's log-sum-exp; logit soft-capping
+(Gemma 2's ``softcap``) and causal sliding windows (Mistral, Gemma 2/3, gpt-oss; shorter than the
+keys they run on the torch back end) pass to `column_stats`. Layers whose softmax it cannot
+reproduce raise NotImplementedError rather than record another statistic: bidirectional sliding
+windows, attention chunks shorter than the keys (Llama 4), and other masks (a causal suffix after
+PaliGemma's bidirectional prefix, Gemma 3's image tokens, packed sequences). ``unsupported="skip"``
 leaves such layers out instead; or call `column_stats` on rows and keys whose softmax it matches.
 """
 
@@ -52,17 +52,6 @@ def _recording_attention(module, query, key, value, attention_mask, scaling=None
     result = inner(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     recorder.record(module, query, key, scaling, kwargs, attention_mask)
     return result
-
-
-def _unlike_column_stats(module, options: dict, k_len: int) -> str | None:
-    """What makes this layer's softmax differ from the one `column_stats` computes (scaled, possibly
-    soft-capped scores, causal and padding masks), or None: a sliding window, which transformers
-    passes to the attention function as a keyword (one at least as long as the keys hides none;
-    chunks and other patterns show in the mask, `ImportanceRecorder._note_mask`)."""
-    window = options.get("sliding_window")
-    if window is not None and k_len > window:
-        return f"a sliding window of {window} keys over {k_len}"
-    return None
 
 
 # Rows of the model's mask pattern checked at a time (`ImportanceRecorder._note_mask`): bounds the
@@ -154,10 +143,10 @@ class ImportanceRecorder:
     def _note_mask(self, mask, *, batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                    use_vmap=False, device="cpu", **_) -> None:
         """Note the pattern of a mask the model built, padding aside: "causal", "full" (bidirectional:
-        PaliGemma's prefix) or "other" (bidirectional image tokens among causal text, sliding windows
-        or chunks shorter than the keys, packed sequences). Plain causal and bidirectional functions
-        cost nothing; composite ones are evaluated _MASK_ROWS rows at a time. The layers that get
-        this mask look its pattern up (`record`)."""
+        PaliGemma's prefix), ("window", w) (causal within a sliding window of w keys) or "other"
+        (bidirectional image tokens among causal text, attention chunks, packed sequences). Plain
+        causal and bidirectional functions cost nothing; composite ones are evaluated _MASK_ROWS rows
+        at a time. The layers that get this mask look its pattern up (`record`)."""
         from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
 
         if mask_function is causal_mask_function or mask_function is bidirectional_mask_function:
@@ -166,19 +155,30 @@ class ImportanceRecorder:
             return
         else:
             keys = kv_offset + torch.arange(kv_length, device=device)
+
+            def chunks():  # (absolute rows, (B, n, Sk) bool: which keys each row sees)
+                for q0 in range(0, q_length, _MASK_ROWS):
+                    n = min(_MASK_ROWS, q_length - q0)
+                    yield q_offset + q0 + torch.arange(n, device=device), sdpa_mask(
+                        batch_size=batch_size, q_length=n, kv_length=kv_length, q_offset=q_offset + q0,
+                        kv_offset=kv_offset, mask_function=mask_function, attention_mask=None,
+                        allow_is_causal_skip=False, allow_is_bidirectional_skip=False, use_vmap=use_vmap,
+                        device=device)[:, 0]
+
             causal = full = True
-            for q0 in range(0, q_length, _MASK_ROWS):
-                n = min(_MASK_ROWS, q_length - q0)
-                seen = sdpa_mask(batch_size=batch_size, q_length=n, kv_length=kv_length, q_offset=q_offset + q0,
-                                 kv_offset=kv_offset, mask_function=mask_function, attention_mask=None,
-                                 allow_is_causal_skip=False, allow_is_bidirectional_skip=False, use_vmap=use_vmap,
-                                 device=device)[:, 0]  # (B, n, Sk) bool
-                rows = q_offset + q0 + torch.arange(n, device=device)
+            for rows, seen in chunks():
                 causal = causal and bool((seen == (keys[None, :] <= rows[:, None])).all())
                 full = full and bool(seen.all())
                 if not (causal or full):
                     break
             kind = "causal" if causal else "full" if full else "other"
+            if kind == "other":  # a sliding window? Its width from the last row's first key, then checked
+                last_seen = seen[0, -1].nonzero()
+                width = int(rows[-1] - keys[last_seen[0, 0]] + 1) if len(last_seen) else 0
+                if width > 0 and all(bool((seen == ((keys[None, :] <= rows[:, None])
+                                                     & (keys[None, :] > rows[:, None] - width))).all())
+                                     for rows, seen in chunks()):
+                    kind = ("window", width)
         try:
             ref = weakref.ref(mask)
         except TypeError:  # None (FlashAttention without padding) or a type without weak references
@@ -205,11 +205,25 @@ class ImportanceRecorder:
                 self._names = {id(m): name for name, m in self.model.named_modules()}
             layer = self._names.get(id(module)) or f"{type(module).__name__}@{id(module):x}"
         q_len, k_len = query.shape[2], key.shape[2]
-        unlike = _unlike_column_stats(module, options, k_len)
         kind = self._mask_kind(mask)
+        causal = options.get("is_causal")  # as transformers' SDPA integration reads it
+        causal = bool(getattr(module, "is_causal", False) if causal is None else causal) and q_len > 1
+        window = options.get("sliding_window")
+        if isinstance(kind, tuple):  # a sliding window in the mask the model built
+            kind, window = "causal", kind[1]
+        if kind is not None:  # the mask the model built says which (PaliGemma's prefix is bidirectional)
+            causal = kind == "causal" and q_len > 1
+        unlike = None
+        if window is not None and k_len > window:  # one at least as long as the keys hides none of them
+            if causal:
+                window = int(window)
+            else:
+                unlike = f"a bidirectional sliding window of {window} keys over {k_len}"
+        else:
+            window = None
         if unlike is None and kind == "other":
-            unlike = ("an attention mask other than causal or bidirectional with padding (prefix-LM or "
-                      "bidirectional image tokens, a sliding window or chunks shorter than the keys, packed sequences)")
+            unlike = ("an attention mask other than causal (within a sliding window) or bidirectional, with "
+                      "padding (prefix-LM or bidirectional image tokens, attention chunks, packed sequences)")
         if unlike is not None:
             if self.unsupported == "skip":
                 self.importance.pop(layer, None)  # an earlier forward's statistic would be stale
@@ -223,11 +237,7 @@ class ImportanceRecorder:
         if self.attention_mask is not None:
             keep = self.attention_mask.to(device=query.device, dtype=torch.bool)
             masks = dict(key_padding_mask=keep[:, -k_len:], query_padding_mask=keep[:, -q_len:])
-        causal = options.get("is_causal")  # as transformers' SDPA integration reads it
-        causal = bool(getattr(module, "is_causal", False) if causal is None else causal) and q_len > 1
-        if kind is not None:  # the mask the model built says which (PaliGemma's prefix is bidirectional)
-            causal = kind == "causal" and q_len > 1
-        common = dict(scale=scaling, is_causal=causal, softcap=options.get("softcap"), **masks)
+        common = dict(scale=scaling, is_causal=causal, softcap=options.get("softcap"), window=window, **masks)
         sinks = options.get("s_aux", options.get("sinks"))
         with torch.no_grad():
             if sinks is not None:

@@ -601,7 +601,7 @@ def supports(query: torch.Tensor, key: torch.Tensor, p: Problem, mode: str = "ls
     """Whether this path can run the problem (with or without a key padding mask) in ``mode``:
     ``"lse"`` (`row_lse`), ``"columns"`` (`col_reduce`) or ``"fused"`` (`fused_columns`, no causal
     mask). A causal mask needs Sq <= Sk, so that every row sees key 0."""
-    if p.softcap:  # soft-capped scores: the portable kernels only
+    if p.softcap or p.window:  # soft-capped scores, sliding windows: not in these kernels
         return False
     if p.causal and (mode == "fused" or p.causal_offset < 0
                      or (mode == "columns" and p.head_dim in CAUSAL_COLUMNS_SLOWER)):

@@ -19,6 +19,8 @@ HEAD_MODES = ("mean", "sum", "max", "none", "kv_mean", "kv_sum", "kv_max")
 
 
 def _backend_module(p: Problem):
+    if p.window and p.backend != "torch":  # the registered operators take any back end name
+        raise ValueError("window (a sliding window) runs on the torch back end only")
     if p.backend == "triton":
         from . import triton_backend  # imports Triton only when asked for
 
@@ -84,17 +86,18 @@ def reduce_columns_op(
     backend: str,
     divisor: float,
     softcap: float,
+    window: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H // heads_per_chunk, Sk) reduced weights and, with ``full_lse``, the computed (B, H, Sq)
     LSE (else an empty tensor: the kernels may not keep it)."""
     return _reduce_chunks(query, key, lse, key_keep, row_keep, scale, causal, row_start, row_end, heads_per_chunk, use_max,
-                          full_lse, backend, divisor, softcap)
+                          full_lse, backend, divisor, softcap, window)
 
 
 def _reduce_chunks(query, key, lse, key_keep, row_keep, scale, causal, row_start, row_end, heads_per_chunk, use_max,
-                   full_lse, backend, divisor, softcap):
+                   full_lse, backend, divisor, softcap, window):
     """`reduce_columns_op`'s computation."""
-    p = problem_from_shapes(query, key, scale, causal, row_start, row_end, backend, softcap)
+    p = problem_from_shapes(query, key, scale, causal, row_start, row_end, backend, softcap, window)
     # A chunk of a whole key head's query heads may come as a fused launch's partials (one launch
     # for a small call, as in eager calls): (B, H * R / PACK, Sk), R row blocks a head, reduced here.
     out, computed = _reduce_columns(query, key, p, lse, key_keep, row_keep, heads_per_chunk, use_max, full_lse, divisor,
@@ -108,7 +111,7 @@ def _reduce_chunks(query, key, lse, key_keep, row_keep, scale, causal, row_start
 
 @reduce_columns_op.register_fake
 def _(query, key, lse, key_keep, row_keep, scale, causal, row_start, row_end, heads_per_chunk, use_max, full_lse, backend,
-      divisor, softcap):
+      divisor, softcap, window):
     b, h, sq = query.shape[:3]
     out = query.new_empty((b, h // heads_per_chunk, key.shape[2]), dtype=torch.float32)
     return out, query.new_empty((b, h, sq) if full_lse else (0,), dtype=torch.float32)
@@ -134,18 +137,19 @@ def reduce_columns_backward_op(
     full_lse: bool,
     backend: str,
     divisor: float,
+    window: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dq, dk) of `reduce_columns_op`'s sums for its gradients ``grad`` (B, H // heads_per_chunk, Sk)
     and, with ``full_lse``, ``grad_lse`` (B, H, Sq). A given ``lse`` is taken as the exact LSE of
     query and key: the gradient is the softmax statistic's, and ``lse`` itself gets none."""
     return _reduce_grads(grad, grad_lse, query, key, lse, key_keep, row_keep, scale, causal, row_start, row_end,
-                         heads_per_chunk, full_lse, backend, divisor)
+                         heads_per_chunk, full_lse, backend, divisor, window)
 
 
 def _reduce_grads(grad, grad_lse, query, key, lse, key_keep, row_keep, scale, causal, row_start, row_end, heads_per_chunk,
-                  full_lse, backend, divisor):
+                  full_lse, backend, divisor, window=0):
     """`reduce_columns_backward_op`'s computation."""
-    p = problem_from_shapes(query, key, scale, causal, row_start, row_end, backend)
+    p = problem_from_shapes(query, key, scale, causal, row_start, row_end, backend, window=window)
     rows = range(0, p.q_len) if full_lse else range(p.row_start, p.row_end)
     if lse is not None:  # else each back end's backward computes it
         lse = lse[:, :, rows.start : rows.stop]
@@ -178,19 +182,19 @@ def _(grad, grad_lse, query, key, *args):
 def _save_for_backward(ctx, inputs, output):
     query, key, lse, key_keep, row_keep, *args = inputs
     ctx.save_for_backward(query, key, lse, key_keep, row_keep)
-    ctx.args = args  # scale, causal, row_start, row_end, heads_per_chunk, use_max, full_lse, backend, divisor, softcap
+    ctx.args = args  # scale, causal, row_start, row_end, heads_per_chunk, use_max, full_lse, backend, divisor, softcap, window
 
 
 def _backward(ctx, grad, grad_lse, grads_of=reduce_columns_backward_op):
     query, key, lse, key_keep, row_keep = ctx.saved_tensors
-    scale, causal, row_start, row_end, heads_per_chunk, use_max, full_lse, backend, divisor, softcap = ctx.args
+    scale, causal, row_start, row_end, heads_per_chunk, use_max, full_lse, backend, divisor, softcap, window = ctx.args
     if use_max:
         raise NotImplementedError("column_stats: reduce='max' has no gradient; reduce='sum' and 'mean' have one")
     if softcap:
         raise NotImplementedError("column_stats: softcap has no gradient yet; call it without softcap to differentiate")
     dq, dk = grads_of(grad, grad_lse, query, key, lse, key_keep, row_keep, scale, causal, row_start, row_end,
-                      heads_per_chunk, full_lse, backend, divisor)
-    return dq, dk, *[None] * 13  # nothing for lse, the masks and the arguments
+                      heads_per_chunk, full_lse, backend, divisor, window)
+    return dq, dk, *[None] * 14  # nothing for lse, the masks and the arguments
 
 
 torch.library.register_autograd("flash_colsum::reduce_columns", _backward, setup_context=_save_for_backward)
@@ -229,16 +233,21 @@ def _visible_row_counts(p: Problem, row_keep, normalize: str, device):
         keep &= row_keep
     if normalize == "rows" or not p.causal:
         return keep.sum(dim=1, keepdim=True).clamp_min_(1).float()
-    # Causal: key j is seen by rows i >= j - (Sk - Sq); count them with a suffix sum over rows.
+    # Causal: key j is seen by rows i >= j - (Sk - Sq) (and, in a sliding window, i < j - (Sk - Sq) +
+    # window); count them with a suffix sum over rows.
     suffix = torch.zeros((p.batch, p.q_len + 1), device=device, dtype=torch.float32)
     suffix[:, :-1] = keep.flip(1).cumsum(1).flip(1)
-    first_row = (torch.arange(p.k_len, device=device) - p.causal_offset).clamp(0, p.q_len)
-    return suffix[:, first_row].clamp_min_(1)
+    first_row = torch.arange(p.k_len, device=device) - p.causal_offset
+    count = suffix[:, first_row.clamp(0, p.q_len)]
+    if p.window:
+        count = count - suffix[:, (first_row + p.window).clamp(0, p.q_len)]
+    return count.clamp_min_(1)
 
 
-def _validated_plan(query, key, scale, is_causal, reduce, normalize, heads, rows, backend, softcap=None) -> tuple:
+def _validated_plan(query, key, scale, is_causal, reduce, normalize, heads, rows, backend, softcap=None,
+                    window=None) -> tuple:
     """Check the arguments that every call has; (Problem with the selected rows, `head_plan`, result shape)."""
-    p = make_problem(query, key, scale, is_causal, backend, softcap=softcap)
+    p = make_problem(query, key, scale, is_causal, backend, softcap=softcap, window=window)
     if reduce not in ROW_REDUCTIONS:
         raise ValueError(f"reduce must be one of {ROW_REDUCTIONS}; got {reduce!r}")
     if normalize not in NORMALIZATIONS:
@@ -263,12 +272,12 @@ _PLANS_MAX = 1024
 _PLAIN = frozenset((type(None), bool, int, float, str))
 
 
-def _plan_key(query, key, scale, is_causal, reduce, normalize, heads, rows, backend, softcap=None):
+def _plan_key(query, key, scale, is_causal, reduce, normalize, heads, rows, backend, softcap=None, window=None):
     """A call's signature for `_PLANS`, or None where an argument is not of a plain type (or under
     torch.compile, which traces the checks)."""
     if (type(query) is not torch.Tensor or type(key) is not torch.Tensor or torch.compiler.is_compiling()
             or not {type(scale), type(is_causal), type(reduce), type(normalize), type(heads), type(backend),
-                    type(softcap)} <= _PLAIN):
+                    type(softcap), type(window)} <= _PLAIN):
         return None
     if rows is not None:
         if type(rows) not in (slice, range) or not {type(rows.start), type(rows.stop), type(rows.step)} <= _PLAIN:
@@ -276,7 +285,8 @@ def _plan_key(query, key, scale, is_causal, reduce, normalize, heads, rows, back
         rows = (type(rows), rows.start, rows.stop, rows.step)
     device = query.device
     return (query.shape, key.shape, query.dtype, key.dtype, device, key.device, device.type == "cuda" or interpreting(),
-            type(scale), scale, type(is_causal), is_causal, reduce, normalize, heads, rows, backend, type(softcap), softcap)
+            type(scale), scale, type(is_causal), is_causal, reduce, normalize, heads, rows, backend, type(softcap), softcap,
+            type(window), window)
 
 
 def _call_plan(*args) -> tuple:
@@ -311,6 +321,7 @@ def column_stats(
     return_lse=False,
     accumulate_into=None,
     softcap=None,
+    window=None,
     backend="auto",
 ):
     """Column statistics of softmax attention, without materializing the Sq x Sk matrix.
@@ -350,6 +361,10 @@ def column_stats(
             softcap * tanh(scale * q . k / softcap) before the masks and the softmax. A finite positive
             number, or None (off). Runs on the portable kernels (not the Hopper path) and the torch
             back end; no gradient yet (NotImplementedError on backward).
+        window: a sliding window (Mistral, Gemma 2/3, gpt-oss): with ``is_causal``, query i sees only
+            the ``window`` keys up to its diagonal, i + (Sk - Sq) - window < j <= i + (Sk - Sq), as
+            transformers' sliding_window masks. A positive int, or None (off). The torch back end
+            only for now ("auto" takes it on every device; "triton" raises); gradients included.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see `flash_colsum`).
 
     Returns:
@@ -370,12 +385,12 @@ def column_stats(
             query, key, cu_seqlens_q, cu_seqlens_k, lse=lse, return_lse=return_lse, accumulate_into=accumulate_into,
             conflicts=dict(row_mask=row_mask, query_padding_mask=query_padding_mask, key_padding_mask=key_padding_mask),
             scale=scale, is_causal=is_causal, reduce=reduce, normalize=normalize, heads=heads, rows=rows, backend=backend,
-            softcap=softcap,
+            softcap=softcap, window=window,
         )
     if rows is not None and row_mask is not None:
         raise ValueError("give rows or row_mask, not both: they are two ways to select query rows")
     p, (head_op, kv, use_max, heads_per_chunk), out_shape = _call_plan(
-        query, key, scale, is_causal, reduce, normalize, heads, rows, backend, softcap)
+        query, key, scale, is_causal, reduce, normalize, heads, rows, backend, softcap, window)
     b, sq, sk = p.batch, p.q_len, p.k_len
     row_keep = check_mask("row_mask", row_mask, (b, sq), query.device)
     pad_keep = check_mask("query_padding_mask", query_padding_mask, (b, sq), query.device)
@@ -400,7 +415,7 @@ def column_stats(
         compiling = torch.compiler.is_compiling()
         if compiling or (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)):
             args = (query, key, lse, key_keep, row_keep, p.scale, p.causal, p.row_start, p.row_end, heads_per_chunk,
-                    use_max, full_lse, p.backend, float(divisor), p.softcap)
+                    use_max, full_lse, p.backend, float(divisor), p.softcap, p.window)
             chunks, computed = reduce_columns_op(*args) if compiling else _EagerReduceColumns.apply(*args)
             if chunks.requires_grad:  # the outputs may be views, which autograd forbids changing in place
                 chunks, computed = chunks.clone(), computed.clone()

@@ -13,15 +13,16 @@ from .utils import SUPPORTED_DTYPES, check_positive_int, make_problem, resolve_r
 _DTYPES = SUPPORTED_DTYPES + (torch.float64,)
 
 
-def attention_weights(query, key, scale=None, is_causal=False, key_padding_mask=None, *, softcap=None,
+def attention_weights(query, key, scale=None, is_causal=False, key_padding_mask=None, *, softcap=None, window=None,
                       dtype=torch.float64):
     """softmax(scale * Q K^T) as a (B, H, Sq, Sk) tensor of ``dtype``; with ``softcap``, of
     softcap * tanh(scale * Q K^T / softcap).
 
-    Causal is bottom-right aligned; padded keys (mask False/0) get weight 0; a row with every key
-    masked is all 0.
+    Causal is bottom-right aligned, and with a sliding ``window`` query i sees only the keys j with
+    i + Sk - Sq - window < j <= i + Sk - Sq; padded keys (mask False/0) get weight 0; a row with every
+    key masked is all 0.
     """
-    p = make_problem(query, key, scale, is_causal, "torch", allowed_dtypes=_DTYPES, softcap=softcap)
+    p = make_problem(query, key, scale, is_causal, "torch", allowed_dtypes=_DTYPES, softcap=softcap, window=window)
     k = key.to(dtype).repeat_interleave(p.group, dim=1)  # query head h reads key head h // G
     scores = p.scale * (query.to(dtype) @ k.transpose(-1, -2))  # [B, H, Sq, D] @ [B, H, D, Sk]
     if p.softcap:
@@ -31,6 +32,8 @@ def attention_weights(query, key, scale=None, is_causal=False, key_padding_mask=
         i = torch.arange(p.q_len, device=query.device)[:, None]
         j = torch.arange(p.k_len, device=query.device)[None, :]
         hidden = j > i + p.causal_offset
+        if p.window:
+            hidden = hidden | (j <= i + p.causal_offset - p.window)
     hidden = hidden[None, None]
     if key_padding_mask is not None:
         hidden = hidden | (key_padding_mask == 0)[:, None, None, :]
@@ -41,12 +44,12 @@ def attention_weights(query, key, scale=None, is_causal=False, key_padding_mask=
 def reference_column_stats(
     query, key, *, scale=None, is_causal=False, reduce="mean", normalize="rows", heads="mean", rows=None,
     row_mask=None, query_padding_mask=None, key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None,
-    softcap=None, dtype=torch.float64,
+    softcap=None, window=None, dtype=torch.float64,
 ):
     """`column_stats` by materializing the weights; same arguments (no lse, accumulation or backend)."""
     if cu_seqlens_q is not None:  # one sequence at a time, results packed along keys
         kwargs = dict(scale=scale, is_causal=is_causal, reduce=reduce, normalize=normalize, heads=heads, rows=rows,
-                      softcap=softcap, dtype=dtype)
+                      softcap=softcap, window=window, dtype=dtype)
         heads_kept = {"none": query.shape[1]}.get(heads, key.shape[1] if heads.startswith("kv_") else None)
         bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
         pieces = []
@@ -59,7 +62,8 @@ def reference_column_stats(
         return torch.cat(pieces, dim=-1)
     b, h, sq, _ = query.shape
     hk, sk = key.shape[1], key.shape[2]
-    w = attention_weights(query, key, scale, is_causal, key_padding_mask, softcap=softcap, dtype=dtype)  # (B, H, Sq, Sk)
+    w = attention_weights(query, key, scale, is_causal, key_padding_mask, softcap=softcap, window=window,
+                          dtype=dtype)  # (B, H, Sq, Sk)
     start, stop = resolve_rows(rows, sq)
     keep = torch.zeros((b, sq), dtype=torch.bool)
     keep[:, start:stop] = True
@@ -77,6 +81,8 @@ def reference_column_stats(
                 i = torch.arange(sq, device=w.device)[:, None]
                 j = torch.arange(sk, device=w.device)[None, :]
                 sees = (j <= i + (sk - sq)) if is_causal else torch.ones((sq, sk), dtype=torch.bool, device=w.device)
+                if window:
+                    sees = sees & (j > i + (sk - sq) - window)
                 count = (keep[:, :, None] & sees[None]).sum(dim=1)  # (B, Sk)
             else:
                 count = keep.sum(dim=1, keepdim=True).expand(b, sk)

@@ -59,7 +59,7 @@ def _tiles(p: Problem, rows: range, bytes_per_score: int = _BYTES_PER_SCORE, squ
 
 def _scores(query, key, p: Problem, batch: slice, rows: range, keys: range, key_keep=None) -> torch.Tensor:
     """Scaled (and soft-capped) float32 scores of a tile, (b, Hk, G * M, N); causally hidden (and
-    padded) keys are -inf.
+    padded, and outside a sliding window) keys are -inf.
 
     The G query heads of a key head are stacked along the row axis, so one batched matmul serves
     GQA without copying K per query head. key_keep: (B, Sk) bool or None (no padding mask applied).
@@ -75,7 +75,10 @@ def _scores(query, key, p: Problem, batch: slice, rows: range, keys: range, key_
     if p.causal:
         i = torch.arange(rows.start, rows.stop, device=q.device)
         j = torch.arange(keys.start, keys.stop, device=q.device)
-        hidden = (j[None, :] > i[:, None] + p.causal_offset)[None, None, None]  # [1, 1, 1, M, N]
+        hidden = j[None, :] > i[:, None] + p.causal_offset
+        if p.window:  # a sliding window: the `window` keys up to the diagonal
+            hidden |= j[None, :] <= i[:, None] + p.causal_offset - p.window
+        hidden = hidden[None, None, None]  # [1, 1, 1, M, N]
     if key_keep is not None:
         padded = ~key_keep[batch, keys.start : keys.stop][:, None, None, None, :]  # [b, 1, 1, 1, N]
         hidden = padded if hidden is None else hidden | padded

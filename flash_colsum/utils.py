@@ -59,11 +59,12 @@ class Problem:
     backend: str  # "triton" or "torch" after resolving "auto"
     causal_offset: int = 0  # causal: query i sees keys j <= i + causal_offset (Sk - Sq: bottom-right)
     softcap: float = 0.0  # > 0: scores s become softcap * tanh(s / softcap) (Gemma 2's logit soft-capping)
+    window: int = 0  # > 0 (causal only): query i sees the `window` keys up to its diagonal, i + causal_offset
 
     def with_rows(self, row_start: int, row_end: int) -> "Problem":
         # Not dataclasses.replace: that introspects the fields on every call (~5 us of host time).
         return Problem(self.batch, self.heads, self.kv_heads, self.q_len, self.k_len, self.head_dim, self.scale,
-                       self.causal, row_start, row_end, self.backend, self.causal_offset, self.softcap)
+                       self.causal, row_start, row_end, self.backend, self.causal_offset, self.softcap, self.window)
 
     @property
     def raw_softcap(self) -> float:
@@ -165,18 +166,37 @@ def resolve_backend(backend, device: torch.device, head_dim: int) -> str:
     return backend
 
 
-def make_problem(query, key, scale, is_causal, backend, allowed_dtypes=SUPPORTED_DTYPES, softcap=None) -> Problem:
+def make_problem(query, key, scale, is_causal, backend, allowed_dtypes=SUPPORTED_DTYPES, softcap=None,
+                 window=None) -> Problem:
     """Validate the tensors and the common arguments; all query rows selected."""
     check_tensors(query, key, allowed_dtypes)
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool; got {type(is_causal).__name__}")
     b, h, sq, d = query.shape
     hk, sk = key.shape[1], key.shape[2]
+    window = resolve_window(window, is_causal)
+    resolved = resolve_backend(backend, query.device, d)
+    if window and backend == "triton":
+        raise ValueError("window (a sliding window) runs on the torch back end only; pass backend='torch' or 'auto'")
     return Problem(
         batch=b, heads=h, kv_heads=hk, q_len=sq, k_len=sk, head_dim=d,
         scale=resolve_scale(scale, d), causal=is_causal, row_start=0, row_end=sq,
-        backend=resolve_backend(backend, query.device, d), causal_offset=sk - sq, softcap=resolve_softcap(softcap),
+        backend="torch" if window else resolved, causal_offset=sk - sq,
+        softcap=resolve_softcap(softcap), window=window,
     )
+
+
+def resolve_window(window, is_causal: bool) -> int:
+    """``window`` as the Problem keeps it: 0 for None, else a positive int with is_causal."""
+    if window is None:
+        return 0
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral):
+        raise TypeError(f"window must be a positive int or None; got {type(window).__name__}")
+    if window < 1:
+        raise ValueError(f"window must be a positive int or None; got {window}")
+    if not is_causal:
+        raise ValueError("window (a sliding window over the keys before each query) needs is_causal=True")
+    return int(window)
 
 
 def resolve_softcap(softcap) -> float:
@@ -185,14 +205,14 @@ def resolve_softcap(softcap) -> float:
 
 
 def problem_from_shapes(query, key, scale: float, causal: bool, row_start: int, row_end: int, backend: str,
-                        softcap: float = 0.0) -> Problem:
+                        softcap: float = 0.0, window: int = 0) -> Problem:
     """A Problem for already validated arguments (inside the registered operator)."""
     b, h, sq, d = query.shape
     sk = key.shape[2]
     return Problem(
         batch=b, heads=h, kv_heads=key.shape[1], q_len=sq, k_len=sk, head_dim=d,
         scale=scale, causal=causal, row_start=row_start, row_end=row_end, backend=backend,
-        causal_offset=sk - sq, softcap=softcap,
+        causal_offset=sk - sq, softcap=softcap, window=window,
     )
 
 

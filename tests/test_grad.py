@@ -238,7 +238,7 @@ def test_second_order_raises(backend, device, compiled_op):
     q, k = make_qk(1, 2, 2, 8, 12, 16, torch.float32, device)
     q.requires_grad_(), k.requires_grad_()
     if compiled_op:  # the path torch.compile traces: the registered operator and its backward
-        out, _ = reduce_columns_op(q, k, None, None, None, 0.25, False, 0, 8, 1, False, False, backend, 16.0, 0.0)
+        out, _ = reduce_columns_op(q, k, None, None, None, 0.25, False, 0, 8, 1, False, False, backend, 16.0, 0.0, 0)
     else:
         out = column_stats(q, k, backend=backend)
     (dq,) = torch.autograd.grad((out * torch.randn_like(out)).sum(), q, create_graph=True)
@@ -276,7 +276,7 @@ def test_opcheck_with_gradients(backend, device):
     q, k = make_qk(2, 4, 2, 10, 18, 16, torch.float32, device)
     q.requires_grad_()
     k.requires_grad_()
-    args = (q, k, None, None, None, 0.25, True, 2, 10, 2, False, True, backend, 8.0, 0.0)
+    args = (q, k, None, None, None, 0.25, True, 2, 10, 2, False, True, backend, 8.0, 0.0, 0)
     torch.library.opcheck(reduce_columns_op, args, test_utils=("test_schema", "test_autograd_registration"))
     grad, grad_lse = torch.randn(2, 2, 18, device=device), torch.randn(2, 4, 10, device=device)
     torch.library.opcheck(reduce_columns_backward_op, (grad, grad_lse, q.detach(), k.detach(), *args[2:10], True, backend, 8.0),

@@ -8,6 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from flash_colsum import column_stats  # noqa: E402
 from flash_colsum.hf import ImportanceRecorder  # noqa: E402
 from flash_colsum.reference import reference_column_stats  # noqa: E402
 from helpers import rel_l2  # noqa: E402
@@ -154,39 +155,57 @@ def test_attention_sinks(backend, device):
     assert rel_l2(rec.stacked(), expected) <= 1e-5
 
 
-@pytest.mark.parametrize("family,why", [
-    ("gemma2", "sliding window of 8 keys over 21"), ("mistral", "sliding window of 8 keys over 21"),
-    ("gpt_oss", "sliding window of 8 keys over 21"), ("llama4", "chunks shorter than the keys"),
-])
-def test_recorder_refuses_attention_it_cannot_reproduce(family, why):
-    """Sliding windows or chunks shorter than the keys raise instead of recording the statistic of
-    a different softmax; a window as long as the keys records (its mask pattern is evaluated and
-    found causal)."""
-    small = dict(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
-    if family == "gemma2":
-        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**small, sliding_window=8))
-    elif family == "mistral":
-        model = transformers.MistralForCausalLM(transformers.MistralConfig(**small, sliding_window=8))
-    elif family == "gpt_oss":
-        model = tiny_gpt_oss(sliding_window=8)
+SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gpt_oss"])
+@pytest.mark.parametrize("window", [8, 32])
+def test_sliding_windows(family, window):
+    """Sliding windows (every layer in Mistral, every other in Gemma 2 and gpt-oss): the recorder
+    reads the window from the model's mask and matches eager over 21 left-padded tokens; a window
+    of 32 hides nothing there (and keeps the Triton kernels where they run)."""
+    torch.manual_seed(0)
+    if family == "mistral":
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**SMALL, sliding_window=window))
+    elif family == "gemma2":
+        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**SMALL, sliding_window=window))
     else:
-        config = transformers.Llama4TextConfig(**small, attention_chunk_size=8, num_local_experts=2,
-                                               intermediate_size_mlp=64, no_rope_layers=[1, 0])
-        model = transformers.Llama4ForCausalLM(config)
-    model.eval()
+        model = tiny_gpt_oss(sliding_window=window)
+    expected, rec, _ = eager_and_recorded(model.eval(), 21, "auto", "cpu")
+    assert rel_l2(rec.stacked(), expected) <= 1e-5
+    if window == 8:  # a test that can fail: the window changes the statistic
+        with torch.no_grad():
+            plain = column_stats(*_first_layer_qk(model, 21), is_causal=True)
+        assert plain.shape == expected[0].shape and rel_l2(plain, expected[0]) > 1e-3
+
+
+def _first_layer_qk(model, seq_len):
+    """Queries and keys of the first layer in eager_and_recorded's batch (same seed)."""
+    captured = {}
+    record = ImportanceRecorder.record
+
+    def capture(self, module, q, k, *args, **kwargs):
+        captured.setdefault("qk", (q, k))
+        return record(self, module, q, k, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ImportanceRecorder, "record", capture)
+        torch.manual_seed(0)
+        eager_and_recorded(model, seq_len, "auto", "cpu")
+    return captured["qk"]
+
+
+def test_recorder_refuses_attention_it_cannot_reproduce():
+    """Attention chunks shorter than the keys (Llama 4's chunked layers) raise instead of recording
+    the statistic of a different softmax."""
+    config = transformers.Llama4TextConfig(**SMALL, attention_chunk_size=8, num_local_experts=2,
+                                           intermediate_size_mlp=64, no_rope_layers=[1, 0])
+    model = transformers.Llama4ForCausalLM(config).eval()
     ids = torch.randint(0, 128, (1, 21))
-    with torch.no_grad(), pytest.raises(NotImplementedError, match=why):
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="attention chunks"):
         with ImportanceRecorder(model, inner="eager", backend="torch"):
             model(input_ids=ids)
-    if family == "mistral":  # 21 keys inside a window of 32: nothing hidden, nothing raised
-        model = transformers.MistralForCausalLM(transformers.MistralConfig(**small, sliding_window=32)).eval()
-        model.set_attn_implementation("eager")
-        with torch.no_grad():
-            eager = model(input_ids=ids, output_attentions=True)
-            with ImportanceRecorder(model, backend="torch") as rec:
-                model(input_ids=ids)
-        assert rel_l2(rec.stacked(), eager_column_means(eager.attentions, torch.ones(1, 21, dtype=torch.bool))) <= 1e-5
 
 
 def test_recorder_refuses_packed_sequences():
@@ -244,7 +263,7 @@ def test_prefix_lm_image_tokens():
         assert rel_l2(rec.stacked(), expected) <= 1e-5
         with_suffix = prefix_only.clone()
         with_suffix[:, -3:] = 1
-        with pytest.raises(NotImplementedError, match="other than causal or bidirectional"):
+        with pytest.raises(NotImplementedError, match="an attention mask other than causal"):
             with ImportanceRecorder(model, backend="torch"):
                 model(input_ids=ids, pixel_values=pixels, token_type_ids=with_suffix)
 
@@ -270,18 +289,14 @@ def test_follows_the_models_mask_over_the_layers_flag():
 
 
 def test_recorder_skips_what_it_cannot_reproduce_when_asked():
-    """unsupported="skip": gpt-oss's sliding-window layer (window 8 over 19 keys) is left out and
-    named in `skipped`; its full-attention layer records and matches eager."""
-    model = tiny_gpt_oss(sliding_window=8)
-    assert model.config.layer_types == ["sliding_attention", "full_attention"]
-    model.set_attn_implementation("eager")
-    ids = torch.randint(0, 128, (2, 19))
-    with torch.no_grad():
-        eager = model(input_ids=ids, output_attentions=True)
-        expected = eager_column_means(eager.attentions, torch.ones(2, 19, dtype=torch.bool))
-        with ImportanceRecorder(model, inner="eager", unsupported="skip", backend="torch") as rec:
-            model(input_ids=ids)
-    assert list(rec.importance) == [1] and "sliding window of 8 keys over 19" in rec.skipped[0]
+    """unsupported="skip": Llama 4's chunked layer (chunks of 8 over 21 keys) is left out and named
+    in `skipped`; its full-attention layer records and matches eager."""
+    config = transformers.Llama4TextConfig(**SMALL, attention_chunk_size=8, num_local_experts=2,
+                                           intermediate_size_mlp=64, no_rope_layers=[1, 0])
+    torch.manual_seed(0)
+    model = transformers.Llama4ForCausalLM(config).eval()
+    expected, rec, _ = eager_and_recorded(model, 21, "torch", "cpu", unsupported="skip")
+    assert list(rec.importance) == [1] and "attention chunks" in rec.skipped[0]
     assert rel_l2(rec.importance[1], expected[1]) <= 1e-5
     with pytest.raises(ValueError, match="unsupported must be 'raise' or 'skip'"):
         ImportanceRecorder(model, unsupported="ignore")
