@@ -93,8 +93,8 @@ class ImportanceRecorder:
         inner: the attention implementation that computes the output (``"sdpa"``, ``"flash_attention_2"``,
             ``"eager"``: the model's own, e.g. for gpt-oss's sinks, which SDPA ignores...).
         unsupported: ``"raise"`` (NotImplementedError) at a layer whose softmax `column_stats` cannot
-            reproduce (below), or ``"skip"``: leave it out of ``importance`` and say why in ``skipped``
-            (gpt-oss's and Gemma 3's sliding-window layers, say, while their full layers record).
+            reproduce (above), or ``"skip"``: leave it out of ``importance`` and say why in ``skipped``
+            (Llama 4's chunked layers, say, while its full-attention layers record).
         **stats: `column_stats` arguments (``heads``, ``reduce``, ``normalize``, ``rows``, ``backend``...).
 
     ``importance`` maps each layer index to its statistic (shape as ``heads`` says); a new forward
@@ -107,7 +107,8 @@ class ImportanceRecorder:
     def __init__(self, model, attention_mask=None, *, inner="sdpa", unsupported="raise", **stats):
         if unsupported not in ("raise", "skip"):
             raise ValueError(f"unsupported must be 'raise' or 'skip'; got {unsupported!r}")
-        for bad in ("query_padding_mask", "key_padding_mask", "is_causal", "scale", "lse", "cu_seqlens_q", "cu_seqlens_k"):
+        for bad in ("query_padding_mask", "key_padding_mask", "is_causal", "scale", "lse", "cu_seqlens_q", "cu_seqlens_k",
+                    "softcap", "window"):
             if bad in stats:
                 raise ValueError(f"{bad} is set by the recorder from the model; do not pass it")
         if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
@@ -207,20 +208,21 @@ class ImportanceRecorder:
         q_len, k_len = query.shape[2], key.shape[2]
         kind = self._mask_kind(mask)
         causal = options.get("is_causal")  # as transformers' SDPA integration reads it
-        causal = bool(getattr(module, "is_causal", False) if causal is None else causal) and q_len > 1
+        causal = bool(getattr(module, "is_causal", False) if causal is None else causal)
         window = options.get("sliding_window")
         if isinstance(kind, tuple):  # a sliding window in the mask the model built
             kind, window = "causal", kind[1]
         if kind is not None:  # the mask the model built says which (PaliGemma's prefix is bidirectional)
-            causal = kind == "causal" and q_len > 1
+            causal = kind == "causal"
         unlike = None
         if window is not None and k_len > window:  # one at least as long as the keys hides none of them
-            if causal:
+            if causal:  # a decoding step (one row) too: it sees the window's last keys
                 window = int(window)
             else:
                 unlike = f"a bidirectional sliding window of {window} keys over {k_len}"
         else:
             window = None
+            causal = causal and q_len > 1  # one row sees every key either way
         if unlike is None and kind == "other":
             unlike = ("an attention mask other than causal (within a sliding window) or bidirectional, with "
                       "padding (prefix-LM or bidirectional image tokens, attention chunks, packed sequences)")

@@ -327,3 +327,22 @@ def test_gemma2_soft_capping(backend, device):
         expected_again, uncapped, _ = eager_and_recorded(model, 21, backend, device)
     assert rel_l2(expected_again, expected) == 0
     assert rel_l2(uncapped.stacked(), expected) > 1e-3
+
+
+def test_sliding_window_while_decoding():
+    """A decoding step (one query row over a cache longer than the window: a plain DynamicCache keeps
+    every key) sees the window's last keys: its recorded statistic matches eager's."""
+    torch.manual_seed(0)
+    model = transformers.MistralForCausalLM(transformers.MistralConfig(**SMALL, sliding_window=6)).eval()
+    model.set_attn_implementation("eager")
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        caches = [transformers.DynamicCache(), transformers.DynamicCache()]
+        for cache in caches:
+            model(input_ids=ids[:, :-1], cache=cache)
+        eager = model(input_ids=ids[:, -1:], cache=caches[0], output_attentions=True)
+        with ImportanceRecorder(model, inner="eager", backend="torch") as rec:
+            model(input_ids=ids[:, -1:], cache=caches[1])
+    expected = torch.stack([w[:, :, -1].mean(1) for w in eager.attentions])  # (layers, B, Sk)
+    assert expected[0, 0, :6].abs().max() == 0  # the window hides the first keys: a test that can fail
+    assert rel_l2(rec.stacked(), expected) <= 1e-5
