@@ -190,13 +190,10 @@ def resolve_window(window, is_causal: bool) -> int:
     """``window`` as the Problem keeps it: 0 for None, else a positive int with is_causal."""
     if window is None:
         return 0
-    if isinstance(window, bool) or not isinstance(window, numbers.Integral):
-        raise TypeError(f"window must be a positive int or None; got {type(window).__name__}")
-    if window < 1:
-        raise ValueError(f"window must be a positive int or None; got {window}")
+    window = check_positive_int("window", window)
     if not is_causal:
         raise ValueError("window (a sliding window over the keys before each query) needs is_causal=True")
-    return int(window)
+    return window
 
 
 def resolve_softcap(softcap) -> float:
