@@ -173,7 +173,9 @@ class ImportanceRecorder:
                 if not (causal or full):
                     break
             kind = "causal" if causal else "full" if full else "other"
-            if kind == "other":  # a sliding window? Its width from the last row's first key, then checked
+            # A sliding window? Its width from the first key seen by the last row of the chunk that left
+            # the causal pattern (in a window that row hides keys), then checked on every chunk.
+            if kind == "other":
                 last_seen = seen[0, -1].nonzero()
                 width = int(rows[-1] - keys[last_seen[0, 0]] + 1) if len(last_seen) else 0
                 if width > 0 and all(bool((seen == ((keys[None, :] <= rows[:, None])
