@@ -82,10 +82,10 @@ POINTS = [  # (B, H, Sq, Sk, D, causal, switch)
 ]
 
 
-def _v13_key_splits(p, n_programs, block_n, device, slots=None):
+def _v13_key_splits(n_keys, n_programs, block_n, device, slots=None):
     """v13's rule: cdiv(4 * SMs, programs) splits, at most one per MIN_KEYS_PER_SPLIT keys."""
-    n_splits = max(1, min(cdiv(4 * tb._sm_count(device), n_programs), cdiv(p.k_len, tb.MIN_KEYS_PER_SPLIT)))
-    return cdiv(cdiv(p.k_len, n_splits), block_n) * block_n
+    n_splits = max(1, min(cdiv(4 * tb._sm_count(device), n_programs), cdiv(n_keys, tb.MIN_KEYS_PER_SPLIT)))
+    return cdiv(cdiv(n_keys, n_splits), block_n) * block_n
 
 
 # Each state other than "on" swaps one decision of the back end for a fixed answer.

@@ -19,8 +19,9 @@ dtype, first divided by a power of two above its bound so that fp16's range hold
 in `_rows_kernel`, one per key block in `_keys_kernel`; exact, multiplied back on dq and dk), and take
 float32 operands on tf32 where `GRAD_IN_INPUT_DTYPE` is off; float32 inputs take exact float32.
 Offsets are 64-bit (a head's stride times the head index passes 2**31 in long sequences).
-Masking convention as the forward: query i sees key j iff j <= i + Sk - Sq when causal; padded keys
-(key_keep 0) have weight 0; rows with lse = +inf (no visible key) have weight 0.
+Masking convention as the forward: query i sees key j iff j <= i + Sk - Sq when causal (and, with a
+sliding window, j > i + Sk - Sq - window); padded keys (key_keep 0) have weight 0; rows with
+lse = +inf (no visible key) have weight 0.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import triton
 import triton.language as tl
 
 from . import utils
-from .triton_backend import _dot, _dot_flags, _load_main, _load_tail, _on_device
+from .triton_backend import _dot, _dot_flags, _in_window, _load_main, _load_tail, _on_device
 from .utils import LOG2E, Problem, cdiv
 
 
@@ -48,8 +49,8 @@ def _row_offsets(head_offset, offs_row, stride_row, ROWS_OF_8: tl.constexpr):
 
 @triton.jit
 def _key_tile(q, q_tail, K, k_head, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, offs_m, n0, Sk, causal_offset,
-              qk_scale, D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              UPCAST_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+              window, qk_scale, D: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+              HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
               ROWS_OF_8: tl.constexpr):
     """Keys n0 ... n0 + BLOCK_N against a block of rows (q, q_tail, offs_m): the keys [BN, BD] and
     their tail [BN, BD2] (streamed: unmasked; k itself when BLOCK_D2 is 0), the base-2 scores
@@ -64,7 +65,7 @@ def _key_tile(q, q_tail, K, k_head, stride_kn, stride_kd, keep_base, stride_keep
         s += _dot(q_tail, tl.trans(k_tail), DOT_PRECISION, UPCAST_DOT)  # [BM, BD2] @ [BD2, BN]
     visible = offs_n[None, :] < Sk
     if CAUSAL:
-        visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+        visible = visible & _in_window(offs_m[:, None], offs_n[None, :], causal_offset, window, WINDOWED)
     if HAS_KEY_MASK:
         keep = tl.load(keep_base + offs_n * stride_keep_n, mask=offs_n < Sk, other=0)
         visible = visible & (keep[None, :] != 0)
@@ -111,8 +112,8 @@ def _rows_kernel(
     Q, K, LSE2, G, ROW_W, LSE_GRAD, KEEP, DQ, C, BOUND,
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     stride_keep_b, stride_keep_n, Sq,
-    H, GROUP, G_HEADS, n_rows, row_start, Sk, causal_offset, qk_scale, scale,
-    D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_LSE_GRAD: tl.constexpr, COMPUTE_LSE: tl.constexpr,
+    H, GROUP, G_HEADS, n_rows, row_start, Sk, causal_offset, window, qk_scale, scale,
+    D: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_LSE_GRAD: tl.constexpr, COMPUTE_LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, GRAD_16BIT: tl.constexpr, GRAD_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, ROWS_OF_8: tl.constexpr,
 ):
@@ -147,9 +148,12 @@ def _rows_kernel(
     row_w = tl.load(ROW_W + b.to(tl.int64) * n_rows + offs_r, mask=mask_r, other=0.0)
     g_base = G + (bh // G_HEADS).to(tl.int64) * Sk
     keep_base = KEEP + b.to(tl.int64) * stride_keep_b
+    n_lo = 0
     n_hi = Sk
     if CAUSAL:  # the block's last row sees keys up to it + causal_offset
         n_hi = tl.minimum(Sk, tl.maximum(row_start + tl.minimum((pid % n_blocks + 1) * BLOCK_M, n_rows) + causal_offset, 0))
+    if WINDOWED:  # ... and its first row none before its window
+        n_lo = tl.minimum(tl.maximum(row_start + (pid % n_blocks) * BLOCK_M + causal_offset + 1 - window, 0), n_hi)
 
     if COMPUTE_LSE:
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running maximum of the base-2 scores
@@ -159,10 +163,10 @@ def _rows_kernel(
     dot = tl.zeros([BLOCK_M], tl.float32)  # D_i (times total when COMPUTE_LSE)
     g_max = 0.0  # max |G_j| over the swept keys
     w_max = tl.zeros([BLOCK_M], tl.float32)  # max_j w_ij (given LSE; else 1 / total)
-    for n0 in range(0, n_hi, BLOCK_N):
+    for n0 in range(n_lo, n_hi, BLOCK_N):
         _, _, t, g = _key_tile(q, q_tail, K, k_head, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, offs_m, n0, Sk,
-                               causal_offset, qk_scale, D, CAUSAL, HAS_KEY_MASK, DOT_PRECISION, UPCAST_DOT, BLOCK_N,
-                               BLOCK_D, BLOCK_D2, ROWS_OF_8)
+                               causal_offset, window, qk_scale, D, CAUSAL, WINDOWED, HAS_KEY_MASK, DOT_PRECISION,
+                               UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2, ROWS_OF_8)
         if COMPUTE_LSE:
             m_new = tl.maximum(m, tl.max(t, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet: no -inf - -inf
@@ -201,10 +205,10 @@ def _rows_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if BLOCK_D2 > 0:
         dq_tail = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
-    for n0 in range(0, n_hi, BLOCK_N):
+    for n0 in range(n_lo, n_hi, BLOCK_N):
         k, k_tail, t, g = _key_tile(q, q_tail, K, k_head, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, offs_m, n0,
-                                    Sk, causal_offset, qk_scale, D, CAUSAL, HAS_KEY_MASK, DOT_PRECISION, UPCAST_DOT,
-                                    BLOCK_N, BLOCK_D, BLOCK_D2, ROWS_OF_8)
+                                    Sk, causal_offset, window, qk_scale, D, CAUSAL, WINDOWED, HAS_KEY_MASK, DOT_PRECISION,
+                                    UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2, ROWS_OF_8)
         w = tl.exp2(t - lse2[:, None])
         ds = w * (row_w[:, None] * g[None, :] - c[:, None])  # dL/ds / scale
         dq += _grad_dot(ds, k, GRAD_16BIT, GRAD_PRECISION, DOT_PRECISION, UPCAST_DOT)  # [BM, BN] @ [BN, BD] -> [BM, BD]
@@ -221,8 +225,8 @@ def _keys_kernel(
     Q, K, LSE2, G, ROW_W, C, BOUND, KEEP, DK,
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     stride_keep_b, stride_keep_n,
-    H, GROUP, G_HEADS, n_rows, row_start, Sk, causal_offset, qk_scale, scale, n_bounds,
-    D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    H, GROUP, G_HEADS, n_rows, row_start, Sk, causal_offset, window, qk_scale, scale, n_bounds,
+    D: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, GRAD_16BIT: tl.constexpr, GRAD_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, ROWS_OF_8: tl.constexpr,
 ):
@@ -248,8 +252,11 @@ def _keys_kernel(
         keep = tl.load(KEEP + b.to(tl.int64) * stride_keep_b + offs_n * stride_keep_n, mask=mask_n, other=0)
         visible_keys = visible_keys & (keep != 0)
     r_lo = 0
+    r_hi = n_rows
     if CAUSAL:  # rows before n0 - causal_offset see none of these keys
         r_lo = tl.maximum(n0 - causal_offset - row_start, 0) // BLOCK_M * BLOCK_M
+    if WINDOWED:  # ... nor rows past their window
+        r_hi = tl.minimum(n_rows, tl.maximum(n0 + BLOCK_N - 1 - causal_offset + window - row_start, 0))
     dk_scale = scale
     if GRAD_16BIT:
         bound = 0.0
@@ -269,7 +276,7 @@ def _keys_kernel(
         g = tl.load(G + (bh // G_HEADS).to(tl.int64) * Sk + offs_n, mask=mask_n, other=0.0)
         if GRAD_16BIT:
             g = g / sigma  # exact: a power of two
-        for r0 in range(r_lo, n_rows, BLOCK_M):
+        for r0 in range(r_lo, r_hi, BLOCK_M):
             offs_r = r0 + tl.arange(0, BLOCK_M)
             mask_r = offs_r < n_rows
             offs_m = row_start + offs_r
@@ -289,7 +296,7 @@ def _keys_kernel(
             w = tl.exp2(s * qk_scale - lse2[None, :])
             visible = visible_keys[:, None]
             if CAUSAL:
-                visible = visible & (offs_n[:, None] <= offs_m[None, :] + causal_offset)
+                visible = visible & _in_window(offs_m[None, :], offs_n[:, None], causal_offset, window, WINDOWED)
             w = tl.where(visible, w, 0.0)
             ds = w * (g[:, None] * row_w[None, :] - c[None, :])  # dL/ds / scale, [BN, BM]
             dk += _grad_dot(ds, q, GRAD_16BIT, GRAD_PRECISION, DOT_PRECISION, UPCAST_DOT)  # [BN, BM] @ [BM, BD] -> [BN, BD]
@@ -362,11 +369,13 @@ def column_grads(query, key, lse, p: Problem, rows: range, key_keep, row_weight,
     # Without a mask any pointer serves: the kernels never read it.
     keep, keep_strides = (key_keep.view(torch.uint8), key_keep.stride()) if key_keep is not None else (lse2, (0, 0))
     rows_of_8 = all(st % 8 == 0 for st in (*query.stride()[:3], *key.stride()[:3]))  # see _row_offsets
-    meta = dict(D=p.head_dim, CAUSAL=p.causal, HAS_KEY_MASK=key_keep is not None, **_dot_flags(query.dtype),
+    meta = dict(D=p.head_dim, CAUSAL=p.causal, WINDOWED=p.window > 0, HAS_KEY_MASK=key_keep is not None,
+                **_dot_flags(query.dtype),
                 GRAD_16BIT=sixteen_bit, GRAD_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", BLOCK_D=block_d,
                 BLOCK_D2=block_d2, ROWS_OF_8=rows_of_8)
     strides = (*query.stride(), *key.stride(), *keep_strides)
-    sizes = (p.heads, p.group, p.heads // col_grad.shape[1], n_rows, rows.start, p.k_len, p.causal_offset, p.scale * LOG2E, p.scale)
+    sizes = (p.heads, p.group, p.heads // col_grad.shape[1], n_rows, rows.start, p.k_len, p.causal_offset, p.window,
+             p.scale * LOG2E, p.scale)
     with _on_device(query):
         utils.launch(_rows_kernel, (p.batch * p.heads * cdiv(n_rows, rows_cfg["BLOCK_M"]),), query, key, lse2, col_grad,
                      row_weight, lse_grad if lse_grad is not None else lse2, keep, dq, c, bound, *strides, p.q_len, *sizes,

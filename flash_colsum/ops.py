@@ -19,8 +19,6 @@ HEAD_MODES = ("mean", "sum", "max", "none", "kv_mean", "kv_sum", "kv_max")
 
 
 def _backend_module(p: Problem):
-    if p.window and p.backend != "torch":  # the registered operators take any back end name
-        raise ValueError("window (a sliding window) runs on the torch back end only")
     if p.backend == "triton":
         from . import triton_backend  # imports Triton only when asked for
 

@@ -117,8 +117,18 @@ def _soft_cap(s, RAW_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _in_window(row, key, causal_offset, window, WINDOWED: tl.constexpr):
+    """Query row sees key: at or before its diagonal (causal), and with WINDOWED among the
+    ``window`` keys up to it (a sliding window)."""
+    visible = key <= row + causal_offset
+    if WINDOWED:
+        visible = visible & (key > row + causal_offset - window)
+    return visible
+
+
+@triton.jit
 def _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, stride_keep_n,
-                offs_m, n0, n_hi, Sk, causal_offset, D: tl.constexpr, qk_scale, scores_ptrs, mask_m,
+                offs_m, n0, n_hi, Sk, causal_offset, window, WINDOWED: tl.constexpr, D: tl.constexpr, qk_scale, scores_ptrs, mask_m,
                 MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, STORE_SCORES: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, RAW_SOFTCAP: tl.constexpr):
@@ -130,7 +140,7 @@ def _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, str
     if MASK:
         visible = offs_n[None, :] < n_hi
         if CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+            visible = visible & _in_window(offs_m[:, None], offs_n[None, :], causal_offset, window, WINDOWED)
         s = tl.where(visible, s, float("-inf"))
     if HAS_KEY_MASK:  # padded keys (keep == 0) leave the softmax denominator
         keep = tl.load(KEEP_ROW + offs_n * stride_keep_n, mask=offs_n < Sk, other=0)
@@ -150,7 +160,7 @@ def _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, str
 
 
 @triton.jit
-def _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, n0, Sk, causal_offset,
+def _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, n0, Sk, causal_offset, window, WINDOWED: tl.constexpr,
                D: tl.constexpr, qk_scale, out_scale, MASK: tl.constexpr, USE_MAX: tl.constexpr,
                DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, RAW_SOFTCAP: tl.constexpr):
@@ -164,8 +174,8 @@ def _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, 
                           DOT_PRECISION, UPCAST_DOT, BLOCK_D, BLOCK_D2, RAW_SOFTCAP)  # [BN, BM]
     # Rows past the selection carry lse = +inf: their weights are exactly 0 without a row mask.
     p = tl.exp2(s * qk_scale - lse2[None, :])
-    if MASK:  # the causal diagonal
-        p = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, p, 0.0)
+    if MASK:  # the causal diagonal and the window's lower edge
+        p = tl.where(_in_window(offs_m[None, :], offs_n[:, None], causal_offset, window, WINDOWED), p, 0.0)
     col = tl.max(p, axis=1) if USE_MAX else tl.sum(p, axis=1)
     tl.store(out_ptrs + n0, col * out_scale, mask=offs_n < Sk)
 
@@ -186,12 +196,13 @@ def _combined_lse2(lse_ptrs, stride_lp, n_parts, mask_m, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _rows_lse(q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, stride_keep_n, offs_m, n_lo, n_full, n_hi, Sk,
-              causal_offset, D: tl.constexpr, qk_scale, scores_ptrs, mask_m, CAUSAL: tl.constexpr,
+def _rows_lse(q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, stride_keep_n, offs_m, n_lo, n_mid, n_full, n_hi,
+              Sk, causal_offset, window, WINDOWED: tl.constexpr, D: tl.constexpr, qk_scale, scores_ptrs, mask_m, CAUSAL: tl.constexpr,
               HAS_KEY_MASK: tl.constexpr, STORE_SCORES: tl.constexpr, DOT_PRECISION: tl.constexpr,
               UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, RAW_SOFTCAP: tl.constexpr):
-    """The rows' running (max, sum) in base 2 over keys [n_lo, n_hi); blocks before n_full unmasked
+    """The rows' running (max, sum) in base 2 over keys [n_lo, n_hi); the blocks in [n_mid, n_full)
+    unmasked, those before (a sliding window's lower edge) and after (the diagonal, the tail) masked
     (and, with STORE_SCORES, their scaled scores stored).
 
     Online log-sum-exp: scale * log2(e) is folded into qk_scale, so each score costs one fused
@@ -199,17 +210,39 @@ def _rows_lse(q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, stride_keep_n, 
     """
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    for n0 in range(n_lo, n_full, BLOCK_N):
+    if WINDOWED:  # the window's lower edge: masked
+        for n0 in range(n_lo, n_mid, BLOCK_N):
+            m_i, l_i = _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, stride_keep_n,
+                                   offs_m, n0, n_hi, Sk, causal_offset, window, WINDOWED, D, qk_scale, scores_ptrs, mask_m,
+                                   True, CAUSAL, HAS_KEY_MASK, STORE_SCORES, DOT_PRECISION, UPCAST_DOT, BLOCK_N,
+                                   BLOCK_D, BLOCK_D2, RAW_SOFTCAP)
+    for n0 in range(n_mid, n_full, BLOCK_N):
         m_i, l_i = _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, stride_keep_n,
-                               offs_m, n0, n_hi, Sk, causal_offset, D, qk_scale, scores_ptrs, mask_m, False, CAUSAL,
-                               HAS_KEY_MASK, STORE_SCORES, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2,
-                               RAW_SOFTCAP)
+                               offs_m, n0, n_hi, Sk, causal_offset, window, WINDOWED, D, qk_scale, scores_ptrs, mask_m, False,
+                               CAUSAL, HAS_KEY_MASK, STORE_SCORES, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D,
+                               BLOCK_D2, RAW_SOFTCAP)
     for n0 in range(n_full, n_hi, BLOCK_N):
         m_i, l_i = _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, stride_keep_n,
-                               offs_m, n0, n_hi, Sk, causal_offset, D, qk_scale, scores_ptrs, mask_m, True, CAUSAL,
-                               HAS_KEY_MASK, STORE_SCORES, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2,
-                               RAW_SOFTCAP)
+                               offs_m, n0, n_hi, Sk, causal_offset, window, WINDOWED, D, qk_scale, scores_ptrs, mask_m, True,
+                               CAUSAL, HAS_KEY_MASK, STORE_SCORES, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D,
+                               BLOCK_D2, RAW_SOFTCAP)
     return m_i, l_i
+
+
+@triton.jit
+def _fill_scores(scores_ptrs, mask_m, n_lo, n_hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """-inf into the stored scores of keys [n_lo, n_hi), which no row of the block sees."""
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        tl.store(scores_ptrs[:, None] + offs_n[None, :], tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32),
+                 mask=mask_m[:, None] & (offs_n[None, :] < n_hi))
+
+
+@triton.jit
+def _fill_columns(out_ptrs, n_lo, n_hi, BLOCK_N: tl.constexpr):
+    """0 into the column sums (maxima) of keys [n_lo, n_hi), which no row of the block sees."""
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        tl.store(out_ptrs + n0, tl.zeros([BLOCK_N], tl.float32), mask=n0 + tl.arange(0, BLOCK_N) < n_hi)
 
 
 @triton.jit
@@ -221,9 +254,11 @@ def _row_block_kernel(
     stride_ls, stride_lb, stride_lh, stride_lm, stride_lp, n_lse_parts,
     stride_or, stride_ob, stride_oh, stride_on,
     stride_sb, stride_sh, stride_sm,
-    BH, H, GROUP, causal_offset, Sk, row_start, row_end, n_row_blocks, keys_per_split, qk_scale, out_scale,
+    BH, H, GROUP, causal_offset, window, Sk, row_start, row_end, n_row_blocks, key_start, keys_per_split,
+    qk_scale, out_scale,
     D: tl.constexpr, COLUMNS: tl.constexpr, FUSED: tl.constexpr, LSE_PARTS: tl.constexpr, USE_MAX: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SPLIT: tl.constexpr, STORE_SCORES: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SPLIT: tl.constexpr,
+    STORE_SCORES: tl.constexpr,
     STRIDE_UNIT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
     PACK: tl.constexpr, PACK_ROWS: tl.constexpr, RAW_SOFTCAP: tl.constexpr,
@@ -286,25 +321,38 @@ def _row_block_kernel(
         lse_ptrs += head_of_row * stride_lh
         scores_ptrs += head_of_row * stride_sh
 
-    # This program's keys: its split's range, cut at the causal limit of the block's last row.
-    n_lo = split * keys_per_split
-    n_end = tl.minimum(Sk, n_lo + keys_per_split)
+    # This program's keys: its split's range (the splits share keys key_start.. Sk, the keys some
+    # selected row sees), cut at the causal limit of the block's last row and at the sliding window's
+    # lower edge for its first row.
+    n_split = key_start + split * keys_per_split
+    n_end = tl.minimum(Sk, n_split + keys_per_split)
+    n_lo = n_split
     n_hi = n_end
+    if WINDOWED:
+        n_lo = tl.minimum(tl.maximum(n_lo, m0 + 1 + causal_offset - window), n_end)
     if CAUSAL:
         n_hi = tl.minimum(n_hi, m0 + PACK_ROWS + causal_offset)  # the last row sees keys < m0 + PACK_ROWS + offset
         n_hi = tl.maximum(n_hi, n_lo)
-    # Blocks that every row of the block sees in full (all but the tail and the causal diagonal)
-    # skip the masking, an ALU op per score fewer.
+    # Blocks that every row of the block sees in full (all but the tail, the causal diagonal and a
+    # window's lower edge) skip the masking, an ALU op per score fewer.
     n_full = n_hi
+    n_mid = n_lo
     if CAUSAL:
         n_full = tl.minimum(n_full, m0 + 1 + causal_offset)  # the block's first row sees keys < m0 + 1 + offset
+    if WINDOWED:  # ... and its last row keys >= m0 + PACK_ROWS + offset - window
+        n_mid = n_lo + tl.cdiv(tl.maximum(m0 + PACK_ROWS + causal_offset - window - n_lo, 0), BLOCK_N) * BLOCK_N
     n_full = n_lo + tl.maximum(n_full - n_lo, 0) // BLOCK_N * BLOCK_N
-    # Blocks from n_seen on hold keys past the causal limit of every row of the block.
+    n_mid = tl.minimum(n_mid, n_full)
+    # Blocks from n_seen on hold keys past the causal limit of every row of the block; keys from
+    # n_unseen (0 in the first split: it also covers the keys before key_start) to n_lo, keys
+    # before the window of every row.
     n_seen = n_lo + tl.cdiv(n_hi - n_lo, BLOCK_N) * BLOCK_N
+    n_unseen = tl.where(split == 0, 0, n_split)
 
     if FUSED:
         m_i, l_i = _rows_lse(q, q_tail, k_base, stride_kn, stride_kd, KEY_KEEP, stride_keep_n, offs_m,
-                             n_lo, n_full, n_hi, Sk, causal_offset, D, qk_scale, scores_ptrs, mask_m, CAUSAL,
+                             n_lo, n_mid, n_full, n_hi, Sk, causal_offset, window, WINDOWED, D, qk_scale, scores_ptrs, mask_m,
+                             CAUSAL,
                              HAS_KEY_MASK, False, DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_D2,
                              RAW_SOFTCAP)
         # The rows' final LSE, base 2; +inf (weight 0) for rows past the selection or seeing no key.
@@ -315,7 +363,8 @@ def _row_block_kernel(
         lse2 = tl.load(lse_ptrs, mask=mask_m, other=float("inf")) * _LOG2E  # [BM], base 2
     else:
         m_i, l_i = _rows_lse(q, q_tail, k_base, stride_kn, stride_kd, KEY_KEEP, stride_keep_n, offs_m,
-                             n_lo, n_full, n_hi, Sk, causal_offset, D, qk_scale, scores_ptrs, mask_m, CAUSAL,
+                             n_lo, n_mid, n_full, n_hi, Sk, causal_offset, window, WINDOWED, D, qk_scale, scores_ptrs, mask_m,
+                             CAUSAL,
                              HAS_KEY_MASK, STORE_SCORES, DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N, BLOCK_D,
                              BLOCK_D2, RAW_SOFTCAP)
         seen = l_i > 0
@@ -324,30 +373,35 @@ def _row_block_kernel(
         # log-sum-exp); a final value for a row that sees no key at all is +inf (weight 0 in pass 2).
         lse = tl.where(seen, lse, float("-inf") if SPLIT else float("inf"))
         tl.store(lse_ptrs, lse, mask=mask_m)
-        if STORE_SCORES:  # those keys score -inf
-            for n0 in range(n_seen, n_end, BLOCK_N):
-                offs_n = n0 + tl.arange(0, BLOCK_N)
-                tl.store(scores_ptrs[:, None] + offs_n[None, :], tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32),
-                         mask=mask_m[:, None] & (offs_n[None, :] < n_end))
+        if STORE_SCORES:  # keys no row of the block sees score -inf
+            if WINDOWED:
+                _fill_scores(scores_ptrs, mask_m, n_unseen, n_lo, BLOCK_M, BLOCK_N)
+            _fill_scores(scores_ptrs, mask_m, n_seen, n_end, BLOCK_M, BLOCK_N)
     if COLUMNS:
         out_ptrs = OUT + row_block.to(tl.int64) * stride_or + b.to(tl.int64) * stride_ob + pack.to(tl.int64) * stride_oh
         out_ptrs += tl.arange(0, BLOCK_N) * stride_on
-        for n0 in range(n_lo, n_full, BLOCK_N):
-            _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, n0, Sk, causal_offset, D,
-                       qk_scale, out_scale, False, USE_MAX, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2,
+        if WINDOWED:  # the window's lower edge
+            for n0 in range(n_lo, n_mid, BLOCK_N):
+                _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, n0, Sk, causal_offset,
+                           window, WINDOWED, D, qk_scale, out_scale, True, USE_MAX, DOT_PRECISION, UPCAST_DOT, BLOCK_N,
+                           BLOCK_D, BLOCK_D2, RAW_SOFTCAP)
+        for n0 in range(n_mid, n_full, BLOCK_N):
+            _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, n0, Sk, causal_offset, window, WINDOWED,
+                       D, qk_scale, out_scale, False, USE_MAX, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2,
                        RAW_SOFTCAP)
         for n0 in range(n_full, n_hi, BLOCK_N):
-            _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, n0, Sk, causal_offset, D,
-                       qk_scale, out_scale, CAUSAL, USE_MAX, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2,
+            _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, n0, Sk, causal_offset, window, WINDOWED,
+                       D, qk_scale, out_scale, CAUSAL, USE_MAX, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2,
                        RAW_SOFTCAP)
-        # Keys past the causal limit of every row of the block: weight 0 (the output is not pre-zeroed).
-        for n0 in range(n_seen, n_end, BLOCK_N):
-            tl.store(out_ptrs + n0, tl.zeros([BLOCK_N], tl.float32), mask=n0 + tl.arange(0, BLOCK_N) < n_end)
+        # Keys no row of the block sees: weight 0 (the output is not pre-zeroed).
+        if WINDOWED:
+            _fill_columns(out_ptrs, n_unseen, n_lo, BLOCK_N)
+        _fill_columns(out_ptrs, n_seen, n_end, BLOCK_N)
 
 
 @triton.jit
 def _col_update(col, k, k_tail, q_base, stride_qm, stride_qd, lse_base, stride_lm, offs_n, m0,
-                row_start, row_end, Sk, causal_offset, D: tl.constexpr, qk_scale,
+                row_start, row_end, Sk, causal_offset, window, WINDOWED: tl.constexpr, D: tl.constexpr, qk_scale,
                 CAUSAL_MASK: tl.constexpr, USE_MAX: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, RAW_SOFTCAP: tl.constexpr):
@@ -365,7 +419,7 @@ def _col_update(col, k, k_tail, q_base, stride_qm, stride_qd, lse_base, stride_l
     lse2 = tl.load(lse_base + (offs_m - row_start) * stride_lm, mask=mask_m, other=float("inf")) * _LOG2E
     p = tl.exp2(s * qk_scale - lse2[None, :])
     if CAUSAL_MASK:
-        p = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, p, 0.0)
+        p = tl.where(_in_window(offs_m[None, :], offs_n[:, None], causal_offset, window, WINDOWED), p, 0.0)
     if USE_MAX:
         return tl.maximum(col, tl.max(p, axis=1))
     return col + tl.sum(p, axis=1)
@@ -378,8 +432,8 @@ def _col_reduce_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_lb, stride_lh, stride_lm,
     stride_ob, stride_oc, stride_on,
-    H, GROUP, HEADS_PER_PROGRAM, causal_offset, Sk, D: tl.constexpr, row_start, row_end, n_key_blocks, qk_scale,
-    out_scale, CAUSAL: tl.constexpr, USE_MAX: tl.constexpr, STRIDE_UNIT: tl.constexpr,
+    H, GROUP, HEADS_PER_PROGRAM, causal_offset, window, Sk, D: tl.constexpr, row_start, row_end, n_key_blocks, qk_scale,
+    out_scale, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, USE_MAX: tl.constexpr, STRIDE_UNIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
     RAW_SOFTCAP: tl.constexpr,
@@ -404,13 +458,22 @@ def _col_reduce_kernel(
 
     col = tl.zeros([BLOCK_N], tl.float32)  # weights are >= 0, so 0 also starts a max
     m_lo = row_start
-    m_unmasked = row_start  # rows from here on see every key of the block: no causal mask
+    m_unmasked = row_start  # rows from here to m_edge see every key of the block: no causal mask
+    m_edge = row_end
+    m_hi = row_end
     if CAUSAL:
         # Rows before n0 - causal_offset see none of this block's keys: skip them. Rows from
         # n0 + BLOCK_N - 1 - causal_offset on see all of them; only the diagonal band between is masked.
         m_lo = tl.maximum(row_start, n0 - causal_offset)
         m_diag = tl.minimum(tl.maximum(m_lo, n0 + BLOCK_N - 1 - causal_offset), row_end)
         m_unmasked = m_lo + tl.cdiv(m_diag - m_lo, BLOCK_M) * BLOCK_M
+    if WINDOWED:
+        # A sliding window: rows from n0 - causal_offset + window on have the block's first key
+        # outside their window (the lower edge, masked), and rows from m_hi on all its keys (skipped).
+        m_hi = tl.minimum(row_end, n0 + BLOCK_N - 1 - causal_offset + window)
+        m_edge = tl.minimum(row_end, n0 - causal_offset + window)
+        if m_edge < row_end:  # else unmasked to the end: rows past row_end weigh 0 (their lse is +inf)
+            m_edge = m_unmasked + tl.maximum(m_edge - m_unmasked, 0) // BLOCK_M * BLOCK_M
     for hh in range(HEADS_PER_PROGRAM):
         h = h_first + hh
         q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
@@ -418,12 +481,17 @@ def _col_reduce_kernel(
         if CAUSAL:
             for m0 in range(m_lo, m_unmasked, BLOCK_M):
                 col = _col_update(col, k, k_tail, q_base, stride_qm, stride_qd, lse_base, stride_lm, offs_n, m0,
-                                  row_start, row_end, Sk, causal_offset, D, qk_scale, True, USE_MAX,
+                                  row_start, row_end, Sk, causal_offset, window, WINDOWED, D, qk_scale, True, USE_MAX,
                                   DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_D, BLOCK_D2, RAW_SOFTCAP)
-        for m0 in range(m_unmasked, row_end, BLOCK_M):
+        for m0 in range(m_unmasked, m_edge, BLOCK_M):
             col = _col_update(col, k, k_tail, q_base, stride_qm, stride_qd, lse_base, stride_lm, offs_n, m0,
-                              row_start, row_end, Sk, causal_offset, D, qk_scale, False, USE_MAX,
+                              row_start, row_end, Sk, causal_offset, window, WINDOWED, D, qk_scale, False, USE_MAX,
                               DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_D, BLOCK_D2, RAW_SOFTCAP)
+        if WINDOWED:
+            for m0 in range(tl.maximum(m_edge, m_unmasked), m_hi, BLOCK_M):
+                col = _col_update(col, k, k_tail, q_base, stride_qm, stride_qd, lse_base, stride_lm, offs_n, m0,
+                                  row_start, row_end, Sk, causal_offset, window, WINDOWED, D, qk_scale, True, USE_MAX,
+                                  DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_D, BLOCK_D2, RAW_SOFTCAP)
     # Keys past Sk computed garbage from zero-filled K rows; the store mask drops them.
     tl.store(OUT + b.to(tl.int64) * stride_ob + chunk.to(tl.int64) * stride_oc + offs_n * stride_on, col * out_scale,
              mask=mask_n)
@@ -564,16 +632,16 @@ FEW_PROGRAMS_KEYS_PER_SPLIT = 512
 WAVE_FILL = 0.9
 
 
-def _key_splits(p: Problem, n_programs: int, block_n: int, device: torch.device, slots: int | None = None) -> int:
-    """Keys per split for the row-stationary kernel: long key ranges split among programs
-    (flash-decoding) until the grid fills the GPU's ``slots`` (programs resident at once; default
-    four per SM) in whole waves."""
+def _key_splits(n_keys: int, n_programs: int, block_n: int, device: torch.device, slots: int | None = None) -> int:
+    """Keys per split for the row-stationary kernel over ``n_keys`` keys: long key ranges split among
+    programs (flash-decoding) until the grid fills the GPU's ``slots`` (programs resident at once;
+    default four per SM) in whole waves."""
     if device.type == "cpu":  # the interpreter: small enough that the CPU tests take the split path too
-        n_splits = max(1, min(cdiv(16, n_programs), cdiv(p.k_len, 2 * block_n)))
+        n_splits = max(1, min(cdiv(16, n_programs), cdiv(n_keys, 2 * block_n)))
     else:
         slots = slots or 4 * _sm_count(device)
-        n_splits = _whole_waves(n_programs, slots, cdiv(p.k_len, _min_keys_per_split(p.k_len, n_programs, device)))
-    return cdiv(cdiv(p.k_len, n_splits), block_n) * block_n
+        n_splits = _whole_waves(n_programs, slots, cdiv(n_keys, _min_keys_per_split(n_keys, n_programs, device)))
+    return cdiv(cdiv(n_keys, n_splits), block_n) * block_n
 
 
 def _min_keys_per_split(k_len: int, n_programs: int, device: torch.device) -> int:
@@ -724,20 +792,23 @@ def _row_blocks_plan(p: Problem, rows: range, cfg: tuple, q_strides: tuple, k_st
         lse_strides = (0, *strides[1:], strides[0], parts)
     else:
         lse_strides = (0, *lse_layout[0], 0, 1)
+    key_start = p.first_key(rows.start)  # keys before it: no row sees them (a sliding window)
     ints = [*qk_strides, *keep_strides, *lse_strides, *(out_strides or (0, 0, 0, 0)), *(scores_strides or (0, 0, 0))[:3],
-            p.batch * packs, packs, p.group, p.causal_offset, p.k_len, rows.start, rows.stop, n_row_blocks]
+            p.batch * packs, packs, p.group, p.causal_offset, p.window, p.k_len, rows.start, rows.stop, n_row_blocks,
+            key_start]
     floats = [p.scale * LOG2E, out_scale]
     meta = dict(D=p.head_dim, COLUMNS=out_strides is not None, FUSED=fused, LSE_PARTS=lse_parts, USE_MAX=use_max,
-                CAUSAL=p.causal, HAS_KEY_MASK=has_key_mask, STORE_SCORES=scores_strides is not None, STRIDE_UNIT=unit,
+                CAUSAL=p.causal, WINDOWED=p.window > 0, HAS_KEY_MASK=has_key_mask, STORE_SCORES=scores_strides is not None, STRIDE_UNIT=unit,
                 RAW_SOFTCAP=p.raw_softcap, **_dot_flags(q_dtype), **cfg)
+    n_keys = max(p.k_len - key_start, 1)
     if fused:  # each program needs all the keys of its rows
-        keys_per_split = cdiv(p.k_len, cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+        keys_per_split = cdiv(n_keys, cfg["BLOCK_N"]) * cfg["BLOCK_N"]
     else:
         slots = None
-        if device.type == "cuda" and p.k_len > MIN_KEYS_PER_SPLIT:  # a split is possible: fill whole waves
+        if device.type == "cuda" and n_keys > MIN_KEYS_PER_SPLIT:  # a split is possible: fill whole waves
             slots = _resident_slots((q_dtype, k_dtype, keep_dtype), [*ints, cfg["BLOCK_N"]], floats, meta, device)
-        keys_per_split = _key_splits(p, p.batch * packs * n_row_blocks, cfg["BLOCK_N"], device, slots)
-    n_splits = cdiv(p.k_len, keys_per_split)
+        keys_per_split = _key_splits(n_keys, p.batch * packs * n_row_blocks, cfg["BLOCK_N"], device, slots)
+    n_splits = cdiv(n_keys, keys_per_split)
     lse_shape = None if fused or out_strides is not None else (n_splits, p.batch, p.heads, len(rows))
     grid = (n_splits * p.batch * packs * n_row_blocks,)
     return grid, lse_shape, (*ints, keys_per_split, *floats), dict(meta, SPLIT=n_splits > 1)
@@ -795,7 +866,8 @@ def _use_fused(p: Problem, n_programs: int, block_n: int, device: torch.device, 
     """Fuse a small call unless pass 1 would split its keys: few programs over long keys need the
     split to fill the GPU (causal Sq=128, Sk=16384: 0.44 ms fused against 0.15 ms split)."""
     limit = FUSED_MAX_SCORES_D64 if p.head_dim <= 64 or hopper else FUSED_MAX_SCORES
-    return p.batch * p.heads * p.n_rows * p.k_len <= limit and _key_splits(p, n_programs, block_n, device) >= p.k_len
+    n_keys = max(p.k_len - p.first_key(p.row_start), 1)
+    return p.batch * p.heads * p.n_rows * n_keys <= limit and _key_splits(n_keys, n_programs, block_n, device) >= n_keys
 
 
 def fused_reduce(query, key, p: Problem, key_keep, heads_per_chunk: int, use_max: bool, divisor: float,
@@ -1036,9 +1108,9 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
             _col_reduce_kernel, grid,
             query, key, lse, out,
             *qk_strides, *lse.stride(), *out.stride(),
-            p.heads, p.group, heads_per_chunk, p.causal_offset, p.k_len, p.head_dim, p.row_start, p.row_end,
+            p.heads, p.group, heads_per_chunk, p.causal_offset, p.window, p.k_len, p.head_dim, p.row_start, p.row_end,
             n_key_blocks, p.scale * LOG2E, 1.0 / divisor,
-            CAUSAL=p.causal, USE_MAX=use_max, STRIDE_UNIT=unit, RAW_SOFTCAP=p.raw_softcap, **_dot_flags(query.dtype),
+            CAUSAL=p.causal, WINDOWED=p.window > 0, USE_MAX=use_max, STRIDE_UNIT=unit, RAW_SOFTCAP=p.raw_softcap, **_dot_flags(query.dtype),
             **cfg,
         )
     return out

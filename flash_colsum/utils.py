@@ -72,6 +72,10 @@ class Problem:
         cap those, R * tanh(s / R), so that everything after (the scale, max, exp2) stays as it is."""
         return self.softcap / self.scale if self.softcap else 0.0
 
+    def first_key(self, row: int) -> int:
+        """The first key query ``row`` (and any later row) sees: 0 without a sliding window."""
+        return min(max(0, row + self.causal_offset - self.window + 1), self.k_len) if self.window else 0
+
     @property
     def group(self) -> int:
         """Query heads per key head (1 for MHA, H for MQA)."""
@@ -175,13 +179,10 @@ def make_problem(query, key, scale, is_causal, backend, allowed_dtypes=SUPPORTED
     b, h, sq, d = query.shape
     hk, sk = key.shape[1], key.shape[2]
     window = resolve_window(window, is_causal)
-    resolved = resolve_backend(backend, query.device, d)
-    if window and backend == "triton":
-        raise ValueError("window (a sliding window) runs on the torch back end only; pass backend='torch' or 'auto'")
     return Problem(
         batch=b, heads=h, kv_heads=hk, q_len=sq, k_len=sk, head_dim=d,
         scale=resolve_scale(scale, d), causal=is_causal, row_start=0, row_end=sq,
-        backend="torch" if window else resolved, causal_offset=sk - sq,
+        backend=resolve_backend(backend, query.device, d), causal_offset=sk - sq,
         softcap=resolve_softcap(softcap), window=window,
     )
 

@@ -307,16 +307,16 @@ def test_few_programs_split_shorter_key_ranges(monkeypatch):
     gpu = torch.device("cuda")  # a device object only: nothing runs; 528 default slots
     window = Problem(batch=1, heads=32, kv_heads=8, q_len=32, k_len=16384, head_dim=128, scale=128**-0.5,
                      causal=True, row_start=0, row_end=32, backend="triton")
-    assert tb._key_splits(window, 64, 128, gpu) == 2048  # 8 splits: 512 of 528 slots
-    assert tb._key_splits(window, 32, 128, gpu) == 1152  # 15 splits: 480 of 528 slots
-    assert tb._key_splits(window, 66, 128, gpu) == 2048  # half the SMs
-    assert tb._key_splits(window, 67, 128, gpu) == 4096  # at most one split per 4096 keys
+    assert tb._key_splits(window.k_len, 64, 128, gpu) == 2048  # 8 splits: 512 of 528 slots
+    assert tb._key_splits(window.k_len, 32, 128, gpu) == 1152  # 15 splits: 480 of 528 slots
+    assert tb._key_splits(window.k_len, 66, 128, gpu) == 2048  # half the SMs
+    assert tb._key_splits(window.k_len, 67, 128, gpu) == 4096  # at most one split per 4096 keys
     assert not tb._use_fused(window, 32, 128, gpu)
     short = dataclasses.replace(window, k_len=4096)
-    assert tb._key_splits(short, 32, 128, gpu) == 4096 and tb._use_fused(short, 32, 128, gpu)
+    assert tb._key_splits(short.k_len, 32, 128, gpu) == 4096 and tb._use_fused(short, 32, 128, gpu)
     long = dataclasses.replace(window, k_len=65536)
-    assert tb._key_splits(long, 32, 128, gpu) == 4480  # 15 splits
-    assert tb._key_splits(long, 200, 128, gpu) == 13184  # 5 splits (two waves, 95% full), >= 4096 keys each
+    assert tb._key_splits(long.k_len, 32, 128, gpu) == 4480  # 15 splits
+    assert tb._key_splits(long.k_len, 200, 128, gpu) == 13184  # 5 splits (two waves, 95% full), >= 4096 keys each
 
 
 def test_integer_classes():

@@ -1,5 +1,6 @@
 """transformers integration on real models: recorded importance equals eager output_attentions."""
 
+import inspect
 import os
 
 import pytest
@@ -336,13 +337,16 @@ def test_sliding_window_while_decoding():
     model = transformers.MistralForCausalLM(transformers.MistralConfig(**SMALL, sliding_window=6)).eval()
     model.set_attn_implementation("eager")
     ids = torch.randint(0, 128, (1, 12))
+    # transformers renamed past_key_values to cache; an unknown keyword is swallowed (no cache at all)
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.no_grad():
         caches = [transformers.DynamicCache(), transformers.DynamicCache()]
         for cache in caches:
-            model(input_ids=ids[:, :-1], cache=cache)
-        eager = model(input_ids=ids[:, -1:], cache=caches[0], output_attentions=True)
+            model(input_ids=ids[:, :-1], **{cache_arg: cache})
+        eager = model(input_ids=ids[:, -1:], output_attentions=True, **{cache_arg: caches[0]})
         with ImportanceRecorder(model, inner="eager", backend="torch") as rec:
-            model(input_ids=ids[:, -1:], cache=caches[1])
+            model(input_ids=ids[:, -1:], **{cache_arg: caches[1]})
+    assert eager.attentions[0].shape[-1] == 12  # the cache was used
     expected = torch.stack([w[:, :, -1].mean(1) for w in eager.attentions])  # (layers, B, Sk)
     assert expected[0, 0, :6].abs().max() == 0  # the window hides the first keys: a test that can fail
     assert rel_l2(rec.stacked(), expected) <= 1e-5
