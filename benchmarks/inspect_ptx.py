@@ -34,7 +34,7 @@ def compile_row_blocks(d: int, unit: int, columns: bool):
     names = kernel.arg_names
     block_d, block_d2 = head_dim_blocks(d)
     values = dict(D=d, stride_qd=1, stride_kd=1, COLUMNS=columns, FUSED=False, LSE_PARTS=False, STORE_SCORES=False,
-                  USE_MAX=False, CAUSAL=False, HAS_KEY_MASK=False, SPLIT=False, STRIDE_UNIT=unit, DOT_PRECISION="tf32", UPCAST_DOT=False,
+                  USE_MAX=False, CAUSAL=False, WINDOWED=False, HAS_KEY_MASK=False, SPLIT=False, STRIDE_UNIT=unit, DOT_PRECISION="tf32", UPCAST_DOT=False,
                   BLOCK_M=128, BLOCK_N=128, BLOCK_D=block_d, BLOCK_D2=block_d2, PACK=1, PACK_ROWS=128,
                   RAW_SOFTCAP=0.0)
     signature = {}

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from . import utils
-from .triton_backend import _dot, _dot_flags, _in_window, _load_main, _load_tail, _on_device
+from .triton_backend import _dot, _dot_flags, _in_window, _load_main, _load_tail, _on_device, _soft_cap
 from .utils import LOG2E, Problem, cdiv
 
 
@@ -50,11 +50,13 @@ def _row_offsets(head_offset, offs_row, stride_row, ROWS_OF_8: tl.constexpr):
 @triton.jit
 def _key_tile(q, q_tail, K, k_head, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, offs_m, n0, Sk, causal_offset,
               window, qk_scale, D: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
-              HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
-              ROWS_OF_8: tl.constexpr):
+              HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              UPCAST_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+              ROWS_OF_8: tl.constexpr, RAW_SOFTCAP: tl.constexpr):
     """Keys n0 ... n0 + BLOCK_N against a block of rows (q, q_tail, offs_m): the keys [BN, BD] and
     their tail [BN, BD2] (streamed: unmasked; k itself when BLOCK_D2 is 0), the base-2 scores
-    scale * log2(e) * q . k [BM, BN] (-inf where masked) and the keys' G [BN]."""
+    scale * log2(e) * q . k [BM, BN] (-inf where masked; soft-capped with RAW_SOFTCAP), the keys'
+    G [BN], and the cap's slope [BM, BN] (1.0 without a cap)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     k_rows = _row_offsets(k_head, offs_n, stride_kn, ROWS_OF_8)
     k = _load_main(K, k_rows, 1, offs_n < Sk, stride_kd, D, BLOCK_D)
@@ -63,6 +65,9 @@ def _key_tile(q, q_tail, K, k_head, stride_kn, stride_kd, keep_base, stride_keep
     if BLOCK_D2 > 0:
         k_tail = _load_tail(K, k_rows, 1, offs_n < Sk, stride_kd, D, BLOCK_D, BLOCK_D2, False)
         s += _dot(q_tail, tl.trans(k_tail), DOT_PRECISION, UPCAST_DOT)  # [BM, BD2] @ [BD2, BN]
+    slope = 1.0
+    if RAW_SOFTCAP > 0:
+        s, slope = _capped_and_slope(s, RAW_SOFTCAP)
     visible = offs_n[None, :] < Sk
     if CAUSAL:
         visible = visible & _in_window(offs_m[:, None], offs_n[None, :], causal_offset, window, WINDOWED)
@@ -70,7 +75,16 @@ def _key_tile(q, q_tail, K, k_head, stride_kn, stride_kd, keep_base, stride_keep
         keep = tl.load(keep_base + offs_n * stride_keep_n, mask=offs_n < Sk, other=0)
         visible = visible & (keep[None, :] != 0)
     g = tl.load(g_base + offs_n, mask=offs_n < Sk, other=0.0)
-    return k, k_tail, tl.where(visible, s * qk_scale, float("-inf")), g
+    return k, k_tail, tl.where(visible, s * qk_scale, float("-inf")), g, slope
+
+
+@triton.jit
+def _capped_and_slope(s, RAW_SOFTCAP: tl.constexpr):
+    """Soft-capped raw products c = R tanh(s / R) and their slope dc/ds = 1 - (c / R)^2, which
+    multiplies dL/dc on the way to q and k."""
+    capped = _soft_cap(s, RAW_SOFTCAP)
+    ratio = capped * (1.0 / RAW_SOFTCAP)
+    return capped, 1.0 - ratio * ratio
 
 
 @triton.jit
@@ -116,6 +130,7 @@ def _rows_kernel(
     D: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_LSE_GRAD: tl.constexpr, COMPUTE_LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, GRAD_16BIT: tl.constexpr, GRAD_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, ROWS_OF_8: tl.constexpr,
+    RAW_SOFTCAP: tl.constexpr,
 ):
     """dq of one block of BLOCK_M selected rows of one query head, and those rows' c.
 
@@ -164,9 +179,9 @@ def _rows_kernel(
     g_max = 0.0  # max |G_j| over the swept keys
     w_max = tl.zeros([BLOCK_M], tl.float32)  # max_j w_ij (given LSE; else 1 / total)
     for n0 in range(n_lo, n_hi, BLOCK_N):
-        _, _, t, g = _key_tile(q, q_tail, K, k_head, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, offs_m, n0, Sk,
+        _, _, t, g, _ = _key_tile(q, q_tail, K, k_head, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, offs_m, n0, Sk,
                                causal_offset, window, qk_scale, D, CAUSAL, WINDOWED, HAS_KEY_MASK, DOT_PRECISION,
-                               UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2, ROWS_OF_8)
+                               UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2, ROWS_OF_8, RAW_SOFTCAP)
         if COMPUTE_LSE:
             m_new = tl.maximum(m, tl.max(t, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet: no -inf - -inf
@@ -206,11 +221,13 @@ def _rows_kernel(
     if BLOCK_D2 > 0:
         dq_tail = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
     for n0 in range(n_lo, n_hi, BLOCK_N):
-        k, k_tail, t, g = _key_tile(q, q_tail, K, k_head, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, offs_m, n0,
+        k, k_tail, t, g, slope = _key_tile(q, q_tail, K, k_head, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, offs_m, n0,
                                     Sk, causal_offset, window, qk_scale, D, CAUSAL, WINDOWED, HAS_KEY_MASK, DOT_PRECISION,
-                                    UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2, ROWS_OF_8)
+                                    UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2, ROWS_OF_8, RAW_SOFTCAP)
         w = tl.exp2(t - lse2[:, None])
         ds = w * (row_w[:, None] * g[None, :] - c[:, None])  # dL/ds / scale
+        if RAW_SOFTCAP > 0:  # through the cap (its slope <= 1: the 16-bit bound holds)
+            ds = ds * slope
         dq += _grad_dot(ds, k, GRAD_16BIT, GRAD_PRECISION, DOT_PRECISION, UPCAST_DOT)  # [BM, BN] @ [BN, BD] -> [BM, BD]
         if BLOCK_D2 > 0:
             dq_tail += _grad_dot(ds, k_tail, GRAD_16BIT, GRAD_PRECISION, DOT_PRECISION, UPCAST_DOT)  # -> [BM, BD2]
@@ -229,6 +246,7 @@ def _keys_kernel(
     D: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, GRAD_16BIT: tl.constexpr, GRAD_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, ROWS_OF_8: tl.constexpr,
+    RAW_SOFTCAP: tl.constexpr,
 ):
     """dk of one block of BLOCK_N keys of one key head, over the selected rows of its GROUP query
     heads; C from `_rows_kernel`. DK: (B, Hk, Sk, D) contiguous, any float dtype. GRAD_16BIT: BOUND from
@@ -293,12 +311,16 @@ def _keys_kernel(
             if BLOCK_D2 > 0:  # streamed: unmasked, as dk's tail needs every column
                 q_tail = _load_tail(Q, q_rows, 1, mask_r, stride_qd, D, BLOCK_D, BLOCK_D2, False)
                 s += _dot(k_tail, tl.trans(q_tail), DOT_PRECISION, UPCAST_DOT)  # [BN, BD2] @ [BD2, BM]
+            if RAW_SOFTCAP > 0:
+                s, slope = _capped_and_slope(s, RAW_SOFTCAP)
             w = tl.exp2(s * qk_scale - lse2[None, :])
             visible = visible_keys[:, None]
             if CAUSAL:
                 visible = visible & _in_window(offs_m[None, :], offs_n[:, None], causal_offset, window, WINDOWED)
             w = tl.where(visible, w, 0.0)
             ds = w * (g[:, None] * row_w[None, :] - c[None, :])  # dL/ds / scale, [BN, BM]
+            if RAW_SOFTCAP > 0:
+                ds = ds * slope
             dk += _grad_dot(ds, q, GRAD_16BIT, GRAD_PRECISION, DOT_PRECISION, UPCAST_DOT)  # [BN, BM] @ [BM, BD] -> [BN, BD]
             if BLOCK_D2 > 0:
                 dk_tail += _grad_dot(ds, q_tail, GRAD_16BIT, GRAD_PRECISION, DOT_PRECISION, UPCAST_DOT)  # -> [BN, BD2]
@@ -372,7 +394,7 @@ def column_grads(query, key, lse, p: Problem, rows: range, key_keep, row_weight,
     meta = dict(D=p.head_dim, CAUSAL=p.causal, WINDOWED=p.window > 0, HAS_KEY_MASK=key_keep is not None,
                 **_dot_flags(query.dtype),
                 GRAD_16BIT=sixteen_bit, GRAD_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", BLOCK_D=block_d,
-                BLOCK_D2=block_d2, ROWS_OF_8=rows_of_8)
+                BLOCK_D2=block_d2, ROWS_OF_8=rows_of_8, RAW_SOFTCAP=p.raw_softcap)
     strides = (*query.stride(), *key.stride(), *keep_strides)
     sizes = (p.heads, p.group, p.heads // col_grad.shape[1], n_rows, rows.start, p.k_len, p.causal_offset, p.window,
              p.scale * LOG2E, p.scale)

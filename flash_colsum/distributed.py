@@ -53,6 +53,8 @@ def context_parallel_column_stats(
     normalize="rows",
     heads="mean",
     rows=None,
+    softcap=None,
+    window=None,
     backend="auto",
 ):
     """`column_stats` of the full, sharded sequence; see the module docstring.
@@ -63,9 +65,9 @@ def context_parallel_column_stats(
         group: the process group (default: the world).
         strategy: ``"heads"``, ``"ring"`` or ``"auto"`` (heads when H and Hk divide by the world size).
         gather_result: return the statistics of all Sk keys instead of this rank's Sk_r.
-        scale, is_causal, reduce, normalize, heads, rows, backend: as in `column_stats`, over the
-            global sequence (``rows`` selects global query rows; causal is bottom-right aligned on
-            the global lengths).
+        scale, is_causal, reduce, normalize, heads, rows, softcap, window, backend: as in
+            `column_stats`, over the global sequence (``rows`` selects global query rows; causal,
+            and a sliding window, are bottom-right aligned on the global lengths).
 
     Every rank raises the same ValueError when any rank's input is bad, so no rank is left waiting.
     """
@@ -74,14 +76,12 @@ def context_parallel_column_stats(
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if world < 2:
         raise ValueError(f"the process group has {world} rank; use column_stats on one device")
-    shards = _agree(query, key, group, world, dict(
-        strategy=strategy, gather_result=gather_result, scale=scale, is_causal=is_causal, reduce=reduce,
-        normalize=normalize, heads=heads, rows=rows, backend=backend,
-    ))
+    stats = dict(scale=scale, is_causal=is_causal, reduce=reduce, normalize=normalize, heads=heads, rows=rows,
+                 softcap=softcap, window=window, backend=backend)
+    shards = _agree(query, key, group, world, dict(stats, strategy=strategy, gather_result=gather_result))
     q_lens, k_lens = [s[0] for s in shards], [s[1] for s in shards]
     with torch.no_grad():  # the collectives carry no gradient: record nothing
-        out = _sharded_stats(query, key, group, world, rank, q_lens, k_lens, strategy, gather_result, dict(
-            scale=scale, is_causal=is_causal, reduce=reduce, normalize=normalize, heads=heads, rows=rows, backend=backend))
+        out = _sharded_stats(query, key, group, world, rank, q_lens, k_lens, strategy, gather_result, stats)
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
         (out,) = NoGradient.apply("context_parallel_column_stats has no gradient; column_stats on one device has one",
                                   (out,), query, key)
@@ -111,7 +111,8 @@ def _agree(query, key, group, world: int, args: dict) -> list[tuple[int, int]]:
         for name, allowed in choices.items():
             if args[name] not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}; got {args[name]!r}")
-        make_problem(query, key, args["scale"], args["is_causal"], args["backend"])
+        make_problem(query, key, args["scale"], args["is_causal"], args["backend"], softcap=args["softcap"],
+                     window=args["window"])
         meta = dict(
             fixed=(query.shape[0], query.shape[1], key.shape[1], query.shape[3], str(query.dtype), query.device.type),
             args=repr(sorted(args.items())), lens=(query.shape[2], key.shape[2]),
@@ -183,7 +184,8 @@ def _ring(query, key, group, world, rank, q_lens, k_lens, stats: dict) -> torch.
     k_starts = [sum(k_lens[:r]) for r in range(world)]
     row_start, row_end = resolve_rows(stats["rows"], sq)
     offset = sk - sq  # global bottom-right alignment: row i sees keys j <= i + offset
-    base = make_problem(query, key, stats["scale"], stats["is_causal"], stats["backend"])
+    base = make_problem(query, key, stats["scale"], stats["is_causal"], stats["backend"], softcap=stats["softcap"],
+                        window=stats["window"])
     backend = ops._backend_module(base)
     heads = stats["heads"]
     head_op, kv, use_max, per_program = head_plan(heads, stats["reduce"], base.group)
@@ -196,6 +198,8 @@ def _ring(query, key, group, world, rank, q_lens, k_lens, stats: dict) -> torch.
         local_offset = q_starts[q_rank] + offset - k_starts[k_rank]
         if base.causal and rows[1] - 1 + local_offset < 0:
             return None  # every selected row lies before the first key of the shard
+        if base.window and rows[0] + local_offset - base.window + 1 >= k_lens[k_rank]:
+            return None  # every selected row's window starts past the shard's last key
         return dataclasses.replace(
             base, q_len=q_lens[q_rank], k_len=k_lens[k_rank], row_start=rows[0], row_end=rows[1],
             causal_offset=local_offset,

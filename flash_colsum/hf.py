@@ -14,8 +14,8 @@ and keys alive); call `column_stats` in the model's attention for differentiable
 transformers >= 5 (its AttentionInterface).
 
 Attention sinks (gpt-oss's ``s_aux``) are folded into each row's log-sum-exp; logit soft-capping
-(Gemma 2's ``softcap``) and causal sliding windows (Mistral, Gemma 2/3, gpt-oss; shorter than the
-keys they run on the torch back end) pass to `column_stats`. Layers whose softmax it cannot
+(Gemma 2's ``softcap``) and causal sliding windows (Mistral, Gemma 2/3, gpt-oss) pass to
+`column_stats`. Layers whose softmax it cannot
 reproduce raise NotImplementedError rather than record another statistic: bidirectional sliding
 windows, attention chunks shorter than the keys (Llama 4), and other masks (a causal suffix after
 PaliGemma's bidirectional prefix, Gemma 3's image tokens, packed sequences). ``unsupported="skip"``

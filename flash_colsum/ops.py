@@ -136,18 +136,19 @@ def reduce_columns_backward_op(
     backend: str,
     divisor: float,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dq, dk) of `reduce_columns_op`'s sums for its gradients ``grad`` (B, H // heads_per_chunk, Sk)
     and, with ``full_lse``, ``grad_lse`` (B, H, Sq). A given ``lse`` is taken as the exact LSE of
     query and key: the gradient is the softmax statistic's, and ``lse`` itself gets none."""
     return _reduce_grads(grad, grad_lse, query, key, lse, key_keep, row_keep, scale, causal, row_start, row_end,
-                         heads_per_chunk, full_lse, backend, divisor, window)
+                         heads_per_chunk, full_lse, backend, divisor, window, softcap)
 
 
 def _reduce_grads(grad, grad_lse, query, key, lse, key_keep, row_keep, scale, causal, row_start, row_end, heads_per_chunk,
-                  full_lse, backend, divisor, window=0):
+                  full_lse, backend, divisor, window=0, softcap=0.0):
     """`reduce_columns_backward_op`'s computation."""
-    p = problem_from_shapes(query, key, scale, causal, row_start, row_end, backend, window=window)
+    p = problem_from_shapes(query, key, scale, causal, row_start, row_end, backend, softcap, window)
     rows = range(0, p.q_len) if full_lse else range(p.row_start, p.row_end)
     if lse is not None:  # else each back end's backward computes it
         lse = lse[:, :, rows.start : rows.stop]
@@ -188,10 +189,8 @@ def _backward(ctx, grad, grad_lse, grads_of=reduce_columns_backward_op):
     scale, causal, row_start, row_end, heads_per_chunk, use_max, full_lse, backend, divisor, softcap, window = ctx.args
     if use_max:
         raise NotImplementedError("column_stats: reduce='max' has no gradient; reduce='sum' and 'mean' have one")
-    if softcap:
-        raise NotImplementedError("column_stats: softcap has no gradient yet; call it without softcap to differentiate")
     dq, dk = grads_of(grad, grad_lse, query, key, lse, key_keep, row_keep, scale, causal, row_start, row_end,
-                      heads_per_chunk, full_lse, backend, divisor, window)
+                      heads_per_chunk, full_lse, backend, divisor, window, softcap)
     return dq, dk, *[None] * 14  # nothing for lse, the masks and the arguments
 
 
@@ -358,11 +357,11 @@ def column_stats(
         softcap: logit soft-capping (Gemma 2's ``attn_logit_softcapping``): the scores become
             softcap * tanh(scale * q . k / softcap) before the masks and the softmax. A finite positive
             number, or None (off). Runs on the portable kernels (not the Hopper path) and the torch
-            back end; no gradient yet (NotImplementedError on backward).
+            back end, gradients included.
         window: a sliding window (Mistral, Gemma 2/3, gpt-oss): with ``is_causal``, query i sees only
             the ``window`` keys up to its diagonal, i + (Sk - Sq) - window < j <= i + (Sk - Sq), as
-            transformers' sliding_window masks. A positive int, or None (off). The torch back end
-            only for now ("auto" takes it on every device; "triton" raises); gradients included.
+            transformers' sliding_window masks. A positive int, or None (off). Both back ends (the
+            portable kernels, not the Hopper path), gradients included.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see `flash_colsum`).
 
     Returns:

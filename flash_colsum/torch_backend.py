@@ -171,7 +171,8 @@ def col_reduce_backward(query, key, lse, p: Problem, rows: range, key_keep, row_
 
     The statistic over ``rows``: out[b, h, j] = sum_i row_weight[b, i] * w[b, h, i, j], with
     w = exp(s - lse) the softmax weights of scores s = scale * q . k (causally hidden and padded
-    keys: -inf, weight 0). lse: (B, H, len(rows)) natural-log LSE of those rows (+inf: a row that
+    keys: -inf, weight 0; soft-capped, s = softcap * tanh(scale * q . k / softcap), whose slope
+    1 - (s / softcap)^2 multiplies dL/ds). lse: (B, H, len(rows)) natural-log LSE of those rows (+inf: a row that
     sees no key), or None (computed here by `row_lse`). row_weight: (B, len(rows)) float32. col_grad: (B, H // n, Sk) float32, the gradient
     of out, a row for n consecutive query heads; lse_grad: (B, H, len(rows)) float32 or None, the
     gradient of lse itself. Through the softmax, dL/ds_ij = w_ij * (row_weight_i * G_j - c_i) with
@@ -195,22 +196,29 @@ def col_reduce_backward(query, key, lse, p: Problem, rows: range, key_keep, row_
         weight = row_weight[batch, r].reshape(b, 1, 1, m, 1)
         grads = col_grad[batch].repeat_interleave(p.heads // col_grad.shape[1], dim=1).reshape(b, hk, g, 1, p.k_len)
 
-        def weights(keys):  # (b, Hk, G, M, N) softmax weights of the tile's rows against ``keys``
-            s = _scores(query, key, p, batch, tile_rows, keys, key_keep)
-            return s.view(b, hk, g, m, -1).sub_(tile_lse).exp_()
+        def weights(keys):
+            """(b, Hk, G, M, N) softmax weights of the tile's rows against ``keys``, and with a soft cap
+            the slope of the capped scores in the uncapped ones, 1 - (s / softcap)^2 (else None)."""
+            s = _scores(query, key, p, batch, tile_rows, keys, key_keep).view(b, hk, g, m, -1)
+            # Hidden scores are -inf: the clamp gives them slope 0 (their weight is 0), not -inf.
+            slope = s.div(p.softcap).square_().neg_().add_(1.0).clamp_(min=0.0) if p.softcap else None
+            return s.sub_(tile_lse).exp_(), slope
 
         first = weights(key_blocks[0]) if len(key_blocks) == 1 else None
         dot = 0.0  # D_i: [.., M, N] @ [.., N, 1] -> [.., M, 1]
         for keys in key_blocks:
-            w = first if first is not None else weights(keys)
+            w, _ = first if first is not None else weights(keys)
             dot = dot + torch.matmul(w, grads[..., keys.start : keys.stop].transpose(-1, -2))
         c = dot.mul_(weight)
         if lse_grad is not None:
             c.sub_(lse_grad[batch, :, r].reshape(b, hk, g, m, 1))
         q = query[batch, :, tile_rows.start : tile_rows.stop].reshape(b, hk, g * m, p.head_dim)
         for keys in key_blocks:
-            w = first if first is not None else weights(keys)
-            ds = (grads[..., keys.start : keys.stop] * weight).sub_(c).mul_(w).view(b, hk, g * m, -1)  # / scale
+            w, slope = first if first is not None else weights(keys)
+            ds = (grads[..., keys.start : keys.stop] * weight).sub_(c).mul_(w)  # / scale
+            if slope is not None:  # through the cap: d(capped)/d(uncapped)
+                ds.mul_(slope)
+            ds = ds.view(b, hk, g * m, -1)
             # The scale of ds = scale * dL/ds' (s' = q . k) goes on the small results.
             dq[batch, :, tile_rows.start : tile_rows.stop] += torch.matmul(ds, key[batch, :, keys.start : keys.stop]).view(
                 b, p.heads, m, p.head_dim).mul_(p.scale)

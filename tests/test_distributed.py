@@ -46,6 +46,8 @@ def _check_cases(rank, world, device="cpu", dtypes=(torch.float32,), backends=BA
                 dict(heads="kv_max", reduce="max"),
                 dict(heads="none", reduce="sum", rows=slice(-5, None)),
                 dict(heads="kv_mean", normalize="visible", rows=slice(2, 17)),
+                dict(softcap=1.5),  # Gemma 2's capped logits; with a sliding window (causal only) below
+                *([dict(window=5), dict(window=3, softcap=2.0, heads="kv_mean", normalize="visible")] if causal else []),
             ):
                 cases += [(h, hk, causal, kwargs, dtype) for dtype in dtypes]
     for h, hk, causal, kwargs, dtype in cases:

@@ -67,13 +67,49 @@ def test_softcap_lse(backend, device):
     assert rel_l2(stats, w.mean(dim=2)) <= 1e-5
 
 
+def _capped_lse(q, k, causal=False, window=None):
+    """Float64 natural-log LSE of the capped scores, (B, H, Sq)."""
+    q, k = q.double(), k.double().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = CAP * torch.tanh((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 / CAP)
+    if causal:
+        i, j = torch.arange(q.shape[2])[:, None], torch.arange(k.shape[2])[None, :]
+        diagonal = i + k.shape[2] - q.shape[2]
+        hidden = (j > diagonal) | ((j <= diagonal - window) if window else False)
+        scores = scores.masked_fill(hidden, float("-inf"))
+    return torch.logsumexp(scores, dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("backend,device", TARGETS)
-def test_softcap_has_no_gradient_yet(backend, device):
-    q, k = _qk(1, 2, 2, 8, 12, 16, torch.float32, device)
-    q.requires_grad_()
-    out = column_stats(q, k, softcap=CAP, backend=backend)
-    with pytest.raises(NotImplementedError, match="softcap has no gradient"):
-        out.sum().backward()
+def test_softcap_gradients(backend, device, dtype):
+    """Gradients through the cap (its slope 1 - tanh^2 on dL/ds), of the statistic and of a returned
+    LSE, against autograd through the float64 reference; with a causal sliding window as Gemma 2's
+    local layers, a row range and grouped-query heads. Without the slope they differ (can fail)."""
+    q, k = _qk(1, 4, 2, 70, 150, 16, dtype, device)
+    for kwargs in (dict(is_causal=True, window=37, heads="kv_mean"), dict(rows=slice(20, 60), is_causal=True),
+                   dict(reduce="sum", heads="none")):
+        out_shape = reference_column_stats(q.cpu(), k.cpu(), softcap=CAP, **kwargs).shape
+        grad = torch.randn(out_shape, dtype=torch.float64)
+        grad_lse = torch.randn(1, 4, 70, dtype=torch.float64)
+        found = []
+        for double in (False, True):
+            qq, kk = (q.cpu().double(), k.cpu().double()) if double else (q, k)
+            qq, kk = qq.detach().requires_grad_(), kk.detach().requires_grad_()
+            if double:
+                out = reference_column_stats(qq, kk, softcap=CAP, **kwargs)
+                lse = _capped_lse(qq, kk, kwargs.get("is_causal", False), kwargs.get("window"))
+            else:
+                out, lse = column_stats(qq, kk, softcap=CAP, backend=backend, return_lse=True, **kwargs)
+            # fp16 gradients of a mean are tiny (subnormal): scale the loss, as fp16 training does
+            loss = (out * grad.to(out.device, out.dtype)).sum() * 1e4 + (lse * grad_lse.to(lse.device, lse.dtype)).sum()
+            found.append(torch.autograd.grad(loss, (qq, kk)))
+        for got, want in zip(*found):
+            assert rel_l2(got.cpu(), want) <= (1e-5 if dtype == torch.float32 else 2e-3), kwargs
+    # The cap matters for the gradient too: the uncapped one is another (a test that can fail).
+    qq = q.cpu().double().requires_grad_()
+    capped = torch.autograd.grad((reference_column_stats(qq, k.cpu().double(), softcap=CAP, **kwargs) * grad).sum(), qq)[0]
+    plain = torch.autograd.grad((reference_column_stats(qq, k.cpu().double(), **kwargs) * grad).sum(), qq)[0]
+    assert rel_l2(plain, capped) > 0.1
 
 
 @pytest.mark.parametrize("bad,error", [(0, ValueError), (-1.0, ValueError), (float("inf"), ValueError),
