@@ -2,7 +2,7 @@
 count its global loads: scalar `ld.global.b16`, vector `ld.global.v4`, or pipelined `cp.async`.
 
     python -m benchmarks.inspect_ptx --d 72 [--unit 8] [--columns]
-    python -m benchmarks.inspect_ptx --gluon --d 64 [--columns | --fused] [--causal] [--key-mask]
+    python -m benchmarks.inspect_ptx --gluon --d 64 [--columns | --fused] [--causal] [--key-mask] [--window]
 
 --gluon compiles the Hopper kernel (flash_colsum.hopper) instead and prints what ptxas (shipped with
 Triton) reports: registers, spills, and warning C7514 if it serialized the asynchronous wgmmas
@@ -53,7 +53,8 @@ def compile_row_blocks(d: int, unit: int, columns: bool):
                           options=dict(num_warps=4, num_stages=3, enable_fp_fusion=True))  # as utils.launch
 
 
-def compile_gluon(d: int, columns: bool, fused: bool = False, causal: bool = False, key_mask: bool = False):
+def compile_gluon(d: int, columns: bool, fused: bool = False, causal: bool = False, key_mask: bool = False,
+                  window: bool = False):
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -71,7 +72,8 @@ def compile_gluon(d: int, columns: bool, fused: bool = False, causal: bool = Fal
     tiles = dict(a_desc=(1, 1, hopper.BLOCK_ROWS, block_d), b_desc=(1, 1, block_b, block_d))
     if block_d2:
         tiles.update(a2_desc=(1, 1, hopper.BLOCK_ROWS, block_d2), b2_desc=(1, 1, block_b, block_d2))
-    values = dict(COLUMNS=columns and not fused, FUSED=fused, USE_MAX=False, CAUSAL=causal, HAS_KEY_MASK=key_mask,
+    values = dict(COLUMNS=columns and not fused, FUSED=fused, USE_MAX=False, CAUSAL=causal or window, WINDOWED=window,
+                  HAS_KEY_MASK=key_mask,
                   STAGES=stages, A_IN_REGS=a_in_regs, num_warps=4)
     if not block_d2:  # no tail: its descriptors are None
         values.update(a2_desc=None, b2_desc=None)
@@ -115,9 +117,11 @@ def main():
     parser.add_argument("--fused", action="store_true", help="with --gluon: both passes in one launch (FUSED)")
     parser.add_argument("--causal", action="store_true", help="with --gluon: the causal mask (CAUSAL)")
     parser.add_argument("--key-mask", action="store_true", help="with --gluon: a key padding mask (HAS_KEY_MASK)")
+    parser.add_argument("--window", action="store_true", help="with --gluon: a causal sliding window (WINDOWED)")
     args = parser.parse_args()
     if args.gluon:
-        print(ptxas_report(compile_gluon(args.d, args.columns, args.fused, args.causal, args.key_mask).asm["ptx"]))
+        print(ptxas_report(compile_gluon(args.d, args.columns, args.fused, args.causal, args.key_mask,
+                                         args.window).asm["ptx"]))
         return
     ptx = compile_row_blocks(args.d, args.unit, args.columns).asm["ptx"]
     print(dict(Counter(re.findall(r"ld\.global[\w.]*|cp\.async\.[\w.]*", ptx))))

@@ -31,7 +31,9 @@ longest first.
 KEY PADDING MASK (HAS_KEY_MASK, pass 1 and FUSED's first phase): dropped keys' scores become -inf,
 so a row may see no key (its LSE is then +inf); pass 2 needs no mask, its caller zeroes the columns.
 Scope (`supports`): CUDA capability 9.0, fp16/bf16, D a multiple of 8 (16-byte rows) from 16 to
-256, a causal mask only with Sq <= Sk (and pass 2 not between D=80 and 128, nor above 192),
+256, a causal mask only with Sq <= Sk (and pass 2 not between D=80 and 128, nor above 192), a
+causal sliding window (WINDOWED: pass 1's keys start at the row block's first window, pass 2's rows
+end where the window leaves the key block; its lower edge masked like the diagonal) up to D=192,
 Q and K with D contiguous and 16-byte strides (read in place through 4-D TMA descriptors:
 contiguous tensors and transposed (B, S, H, D) views alike);
 the caller (triton_backend._fast_path) also wants all selected rows and 2**29 scores or more per
@@ -148,16 +150,22 @@ def _col_tile(s, col, lse2, qk_scale, USE_MAX: gl.constexpr):
 
 
 @gluon.jit
-def _causal_mask(s, a0, b0, causal_offset, COLUMNS: gl.constexpr, layout: gl.constexpr):
+def _causal_mask(s, a0, b0, causal_offset, window, COLUMNS: gl.constexpr, WINDOWED: gl.constexpr,
+                 layout: gl.constexpr):
     """-inf where the causal mask hides a score of the [rows a0.., rows b0..] tile (query i sees key j
-    iff j <= i + causal_offset): pass 1's A rows are queries and B rows keys, pass 2's the reverse.
-    Only tiles the diagonal crosses pay the selects; a branch uniform over the CTA skips the rest."""
+    iff j <= i + causal_offset, and with WINDOWED j > i + causal_offset - window): pass 1's A rows
+    are queries and B rows keys, pass 2's the reverse. Only tiles the diagonal (or the window's
+    lower edge) crosses pay the selects; a branch uniform over the CTA skips the rest."""
     HALF: gl.constexpr = s.shape[0]
     BLOCK_B: gl.constexpr = s.shape[1]
     if COLUMNS:
         crossed = a0 + HALF - 1 > b0 + causal_offset  # the half's last key against the tile's first row
+        if WINDOWED:  # the tile's last row against the half's first key
+            crossed = crossed | (b0 + BLOCK_B - 1 >= a0 - causal_offset + window)
     else:
         crossed = b0 + BLOCK_B - 1 > a0 + causal_offset  # the tile's last key against the half's first row
+        if WINDOWED:  # the tile's first key against the half's last row
+            crossed = crossed | (b0 <= a0 + HALF - 1 + causal_offset - window)
     if crossed:
         offs_a = a0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, layout))
         cols = gl.arange(0, BLOCK_B, layout=gl.SliceLayout(0, layout))
@@ -166,29 +174,35 @@ def _causal_mask(s, a0, b0, causal_offset, COLUMNS: gl.constexpr, layout: gl.con
         # 180); pass 1 offsets its columns (163 instead of 191).
         if COLUMNS:
             seen = cols[None, :] >= (offs_a - causal_offset - b0)[:, None]  # key a <= row b + offset
+            if WINDOWED:  # key a > row b + offset - window
+                seen = seen & (cols[None, :] < (offs_a - causal_offset + window - b0)[:, None])
         else:
             seen = (b0 + cols)[None, :] <= (offs_a + causal_offset)[:, None]  # key b <= row a + offset
+            if WINDOWED:
+                seen = seen & ((b0 + cols)[None, :] > (offs_a + causal_offset - window)[:, None])
         s = gl.where(seen, s, float("-inf"))
     return s
 
 
 @gluon.jit
-def _fold_tile(s, m_i, l_i, col, lse2, t, Sk, qk_scale, a0, b0, causal_offset, keep, drops,
-               COLUMNS: gl.constexpr, USE_MAX: gl.constexpr, CAUSAL: gl.constexpr, HAS_KEY_MASK: gl.constexpr,
-               BLOCK_B: gl.constexpr, layout: gl.constexpr, LAST: gl.constexpr, LAZY: gl.constexpr):
+def _fold_tile(s, m_i, l_i, col, lse2, t, Sk, qk_scale, a0, b0, causal_offset, window, keep, drops,
+               COLUMNS: gl.constexpr, USE_MAX: gl.constexpr, CAUSAL: gl.constexpr, WINDOWED: gl.constexpr,
+               HAS_KEY_MASK: gl.constexpr, BLOCK_B: gl.constexpr, layout: gl.constexpr, LAST: gl.constexpr,
+               LAZY: gl.constexpr):
     """Fold tile t's scores into the pass's state: (m_i, l_i) for pass 1, col for pass 2. With CAUSAL,
     a0 is the half's first stationary row and b0 the tile's first streamed row (absolute indices).
     The key padding mask (``keep``, ``drops``: `_key_mask`) applies to pass 1 only: pass 2's caller
     zeroes the dropped keys' columns."""
     if CAUSAL:  # keys past Sk are masked too: j <= i + Sk - Sq < Sk for every query row i < Sq
-        s = _causal_mask(s, a0, b0, causal_offset, COLUMNS, layout)
+        s = _causal_mask(s, a0, b0, causal_offset, window, COLUMNS, WINDOWED, layout)
     if COLUMNS:
         col = _col_tile(s, col, lse2, qk_scale, USE_MAX)
     else:
         if HAS_KEY_MASK:  # keys past Sk are masked too
             s = _key_mask(s, keep, drops, layout)
+        # A window may leave a row no key in its first tiles: then, as with a key mask, the max may be -inf.
         m_i, l_i = _lse_tile(s, m_i, l_i, t * BLOCK_B, Sk, qk_scale, BLOCK_B, layout,
-                             LAST and not (CAUSAL or HAS_KEY_MASK), HAS_KEY_MASK, LAZY)
+                             LAST and not (CAUSAL or HAS_KEY_MASK), HAS_KEY_MASK or WINDOWED, LAZY)
     return m_i, l_i, col
 
 
@@ -312,8 +326,8 @@ def _next_fill(head, tile, tile0, n_row_tiles, h0, s0, head_step, BLOCK_B: gl.co
 def _stream_kernel(
     a_desc, a2_desc, b_desc, b2_desc, LSE, OUT, KEY_KEEP,
     stride_lb, stride_lh, stride_lm, stride_ob, stride_oc, stride_on, stride_keep_b, stride_keep_n,
-    H, GROUP, HEADS_PER_PROGRAM, Sk, row_start, row_end, n_a_blocks, causal_offset, qk_scale, out_scale,
-    COLUMNS: gl.constexpr, FUSED: gl.constexpr, USE_MAX: gl.constexpr, CAUSAL: gl.constexpr,
+    H, GROUP, HEADS_PER_PROGRAM, Sk, row_start, row_end, n_a_blocks, causal_offset, window, qk_scale, out_scale,
+    COLUMNS: gl.constexpr, FUSED: gl.constexpr, USE_MAX: gl.constexpr, CAUSAL: gl.constexpr, WINDOWED: gl.constexpr,
     HAS_KEY_MASK: gl.constexpr, STAGES: gl.constexpr, A_IN_REGS: gl.constexpr, num_warps: gl.constexpr,
 ):
     # Descriptors over (B, heads, rows, D) with boxes [1, 1, rows, cols]; the tiles are [rows, cols].
@@ -359,7 +373,11 @@ def _stream_kernel(
         tile0 = 0
         if CAUSAL:  # rows before a_row0 - causal_offset see none of the block's keys: skip their tiles
             tile0 = gl.minimum(gl.maximum(a_row0 - causal_offset - row_start, 0) // BLOCK_B, n_row_tiles - 1)
-        n_tiles = HEADS_PER_PROGRAM * (n_row_tiles - tile0)
+        tile_end = n_row_tiles  # one past the last row tile streamed per head
+        if WINDOWED:  # rows from a_row0 + BLOCK_A - 1 - causal_offset + window on see none of them
+            last_row = gl.minimum(a_row0 + BLOCK_A - 1 - causal_offset + window, row_end) - row_start
+            tile_end = gl.maximum(gl.minimum((last_row + BLOCK_B - 1) // BLOCK_B, n_row_tiles), tile0 + 1)
+        n_tiles = HEADS_PER_PROGRAM * (tile_end - tile0)
         head_step = 1
     else:
         # rest = (batch, head); A = query rows, B = the head's keys.
@@ -372,8 +390,11 @@ def _stream_kernel(
         n_keys = Sk
         if CAUSAL:  # the block's last row sees keys up to it + causal_offset
             n_keys = gl.minimum(Sk, gl.minimum(a_row0 + BLOCK_A, row_end) + causal_offset)
-        n_tiles = (n_keys + BLOCK_B - 1) // BLOCK_B
+        if WINDOWED:  # ... and its first row none before a_row0 + 1 + causal_offset - window
+            b_row0 = gl.minimum(gl.maximum(a_row0 + 1 + causal_offset - window, 0), n_keys - 1) // BLOCK_B * BLOCK_B
+        n_tiles = (n_keys - b_row0 + BLOCK_B - 1) // BLOCK_B
         n_row_tiles = n_tiles  # the fill counter wraps to the first key tile: FUSED streams them twice
+        tile_end = n_row_tiles
         tile0 = 0
         head_step = 0
     n_fills = 2 * n_tiles if FUSED else n_tiles  # tiles through the ring
@@ -401,7 +422,7 @@ def _stream_kernel(
     for i in gl.static_range(STAGES):
         _load_rows(b_desc, b2_desc, b, fill_h, fill_s, ready.index(i), b_smem.index(i), b2_smem.index(i), i < n_fills,
                    HAS_TAIL)
-        fill_head, fill_tile, fill_h, fill_s = _next_fill(fill_head, fill_tile, tile0, n_row_tiles, b_head0, b_row0,
+        fill_head, fill_tile, fill_h, fill_s = _next_fill(fill_head, fill_tile, tile0, tile_end, b_head0, b_row0,
                                                           head_step, BLOCK_B)
 
     zero = gl.zeros([HALF, BLOCK_B], gl.float32, layout=layout)
@@ -431,7 +452,7 @@ def _stream_kernel(
     keep = 0
     drops = False
     if HAS_KEY_MASK:
-        keep = _load_keep(keep_base, stride_keep_n, 0, Sk, BLOCK_B)
+        keep = _load_keep(keep_base, stride_keep_n, b_row0, Sk, BLOCK_B)
     mbarrier.wait(a_bar, 0)
     if HAS_KEY_MASK:
         drops = gl.min(keep, axis=0) == 0
@@ -456,29 +477,30 @@ def _stream_kernel(
     for t in range(n_tiles - 1):
         acc_hi = _issue(a_hi, a2_hi, b_smem, b2_smem, ready, t, zero, False, STAGES, HAS_TAIL)
         if HAS_KEY_MASK:  # the next tile's mask bytes, in flight while both halves fold this one
-            keep_next = _load_keep(keep_base, stride_keep_n, (t + 1) * BLOCK_B, Sk, BLOCK_B)
+            keep_next = _load_keep(keep_base, stride_keep_n, b_row0 + (t + 1) * BLOCK_B, Sk, BLOCK_B)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_lo, ))
         m_lo, l_lo, col_lo = _fold_tile(s, m_lo, l_lo, col_lo, lse2, t, Sk, qk_scale, a0_lo, b_row0 + fold_s,
-                                        causal_offset, keep, drops, COLUMNS, USE_MAX, CAUSAL, HAS_KEY_MASK,
+                                        causal_offset, window, keep, drops, COLUMNS, USE_MAX, CAUSAL, WINDOWED,
+                                        HAS_KEY_MASK,
                                         BLOCK_B, layout, False, LAZY)
         acc_lo = _issue(a_lo, a2_lo, b_smem, b2_smem, ready, t + 1, zero, True, STAGES, HAS_TAIL)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_hi, ))
         # Both halves are done with tile t: its buffer takes tile t + STAGES.
         _load_rows(b_desc, b2_desc, b, fill_h, fill_s, ready.index(t % STAGES), b_smem.index(t % STAGES),
                    b2_smem.index(t % STAGES), t + STAGES < n_fills, HAS_TAIL)
-        fill_head, fill_tile, fill_h, fill_s = _next_fill(fill_head, fill_tile, tile0, n_row_tiles, b_head0, b_row0,
+        fill_head, fill_tile, fill_h, fill_s = _next_fill(fill_head, fill_tile, tile0, tile_end, b_head0, b_row0,
                                                           head_step, BLOCK_B)
         b0_hi = b_row0 + fold_s
         lse2_next = lse2
         if CAUSAL:  # the next folded tile, whose row tiles may skip tile0 per head
-            fold_head, fold_tile, fold_h, fold_s = _next_fill(fold_head, fold_tile, tile0, n_row_tiles, 0, 0, 1, BLOCK_B)
+            fold_head, fold_tile, fold_h, fold_s = _next_fill(fold_head, fold_tile, tile0, tile_end, 0, 0, 1, BLOCK_B)
             if COLUMNS:
                 lse2_next = gl.load(lse_ptrs + fold_h * (n_row_tiles * BLOCK_B) + fold_s)
         elif COLUMNS:
             lse2_next = gl.load(lse_ptrs + (t + 1) * BLOCK_B)
         m_hi, l_hi, col_hi = _fold_tile(s, m_hi, l_hi, col_hi, lse2, t, Sk, qk_scale, a0_hi, b0_hi, causal_offset,
-                                        keep, drops, COLUMNS, USE_MAX, CAUSAL, HAS_KEY_MASK, BLOCK_B,
-                                        layout, False, LAZY)
+                                        window, keep, drops, COLUMNS, USE_MAX, CAUSAL, WINDOWED, HAS_KEY_MASK,
+                                        BLOCK_B, layout, False, LAZY)
         lse2 = lse2_next
         if HAS_KEY_MASK:
             keep = keep_next
@@ -490,7 +512,8 @@ def _stream_kernel(
         acc_hi = _issue(a_hi, a2_hi, b_smem, b2_smem, ready, t, zero, False, STAGES, HAS_TAIL)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_lo, ))
         m_lo, l_lo, col_lo = _fold_tile(s, m_lo, l_lo, col_lo, lse2, t, Sk, qk_scale, a0_lo, b_row0 + fold_s,
-                                        causal_offset, keep, drops, COLUMNS, USE_MAX, CAUSAL, HAS_KEY_MASK,
+                                        causal_offset, window, keep, drops, COLUMNS, USE_MAX, CAUSAL, WINDOWED,
+                                        HAS_KEY_MASK,
                                         BLOCK_B, layout, True, LAZY)
         # The buffers the last wgmma reads stay allocated until it is done: after their last issue
         # the allocator would otherwise hand them to the fold's scratch (the key mask's conversion through
@@ -500,7 +523,8 @@ def _stream_kernel(
             _load_rows(b_desc, b2_desc, b, fill_h, fill_s, ready.index(t % STAGES), b_smem.index(t % STAGES),
                        b2_smem.index(t % STAGES), t + STAGES < n_fills, HAS_TAIL)
         m_hi, l_hi, col_hi = _fold_tile(s, m_hi, l_hi, col_hi, lse2, t, Sk, qk_scale, a0_hi, b_row0 + fold_s,
-                                        causal_offset, keep, drops, COLUMNS, USE_MAX, CAUSAL, HAS_KEY_MASK,
+                                        causal_offset, window, keep, drops, COLUMNS, USE_MAX, CAUSAL, WINDOWED,
+                                        HAS_KEY_MASK,
                                         BLOCK_B, layout, True, LAZY)
     else:
         warpgroup_mma_wait(num_outstanding=0, deps=(acc_lo, ))
@@ -601,7 +625,9 @@ def supports(query: torch.Tensor, key: torch.Tensor, p: Problem, mode: str = "ls
     """Whether this path can run the problem (with or without a key padding mask) in ``mode``:
     ``"lse"`` (`row_lse`), ``"columns"`` (`col_reduce`) or ``"fused"`` (`fused_columns`, no causal
     mask). A causal mask needs Sq <= Sk, so that every row sees key 0."""
-    if p.softcap or p.window:  # soft-capped scores, sliding windows: not in these kernels
+    if p.softcap:  # soft-capped scores: not in these kernels
+        return False
+    if p.window and p.head_dim > 192:  # the window's masks spill at 256-column rows (84 bytes, Triton 3.6)
         return False
     if p.causal and (mode == "fused" or p.causal_offset < 0
                      or (mode == "columns" and p.head_dim in CAUSAL_COLUMNS_SLOWER)):
@@ -654,8 +680,9 @@ def row_lse(query, key, p: Problem, key_keep=None, config=None) -> torch.Tensor:
         _stream_kernel, grid,
         *_rows_views(query, BLOCK_ROWS), *_rows_views(key, block_b), lse, lse, keep,
         *lse.stride(), 0, 0, 0, stride_keep_b, stride_keep_n,
-        p.heads, p.group, 1, p.k_len, p.row_start, p.row_end, n_a_blocks, p.causal_offset, p.scale * LOG2E, 1.0,
-        COLUMNS=False, FUSED=False, USE_MAX=False, CAUSAL=p.causal, HAS_KEY_MASK=key_keep is not None,
+        p.heads, p.group, 1, p.k_len, p.row_start, p.row_end, n_a_blocks, p.causal_offset, p.window, p.scale * LOG2E,
+        1.0, COLUMNS=False, FUSED=False, USE_MAX=False, CAUSAL=p.causal, WINDOWED=p.window > 0,
+        HAS_KEY_MASK=key_keep is not None,
         STAGES=stages, A_IN_REGS=a_in_regs, num_warps=4,
     )
     return lse
@@ -675,9 +702,10 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
         _stream_kernel, grid,
         *_rows_views(key, BLOCK_ROWS), *_rows_views(query, block_b), lse2, out, out,
         *lse2.stride(), *out.stride(), 0, 0,
-        p.heads, p.group, heads_per_chunk, p.k_len, p.row_start, p.row_end, n_a_blocks, p.causal_offset,
+        p.heads, p.group, heads_per_chunk, p.k_len, p.row_start, p.row_end, n_a_blocks, p.causal_offset, p.window,
         p.scale * LOG2E, 1.0 / divisor,
-        COLUMNS=True, FUSED=False, USE_MAX=use_max, CAUSAL=p.causal, HAS_KEY_MASK=False, STAGES=stages,
+        COLUMNS=True, FUSED=False, USE_MAX=use_max, CAUSAL=p.causal, WINDOWED=p.window > 0, HAS_KEY_MASK=False,
+        STAGES=stages,
         A_IN_REGS=a_in_regs, num_warps=4,
     )
     return out
@@ -710,8 +738,8 @@ def fused_columns(query, key, p: Problem, use_max: bool, divisor: float = 1.0, k
         _stream_kernel, grid,
         *_rows_views(query, BLOCK_ROWS), *_rows_views(key, block_b), parts, parts, keep,
         0, 0, 0, p.k_len, 0, 1, stride_keep_b, stride_keep_n,
-        p.heads, p.group, 1, p.k_len, p.row_start, p.row_end, n_a_blocks, 0, p.scale * LOG2E, 1.0 / divisor,
-        COLUMNS=False, FUSED=True, USE_MAX=use_max, CAUSAL=False, HAS_KEY_MASK=key_keep is not None, STAGES=stages,
+        p.heads, p.group, 1, p.k_len, p.row_start, p.row_end, n_a_blocks, 0, 0, p.scale * LOG2E, 1.0 / divisor,
+        COLUMNS=False, FUSED=True, USE_MAX=use_max, CAUSAL=False, WINDOWED=False, HAS_KEY_MASK=key_keep is not None, STAGES=stages,
         A_IN_REGS=False, num_warps=4, **({} if maxnreg is None else dict(maxnreg=maxnreg)),
     )
     return parts

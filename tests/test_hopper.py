@@ -46,8 +46,8 @@ SHAPES = [
 ]
 
 
-def _col_reference(q, k, lse, scale, rows, heads_per_chunk, use_max, causal=False):
-    w = torch.exp(scores_reference(q, k, scale, rows, causal) - lse.cpu().double()[..., None])
+def _col_reference(q, k, lse, scale, rows, heads_per_chunk, use_max, causal=False, window=None):
+    w = torch.exp(scores_reference(q, k, scale, rows, causal, window=window) - lse.cpu().double()[..., None])
     b, h, _, sk = w.shape
     w = w.reshape(b, h // heads_per_chunk, heads_per_chunk * w.shape[2], sk)
     return w.amax(dim=2) if use_max else w.sum(dim=2)
@@ -143,6 +143,61 @@ def test_public_api_takes_the_fast_path_when_causal(monkeypatch, hopper_calls, d
         with monkeypatch.context() as env:
             env.setenv("FLASH_COLSUM_FAST_PATHS", "0")
             assert rel_l2(out, flash_colsum(q, k, is_causal=True, backend="triton")) <= 1e-5
+
+
+# Sliding windows (B, H, Hk, Sq, Sk, window): a window inside one key tile and across several, of one
+# key (each row's first tiles hold none of its keys), longer than the keys (plain causal), a chunk
+# over a longer cache.
+WINDOW_CASES = [(1, 2, 1, 600, 1000, 100), (2, 4, 2, 300, 429, 128), (1, 1, 1, 1000, 1000, 1),
+                (1, 2, 2, 640, 2048, 300), (1, 2, 1, 130, 130, 700)]
+WINDOW_DIMS = [(64, torch.float16), (72, torch.float16), (128, torch.bfloat16), (192, torch.float16)]
+
+
+@hopper_gpu
+@pytest.mark.parametrize("d,dtype", WINDOW_DIMS, ids=[f"d{d}-{str(t)[6:]}" for d, t in WINDOW_DIMS])
+@pytest.mark.parametrize("b,h,hk,sq,sk,window", WINDOW_CASES)
+@pytest.mark.parametrize("rows", ["all", "window"])
+def test_sliding_window_passes_match_reference(b, h, hk, sq, sk, window, d, dtype, rows):
+    """Pass 1 starts each row block's keys at its first row's window and pass 2 ends each key block's
+    rows where the window leaves it; the window's lower edge is masked as the diagonal is. Against
+    float64 and the portable kernels; with a key padding mask in pass 1 too."""
+    q, k = make_qk(b, h, hk, sq, sk, d, dtype, "cuda")
+    p = make_problem(q, k, None, True, "triton", window=window)
+    if rows == "window":
+        p = p.with_rows(5, sq - 7)
+    assert hopper.supports(q, k, p)
+    selected = range(p.row_start, p.row_end)
+    lse = hopper.row_lse(q, k, p)
+    assert rel_l2(lse, lse_reference(q, k, p.scale, selected, True, window=window)) <= 1e-6, "pass 1"
+    keep = torch.rand(b, sk, device="cuda") < 0.9  # with window 1, a row whose one key is dropped sees none
+    masked = hopper.row_lse(q, k, p, keep)
+    want = lse_reference(q, k, p.scale, selected, True, keep, window)
+    portable = tb.row_lse(q, k, p, keep, config=tb._row_block_sizes(d, dtype, p.n_rows, False))
+    for other in (want.masked_fill(torch.isneginf(want), float("inf")), portable):  # +inf: a row that sees no key
+        seen = torch.isfinite(other).to(masked.device)
+        assert torch.equal(torch.isfinite(masked), seen), "pass 1, key mask: rows that see no key"
+        assert rel_l2(masked[seen], other.to(masked.device)[seen]) <= 1e-6, "pass 1, key mask"
+    if not hopper.supports(q, k, p, "columns"):
+        return
+    for heads_per_chunk in sorted({1, p.group}):
+        for use_max in (False, True):
+            out = hopper.col_reduce(q, k, lse, p, heads_per_chunk, use_max)
+            ref = _col_reference(q, k, lse, p.scale, selected, heads_per_chunk, use_max, True, window)
+            assert rel_l2(out, ref) <= 1e-5, f"pass 2, {heads_per_chunk} heads per chunk, max={use_max}"
+            portable = tb.col_reduce(q, k, lse, p, heads_per_chunk, use_max, config=tb._block_sizes(d, dtype))
+            assert rel_l2(out, portable) <= 1e-5, "pass 2 against the portable kernel"
+
+
+@hopper_gpu
+def test_public_api_takes_the_fast_path_with_a_window(monkeypatch, hopper_calls):
+    """column_stats(window=...) runs both Hopper passes (thresholds lowered) and matches float64."""
+    monkeypatch.setattr(tb, "FAST_PATH_MIN_SCORES", 0)
+    monkeypatch.setattr(tb, "_use_fused", lambda *args, **kwargs: False)
+    q, k = make_qk(1, 32, 8, 768, 1024, 64, torch.float16, "cuda")  # pass 1 wants a row block per SM
+    out = column_stats(q, k, is_causal=True, window=200, backend="triton")
+    assert hopper_calls == ["row_lse", "col_reduce"]
+    want = reference_column_stats(q.cpu(), k.cpu(), is_causal=True, window=200)
+    assert rel_l2(out, want) <= TOLERANCE[torch.float16]
 
 
 def _key_keep(kind, b, sk):
@@ -336,6 +391,9 @@ def test_falls_back_outside_its_scope():
                            (False, q, unaligned)]:
         p = make_problem(qq, kk, None, causal, "triton")
         assert not hopper.supports(qq, kk, p)
+    q256, k256 = make_qk(1, 2, 2, 600, 700, 256, torch.float16, "cuda")  # a window above D=192: spills
+    assert not hopper.supports(q256, k256, make_problem(q256, k256, None, True, "triton", window=64))
+    assert not hopper.supports(q, k, make_problem(q, k, None, False, "triton", softcap=30.0))
 
 
 @hopper_gpu
@@ -417,7 +475,9 @@ def _inspect_ptx(*args: str) -> str:
                                     (64, "fused key-mask"), (72, "fused key-mask"),
                                     (136, "lse"), (192, "lse"), (192, "columns"), (192, "columns causal"),
                                     (256, "lse"), (256, "columns"), (256, "lse causal"), (256, "fused"),
-                                    (192, "fused key-mask"), (256, "lse causal key-mask")])
+                                    (192, "fused key-mask"), (256, "lse causal key-mask"),
+                                    (64, "lse window"), (64, "columns window"), (72, "columns window"),
+                                    (128, "lse window key-mask"), (128, "columns window"), (192, "lse window")])
 def test_kernels_compile_for_sm90_with_async_wgmma(d, mode):
     """Both passes, and both in one launch, build for sm_90 (no GPU needed) with no register spills,
     and ptxas keeps the wgmmas asynchronous (warning C7514 says it serialized them: with Triton
