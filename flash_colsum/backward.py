@@ -127,7 +127,8 @@ def _rows_kernel(
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     stride_keep_b, stride_keep_n, Sq,
     H, GROUP, G_HEADS, n_rows, row_start, Sk, causal_offset, window, qk_scale, scale,
-    D: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_LSE_GRAD: tl.constexpr, COMPUTE_LSE: tl.constexpr,
+    D: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    HAS_LSE_GRAD: tl.constexpr, COMPUTE_LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, GRAD_16BIT: tl.constexpr, GRAD_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, ROWS_OF_8: tl.constexpr,
     RAW_SOFTCAP: tl.constexpr,
@@ -179,9 +180,9 @@ def _rows_kernel(
     g_max = 0.0  # max |G_j| over the swept keys
     w_max = tl.zeros([BLOCK_M], tl.float32)  # max_j w_ij (given LSE; else 1 / total)
     for n0 in range(n_lo, n_hi, BLOCK_N):
-        _, _, t, g, _ = _key_tile(q, q_tail, K, k_head, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, offs_m, n0, Sk,
-                               causal_offset, window, qk_scale, D, CAUSAL, WINDOWED, HAS_KEY_MASK, DOT_PRECISION,
-                               UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2, ROWS_OF_8, RAW_SOFTCAP)
+        _, _, t, g, _ = _key_tile(q, q_tail, K, k_head, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, offs_m,
+                                  n0, Sk, causal_offset, window, qk_scale, D, CAUSAL, WINDOWED, HAS_KEY_MASK,
+                                  DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2, ROWS_OF_8, RAW_SOFTCAP)
         if COMPUTE_LSE:
             m_new = tl.maximum(m, tl.max(t, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet: no -inf - -inf
@@ -221,9 +222,10 @@ def _rows_kernel(
     if BLOCK_D2 > 0:
         dq_tail = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
     for n0 in range(n_lo, n_hi, BLOCK_N):
-        k, k_tail, t, g, slope = _key_tile(q, q_tail, K, k_head, stride_kn, stride_kd, keep_base, stride_keep_n, g_base, offs_m, n0,
-                                    Sk, causal_offset, window, qk_scale, D, CAUSAL, WINDOWED, HAS_KEY_MASK, DOT_PRECISION,
-                                    UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2, ROWS_OF_8, RAW_SOFTCAP)
+        k, k_tail, t, g, slope = _key_tile(q, q_tail, K, k_head, stride_kn, stride_kd, keep_base, stride_keep_n, g_base,
+                                           offs_m, n0, Sk, causal_offset, window, qk_scale, D, CAUSAL, WINDOWED,
+                                           HAS_KEY_MASK, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2, ROWS_OF_8,
+                                           RAW_SOFTCAP)
         w = tl.exp2(t - lse2[:, None])
         ds = w * (row_w[:, None] * g[None, :] - c[:, None])  # dL/ds / scale
         if RAW_SOFTCAP > 0:  # through the cap (its slope <= 1: the 16-bit bound holds)

@@ -739,7 +739,8 @@ def fused_columns(query, key, p: Problem, use_max: bool, divisor: float = 1.0, k
         *_rows_views(query, BLOCK_ROWS), *_rows_views(key, block_b), parts, parts, keep,
         0, 0, 0, p.k_len, 0, 1, stride_keep_b, stride_keep_n,
         p.heads, p.group, 1, p.k_len, p.row_start, p.row_end, n_a_blocks, 0, 0, p.scale * LOG2E, 1.0 / divisor,
-        COLUMNS=False, FUSED=True, USE_MAX=use_max, CAUSAL=False, WINDOWED=False, HAS_KEY_MASK=key_keep is not None, STAGES=stages,
+        COLUMNS=False, FUSED=True, USE_MAX=use_max, CAUSAL=False, WINDOWED=False, HAS_KEY_MASK=key_keep is not None,
+        STAGES=stages,
         A_IN_REGS=False, num_warps=4, **({} if maxnreg is None else dict(maxnreg=maxnreg)),
     )
     return parts

@@ -128,7 +128,8 @@ def _in_window(row, key, causal_offset, window, WINDOWED: tl.constexpr):
 
 @triton.jit
 def _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, stride_keep_n,
-                offs_m, n0, n_hi, Sk, causal_offset, window, WINDOWED: tl.constexpr, D: tl.constexpr, qk_scale, scores_ptrs, mask_m,
+                offs_m, n0, n_hi, Sk, causal_offset, window, WINDOWED: tl.constexpr, D: tl.constexpr, qk_scale,
+                scores_ptrs, mask_m,
                 MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, STORE_SCORES: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, RAW_SOFTCAP: tl.constexpr):
@@ -160,7 +161,8 @@ def _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, str
 
 
 @triton.jit
-def _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, n0, Sk, causal_offset, window, WINDOWED: tl.constexpr,
+def _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, n0, Sk, causal_offset, window,
+               WINDOWED: tl.constexpr,
                D: tl.constexpr, qk_scale, out_scale, MASK: tl.constexpr, USE_MAX: tl.constexpr,
                DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, RAW_SOFTCAP: tl.constexpr):
@@ -197,7 +199,8 @@ def _combined_lse2(lse_ptrs, stride_lp, n_parts, mask_m, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _rows_lse(q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, stride_keep_n, offs_m, n_lo, n_mid, n_full, n_hi,
-              Sk, causal_offset, window, WINDOWED: tl.constexpr, D: tl.constexpr, qk_scale, scores_ptrs, mask_m, CAUSAL: tl.constexpr,
+              Sk, causal_offset, window, WINDOWED: tl.constexpr, D: tl.constexpr, qk_scale, scores_ptrs, mask_m,
+              CAUSAL: tl.constexpr,
               HAS_KEY_MASK: tl.constexpr, STORE_SCORES: tl.constexpr, DOT_PRECISION: tl.constexpr,
               UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, RAW_SOFTCAP: tl.constexpr):
@@ -213,19 +216,19 @@ def _rows_lse(q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, stride_keep_n, 
     if WINDOWED:  # the window's lower edge: masked
         for n0 in range(n_lo, n_mid, BLOCK_N):
             m_i, l_i = _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, stride_keep_n,
-                                   offs_m, n0, n_hi, Sk, causal_offset, window, WINDOWED, D, qk_scale, scores_ptrs, mask_m,
-                                   True, CAUSAL, HAS_KEY_MASK, STORE_SCORES, DOT_PRECISION, UPCAST_DOT, BLOCK_N,
+                                   offs_m, n0, n_hi, Sk, causal_offset, window, WINDOWED, D, qk_scale, scores_ptrs,
+                                   mask_m, True, CAUSAL, HAS_KEY_MASK, STORE_SCORES, DOT_PRECISION, UPCAST_DOT, BLOCK_N,
                                    BLOCK_D, BLOCK_D2, RAW_SOFTCAP)
     for n0 in range(n_mid, n_full, BLOCK_N):
         m_i, l_i = _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, stride_keep_n,
-                               offs_m, n0, n_hi, Sk, causal_offset, window, WINDOWED, D, qk_scale, scores_ptrs, mask_m, False,
-                               CAUSAL, HAS_KEY_MASK, STORE_SCORES, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D,
-                               BLOCK_D2, RAW_SOFTCAP)
+                               offs_m, n0, n_hi, Sk, causal_offset, window, WINDOWED, D, qk_scale, scores_ptrs,
+                               mask_m, False, CAUSAL, HAS_KEY_MASK, STORE_SCORES, DOT_PRECISION, UPCAST_DOT, BLOCK_N,
+                               BLOCK_D, BLOCK_D2, RAW_SOFTCAP)
     for n0 in range(n_full, n_hi, BLOCK_N):
         m_i, l_i = _lse_update(m_i, l_i, q, q_tail, k_base, stride_kn, stride_kd, KEEP_ROW, stride_keep_n,
-                               offs_m, n0, n_hi, Sk, causal_offset, window, WINDOWED, D, qk_scale, scores_ptrs, mask_m, True,
-                               CAUSAL, HAS_KEY_MASK, STORE_SCORES, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D,
-                               BLOCK_D2, RAW_SOFTCAP)
+                               offs_m, n0, n_hi, Sk, causal_offset, window, WINDOWED, D, qk_scale, scores_ptrs,
+                               mask_m, True, CAUSAL, HAS_KEY_MASK, STORE_SCORES, DOT_PRECISION, UPCAST_DOT, BLOCK_N,
+                               BLOCK_D, BLOCK_D2, RAW_SOFTCAP)
     return m_i, l_i
 
 
@@ -351,8 +354,8 @@ def _row_block_kernel(
 
     if FUSED:
         m_i, l_i = _rows_lse(q, q_tail, k_base, stride_kn, stride_kd, KEY_KEEP, stride_keep_n, offs_m,
-                             n_lo, n_mid, n_full, n_hi, Sk, causal_offset, window, WINDOWED, D, qk_scale, scores_ptrs, mask_m,
-                             CAUSAL,
+                             n_lo, n_mid, n_full, n_hi, Sk, causal_offset, window, WINDOWED, D, qk_scale, scores_ptrs,
+                             mask_m, CAUSAL,
                              HAS_KEY_MASK, False, DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_D2,
                              RAW_SOFTCAP)
         # The rows' final LSE, base 2; +inf (weight 0) for rows past the selection or seeing no key.
@@ -363,8 +366,8 @@ def _row_block_kernel(
         lse2 = tl.load(lse_ptrs, mask=mask_m, other=float("inf")) * _LOG2E  # [BM], base 2
     else:
         m_i, l_i = _rows_lse(q, q_tail, k_base, stride_kn, stride_kd, KEY_KEEP, stride_keep_n, offs_m,
-                             n_lo, n_mid, n_full, n_hi, Sk, causal_offset, window, WINDOWED, D, qk_scale, scores_ptrs, mask_m,
-                             CAUSAL,
+                             n_lo, n_mid, n_full, n_hi, Sk, causal_offset, window, WINDOWED, D, qk_scale, scores_ptrs,
+                             mask_m, CAUSAL,
                              HAS_KEY_MASK, STORE_SCORES, DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N, BLOCK_D,
                              BLOCK_D2, RAW_SOFTCAP)
         seen = l_i > 0
@@ -386,13 +389,13 @@ def _row_block_kernel(
                            window, WINDOWED, D, qk_scale, out_scale, True, USE_MAX, DOT_PRECISION, UPCAST_DOT, BLOCK_N,
                            BLOCK_D, BLOCK_D2, RAW_SOFTCAP)
         for n0 in range(n_mid, n_full, BLOCK_N):
-            _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, n0, Sk, causal_offset, window, WINDOWED,
-                       D, qk_scale, out_scale, False, USE_MAX, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2,
-                       RAW_SOFTCAP)
+            _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, n0, Sk, causal_offset, window,
+                       WINDOWED, D, qk_scale, out_scale, False, USE_MAX, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D,
+                       BLOCK_D2, RAW_SOFTCAP)
         for n0 in range(n_full, n_hi, BLOCK_N):
-            _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, n0, Sk, causal_offset, window, WINDOWED,
-                       D, qk_scale, out_scale, CAUSAL, USE_MAX, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D, BLOCK_D2,
-                       RAW_SOFTCAP)
+            _col_block(q, q_tail, k_base, stride_kn, stride_kd, lse2, out_ptrs, offs_m, n0, Sk, causal_offset, window,
+                       WINDOWED, D, qk_scale, out_scale, CAUSAL, USE_MAX, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_D,
+                       BLOCK_D2, RAW_SOFTCAP)
         # Keys no row of the block sees: weight 0 (the output is not pre-zeroed).
         if WINDOWED:
             _fill_columns(out_ptrs, n_unseen, n_lo, BLOCK_N)
@@ -798,7 +801,8 @@ def _row_blocks_plan(p: Problem, rows: range, cfg: tuple, q_strides: tuple, k_st
             key_start]
     floats = [p.scale * LOG2E, out_scale]
     meta = dict(D=p.head_dim, COLUMNS=out_strides is not None, FUSED=fused, LSE_PARTS=lse_parts, USE_MAX=use_max,
-                CAUSAL=p.causal, WINDOWED=p.window > 0, HAS_KEY_MASK=has_key_mask, STORE_SCORES=scores_strides is not None, STRIDE_UNIT=unit,
+                CAUSAL=p.causal, WINDOWED=p.window > 0, HAS_KEY_MASK=has_key_mask,
+                STORE_SCORES=scores_strides is not None, STRIDE_UNIT=unit,
                 RAW_SOFTCAP=p.raw_softcap, **_dot_flags(q_dtype), **cfg)
     n_keys = max(p.k_len - key_start, 1)
     if fused:  # each program needs all the keys of its rows
@@ -1110,7 +1114,8 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
             *qk_strides, *lse.stride(), *out.stride(),
             p.heads, p.group, heads_per_chunk, p.causal_offset, p.window, p.k_len, p.head_dim, p.row_start, p.row_end,
             n_key_blocks, p.scale * LOG2E, 1.0 / divisor,
-            CAUSAL=p.causal, WINDOWED=p.window > 0, USE_MAX=use_max, STRIDE_UNIT=unit, RAW_SOFTCAP=p.raw_softcap, **_dot_flags(query.dtype),
+            CAUSAL=p.causal, WINDOWED=p.window > 0, USE_MAX=use_max, STRIDE_UNIT=unit, RAW_SOFTCAP=p.raw_softcap,
+            **_dot_flags(query.dtype),
             **cfg,
         )
     return out
