@@ -361,7 +361,7 @@ def column_stats(
         window: a sliding window (Mistral, Gemma 2/3, gpt-oss): with ``is_causal``, query i sees only
             the ``window`` keys up to its diagonal, i + (Sk - Sq) - window < j <= i + (Sk - Sq), as
             transformers' sliding_window masks. A positive int, or None (off). Both back ends (the
-            portable kernels, not the Hopper path), gradients included.
+            Hopper path up to D=192), gradients included; key blocks outside every window are skipped.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see `flash_colsum`).
 
     Returns:
