@@ -6,7 +6,7 @@ import torch
 
 from flash_colsum import column_stats
 from flash_colsum.reference import reference_column_stats
-from helpers import TOLERANCE, make_qk, rel_l2
+from helpers import TOLERANCE, lse_reference, make_qk, rel_l2
 from conftest import TARGETS
 
 CASES = (dict(), dict(normalize="visible"), dict(reduce="max", heads="none"),
@@ -25,11 +25,7 @@ def _check(q, k, window, backend, dtype=torch.float32, **kwargs):
     want = reference_column_stats(q.cpu(), k.cpu(), is_causal=True, window=window, **on_cpu)
     if with_lse:  # every row's LSE over its window only
         got, lse = got
-        scores = (q.double() @ k.double().repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(-1, -2)).cpu()
-        i, j = torch.arange(sq)[:, None], torch.arange(k.shape[2])[None, :]
-        diagonal = i + k.shape[2] - sq
-        hidden = (j > diagonal) | (j <= diagonal - window)
-        want_lse = torch.logsumexp(scores.mul(q.shape[-1] ** -0.5).masked_fill(hidden, float("-inf")), dim=-1)
+        want_lse = lse_reference(q, k, q.shape[-1] ** -0.5, causal=True, window=window)
         assert rel_l2(lse.cpu(), want_lse[:, :, :lse.shape[2]]) <= TOLERANCE[dtype]
     assert rel_l2(got, want) <= TOLERANCE[dtype], (window, kwargs)
     return got
