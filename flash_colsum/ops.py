@@ -135,18 +135,18 @@ def reduce_columns_backward_op(
     full_lse: bool,
     backend: str,
     divisor: float,
-    window: int = 0,
     softcap: float = 0.0,
+    window: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dq, dk) of `reduce_columns_op`'s sums for its gradients ``grad`` (B, H // heads_per_chunk, Sk)
     and, with ``full_lse``, ``grad_lse`` (B, H, Sq). A given ``lse`` is taken as the exact LSE of
     query and key: the gradient is the softmax statistic's, and ``lse`` itself gets none."""
     return _reduce_grads(grad, grad_lse, query, key, lse, key_keep, row_keep, scale, causal, row_start, row_end,
-                         heads_per_chunk, full_lse, backend, divisor, window, softcap)
+                         heads_per_chunk, full_lse, backend, divisor, softcap, window)
 
 
 def _reduce_grads(grad, grad_lse, query, key, lse, key_keep, row_keep, scale, causal, row_start, row_end, heads_per_chunk,
-                  full_lse, backend, divisor, window=0, softcap=0.0):
+                  full_lse, backend, divisor, softcap=0.0, window=0):
     """`reduce_columns_backward_op`'s computation."""
     p = problem_from_shapes(query, key, scale, causal, row_start, row_end, backend, softcap, window)
     rows = range(0, p.q_len) if full_lse else range(p.row_start, p.row_end)
@@ -190,7 +190,7 @@ def _backward(ctx, grad, grad_lse, grads_of=reduce_columns_backward_op):
     if use_max:
         raise NotImplementedError("column_stats: reduce='max' has no gradient; reduce='sum' and 'mean' have one")
     dq, dk = grads_of(grad, grad_lse, query, key, lse, key_keep, row_keep, scale, causal, row_start, row_end,
-                      heads_per_chunk, full_lse, backend, divisor, window, softcap)
+                      heads_per_chunk, full_lse, backend, divisor, softcap, window)
     return dq, dk, *[None] * 14  # nothing for lse, the masks and the arguments
 
 
