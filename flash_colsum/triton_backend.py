@@ -109,10 +109,19 @@ def _key_block_scores(q, q_tail, k_base, stride_kn, stride_kd, offs_n, Sk,
 @triton.jit
 def _soft_cap(s, RAW_SOFTCAP: tl.constexpr):
     """R * tanh(s / R) for raw scores s (R = softcap / scale: Gemma 2's logit soft-capping before the
-    scale, so the exp2 after needs no change), through one exp2: tanh|y| = (1 - t) / (1 + t) with
-    t = exp2(-2 log2(e) |y|) in (0, 1], which cannot overflow; NaN stays NaN."""
+    scale, so the exp2 after needs no change), through one exp2: tanh|y| = 2 / (1 + t) - 1 with
+    t = exp2(-2 log2(e) |y|) in (0, 1], which cannot overflow; NaN stays NaN.
+
+    The reciprocal of 1 + t (in [1, 2]) is Newton's method on the FMA units, not a division: a
+    division's reciprocal runs on the MUFU, next to the two exp2, and made a capped score cost three
+    MUFU operations per pass instead of two. The linear first guess 24/17 - 8/17 d is at most 1/17
+    off on [1, 2]; each step squares the error: 3.5e-3, 1.2e-5, then below float32's rounding."""
     t = tl.exp2(tl.abs(s) * (-2.0 * _LOG2E / RAW_SOFTCAP))
-    capped = RAW_SOFTCAP * (1.0 - t) / (1.0 + t)
+    d = 1.0 + t
+    r = 24.0 / 17.0 - (8.0 / 17.0) * d
+    for _ in tl.static_range(3):
+        r = r + r * (1.0 - d * r)
+    capped = (2.0 * RAW_SOFTCAP) * r - RAW_SOFTCAP
     return tl.where(s < 0, -capped, capped)
 
 
@@ -649,9 +658,23 @@ def _key_splits(n_keys: int, n_programs: int, block_n: int, device: torch.device
 
 def _min_keys_per_split(k_len: int, n_programs: int, device: torch.device) -> int:
     """The fewest keys a split of the row-stationary kernel gets on a GPU (`_key_splits`)."""
-    if k_len > MIN_KEYS_PER_SPLIT and n_programs <= _sm_count(device) // 2:
+    if n_programs <= _sm_count(device) // 2 and _may_split(k_len):
         return FEW_PROGRAMS_KEYS_PER_SPLIT
     return MIN_KEYS_PER_SPLIT
+
+
+# While a CUDA graph is being captured the split's second launch costs its replays no host time,
+# only GPU time (the partial LSEs' combine), so ranges from this many keys on may split too: a
+# decoding step over a 4096-key window (H=32, Hk=8, D=128) replayed in 57 us unsplit on 8
+# programs, against 25 us for 16384 causal keys split (NOTES.md v29).
+CAPTURED_MIN_KEYS_PER_SPLIT = 2 * FEW_PROGRAMS_KEYS_PER_SPLIT
+
+
+def _may_split(k_len: int) -> bool:
+    """Whether a GPU key range this long may split (`_min_keys_per_split`): past MIN_KEYS_PER_SPLIT,
+    or past CAPTURED_MIN_KEYS_PER_SPLIT while the current stream captures a CUDA graph."""
+    return k_len > MIN_KEYS_PER_SPLIT or (k_len > CAPTURED_MIN_KEYS_PER_SPLIT
+                                          and torch.cuda.is_current_stream_capturing())
 
 
 def _whole_waves(n_programs: int, slots: int, max_splits: int) -> int:
@@ -1053,7 +1076,7 @@ def _row_blocks_for(p: Problem, query, n_rows: int, columns: bool, heads_per_chu
         return cfg
     if not query.is_cuda:  # the interpreter's blocks
         return _pack_heads(tuple(cfg.items()), n_rows, p.group, heads_per_chunk, cfg["BLOCK_M"], query.element_size())
-    if p.k_len <= MIN_KEYS_PER_SPLIT:  # unsplit: a packed grid would walk the keys in fewer programs
+    if not _may_split(p.k_len):  # unsplit: a packed grid would walk the keys in fewer programs
         return cfg
     if query.dtype == torch.float32:  # its exact dot runs on the FMA units: 128 packed rows ran 6x slower
         return cfg

@@ -5,7 +5,8 @@ import torch
 
 from flash_colsum import column_stats, flash_colsum
 from flash_colsum.ops import reduce_columns_op
-from helpers import make_qk
+from flash_colsum.reference import reference_column_stats
+from helpers import TOLERANCE, make_qk, record_row_block_launches, rel_l2
 from conftest import TARGETS, HAS_CUDA
 
 
@@ -60,3 +61,24 @@ def test_cuda_graph_capture():
     torch.cuda.synchronize()
     torch.testing.assert_close(captured, run(), rtol=0, atol=0)
     assert not torch.equal(captured, expected)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_captured_decoding_step_splits(monkeypatch):
+    """A decoding step over 3000 keys runs in one launch eagerly but splits its keys inside a CUDA
+    graph (kernels first compiled during the capture); the replay matches float64."""
+    q, k = make_qk(1, 8, 2, 3000, 3000, 128, torch.float16, "cuda")
+    run = lambda: column_stats(q, k, is_causal=True, rows=slice(-1, None), window=2900)  # noqa: E731
+    launches = record_row_block_launches(monkeypatch)
+    run()
+    assert [fused for _, fused in launches] == [True]
+    launches.clear()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    assert [fused for _, fused in launches] == [False, False]  # pass 1 split, then pass 2
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.cuda.synchronize()
+    want = reference_column_stats(q.cpu(), k.cpu(), is_causal=True, rows=slice(-1, None), window=2900)
+    assert rel_l2(captured.cpu(), want) <= TOLERANCE[torch.float16]

@@ -304,6 +304,7 @@ def test_few_programs_split_shorter_key_ranges(monkeypatch):
     from flash_colsum.utils import Problem
 
     monkeypatch.setattr(tb, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     gpu = torch.device("cuda")  # a device object only: nothing runs; 528 default slots
     window = Problem(batch=1, heads=32, kv_heads=8, q_len=32, k_len=16384, head_dim=128, scale=128**-0.5,
                      causal=True, row_start=0, row_end=32, backend="triton")
@@ -317,6 +318,32 @@ def test_few_programs_split_shorter_key_ranges(monkeypatch):
     long = dataclasses.replace(window, k_len=65536)
     assert tb._key_splits(long.k_len, 32, 128, gpu) == 4480  # 15 splits
     assert tb._key_splits(long.k_len, 200, 128, gpu) == 13184  # 5 splits (two waves, 95% full), >= 4096 keys each
+
+
+def test_captured_graphs_split_shorter_key_ranges(monkeypatch):
+    """While a CUDA graph is captured, a grid of few programs splits key ranges of 1025-4096 keys
+    too (its replays pay no host time for the second launch); wider grids and shorter ranges keep
+    one launch, and outside a capture nothing changes."""
+    pytest.importorskip("triton")
+    import dataclasses
+
+    import flash_colsum.triton_backend as tb
+    from flash_colsum.utils import Problem
+
+    monkeypatch.setattr(tb, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    gpu = torch.device("cuda")  # a device object only: nothing runs
+    decode = Problem(batch=1, heads=32, kv_heads=8, q_len=4096, k_len=4096, head_dim=128, scale=128**-0.5,
+                     causal=True, row_start=4095, row_end=4096, backend="triton")
+    assert tb._key_splits(4096, 32, 128, gpu) == 4096 and tb._use_fused(decode, 32, 128, gpu)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert tb._key_splits(4096, 32, 128, gpu) == 512  # 8 splits: the most at 512 keys each
+    assert not tb._use_fused(decode, 32, 128, gpu)
+    assert tb._key_splits(2048, 66, 128, gpu) == 512
+    assert tb._key_splits(4096, 67, 128, gpu) == 4096  # more programs than half the SMs
+    assert tb._key_splits(1024, 32, 128, gpu) == 1024  # too short to split
+    short = dataclasses.replace(decode, q_len=1024, k_len=1024, row_start=1023, row_end=1024)
+    assert tb._use_fused(short, 32, 128, gpu)
 
 
 def test_integer_classes():

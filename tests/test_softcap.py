@@ -3,9 +3,12 @@ on every back end and kernel path, against the float64 reference."""
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from flash_colsum import column_stats
 from flash_colsum.reference import attention_weights, reference_column_stats
+from flash_colsum.triton_backend import _soft_cap
 from helpers import TOLERANCE, make_qk, rel_l2
 from conftest import TARGETS
 
@@ -131,3 +134,24 @@ def test_hopper_path_declines_softcap(monkeypatch):
     q, k = make_qk(1, 2, 2, 256, 256, 64, torch.float16)
     assert hopper.supports(q, k, make_problem(q, k, None, False, "torch"))
     assert not hopper.supports(q, k, make_problem(q, k, None, False, "torch", softcap=50.0))
+
+
+@triton.jit
+def _cap_kernel(s_ptr, out_ptr, n, R: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, _soft_cap(tl.load(s_ptr + offs, mask=offs < n), R), mask=offs < n)
+
+
+@pytest.mark.parametrize("device", [t[1] for t in TARGETS if t[0] == "triton"])
+def test_soft_cap_numerics(device):
+    """The kernels' R tanh(s / R) (an exp2 and a Newton reciprocal) against float64 tanh, elementwise:
+    within float32 rounding of R over small, saturating, infinite and NaN scores."""
+    R = 7.0
+    s = torch.cat([torch.randn(3000) * R * 3, torch.randn(1000) * 1e-3, torch.linspace(-40 * R, 40 * R, 4001),
+                   torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 3e38, -3e38])])
+    out = torch.full_like(s, float("nan"), device=device)
+    _cap_kernel[(triton.cdiv(s.numel(), 1024),)](s.to(device), out, s.numel(), R, BLOCK=1024)
+    want = R * torch.tanh(s.double() / R)
+    finite = ~s.isnan()
+    assert out.cpu()[~finite].isnan().all()
+    assert (out.cpu()[finite].double() - want[finite]).abs().max() <= 4e-7 * R
