@@ -54,7 +54,7 @@ def compile_row_blocks(d: int, unit: int, columns: bool):
 
 
 def compile_gluon(d: int, columns: bool, fused: bool = False, causal: bool = False, key_mask: bool = False,
-                  window: bool = False):
+                  window: bool = False, softcap: float = 0.0):
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -73,8 +73,7 @@ def compile_gluon(d: int, columns: bool, fused: bool = False, causal: bool = Fal
     if block_d2:
         tiles.update(a2_desc=(1, 1, hopper.BLOCK_ROWS, block_d2), b2_desc=(1, 1, block_b, block_d2))
     values = dict(COLUMNS=columns and not fused, FUSED=fused, USE_MAX=False, CAUSAL=causal or window, WINDOWED=window,
-                  HAS_KEY_MASK=key_mask,
-                  STAGES=stages, A_IN_REGS=a_in_regs, num_warps=4)
+                  HAS_KEY_MASK=key_mask, STAGES=stages, A_IN_REGS=a_in_regs, RAW_SOFTCAP=softcap, num_warps=4)
     if not block_d2:  # no tail: its descriptors are None
         values.update(a2_desc=None, b2_desc=None)
     signature = {}
@@ -118,10 +117,12 @@ def main():
     parser.add_argument("--causal", action="store_true", help="with --gluon: the causal mask (CAUSAL)")
     parser.add_argument("--key-mask", action="store_true", help="with --gluon: a key padding mask (HAS_KEY_MASK)")
     parser.add_argument("--window", action="store_true", help="with --gluon: a causal sliding window (WINDOWED)")
+    parser.add_argument("--softcap", type=float, nargs="?", const=400.0, default=0.0,
+                        help="with --gluon: soft-capped raw scores, RAW_SOFTCAP (default 400: Gemma 2's 50 at D=64)")
     args = parser.parse_args()
     if args.gluon:
         print(ptxas_report(compile_gluon(args.d, args.columns, args.fused, args.causal, args.key_mask,
-                                         args.window).asm["ptx"]))
+                                         args.window, args.softcap).asm["ptx"]))
         return
     ptx = compile_row_blocks(args.d, args.unit, args.columns).asm["ptx"]
     print(dict(Counter(re.findall(r"ld\.global[\w.]*|cp\.async\.[\w.]*", ptx))))

@@ -28,12 +28,16 @@ diagonal, pass 2's key block starts at the row tile of its first key's diagonal 
 tiles, per head of the chunk); only the tiles the diagonal crosses pay a mask. The blocks launch
 longest first.
 
+SOFT CAP (RAW_SOFTCAP > 0; the two passes, not FUSED): each tile's raw scores are capped as in the
+portable kernels (triton_backend._soft_cap) before any mask.
+
 KEY PADDING MASK (HAS_KEY_MASK, pass 1 and FUSED's first phase): dropped keys' scores become -inf,
 so a row may see no key (its LSE is then +inf); pass 2 needs no mask, its caller zeroes the columns.
 Scope (`supports`): CUDA capability 9.0, fp16/bf16, D a multiple of 8 (16-byte rows) from 16 to
 256, a causal mask only with Sq <= Sk (and pass 2 not between D=80 and 128, nor above 192), a
 causal sliding window (WINDOWED: pass 1's keys start at the row block's first window, pass 2's rows
-end where the window leaves the key block; its lower edge masked like the diagonal) up to D=192,
+end where the window leaves the key block; its lower edge masked like the diagonal) up to D=192
+(D=128 with a soft cap),
 Q and K with D contiguous and 16-byte strides (read in place through 4-D TMA descriptors:
 contiguous tensors and transposed (B, S, H, D) views alike);
 the caller (triton_backend._fast_path) also wants all selected rows and 2**29 scores or more per
@@ -54,6 +58,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from . import utils
+from .triton_backend import _soft_cap
 from .utils import LOG2E, Problem, cdiv, head_dim_blocks
 
 # TMA's global-to-shared copy: async_load from Triton 3.7 on (the old name raises there), the old name before.
@@ -188,11 +193,14 @@ def _causal_mask(s, a0, b0, causal_offset, window, COLUMNS: gl.constexpr, WINDOW
 def _fold_tile(s, m_i, l_i, col, lse2, t, Sk, qk_scale, a0, b0, causal_offset, window, keep, drops,
                COLUMNS: gl.constexpr, USE_MAX: gl.constexpr, CAUSAL: gl.constexpr, WINDOWED: gl.constexpr,
                HAS_KEY_MASK: gl.constexpr, BLOCK_B: gl.constexpr, layout: gl.constexpr, LAST: gl.constexpr,
-               LAZY: gl.constexpr):
+               LAZY: gl.constexpr, RAW_SOFTCAP: gl.constexpr):
     """Fold tile t's scores into the pass's state: (m_i, l_i) for pass 1, col for pass 2. With CAUSAL,
     a0 is the half's first stationary row and b0 the tile's first streamed row (absolute indices).
     The key padding mask (``keep``, ``drops``: `_key_mask`) applies to pass 1 only: pass 2's caller
-    zeroes the dropped keys' columns."""
+    zeroes the dropped keys' columns. With RAW_SOFTCAP > 0 the raw scores are soft-capped first (before
+    any mask: a capped -inf would be a finite -R)."""
+    if RAW_SOFTCAP > 0:
+        s = _soft_cap(s, RAW_SOFTCAP)
     if CAUSAL:  # keys past Sk are masked too: j <= i + Sk - Sq < Sk for every query row i < Sq
         s = _causal_mask(s, a0, b0, causal_offset, window, COLUMNS, WINDOWED, layout)
     if COLUMNS:
@@ -254,9 +262,12 @@ def _issue_keys(q_op, q2_op, k_smem, k2_smem, ready, t, start, zero, WAIT: gl.co
 
 @gluon.jit
 def _store_columns(s, lse2, out_base, stride_on, n0, Sk, qk_scale, out_scale, USE_MAX: gl.constexpr,
-                   HALF: gl.constexpr, layout: gl.constexpr):
-    """Store the column sums (maxima) of one [keys, rows] tile of raw scores, keys n0 onwards; lse2
-    is the rows' base-2 LSE (+inf past the selection: weight 0). Keys past Sk are dropped."""
+                   HALF: gl.constexpr, layout: gl.constexpr, RAW_SOFTCAP: gl.constexpr):
+    """Store the column sums (maxima) of one [keys, rows] tile of raw scores (soft-capped here if
+    RAW_SOFTCAP > 0), keys n0 onwards; lse2 is the rows' base-2 LSE (+inf past the selection: weight
+    0). Keys past Sk are dropped."""
+    if RAW_SOFTCAP > 0:
+        s = _soft_cap(s, RAW_SOFTCAP)
     # Not _col_tile from zeros: adding the zeros costs an FADD per key and half (0.3% at B=8 S=1024, NOTES.md v16).
     p = gl.exp2(s * qk_scale - lse2[None, :])
     if USE_MAX:
@@ -270,7 +281,8 @@ def _store_columns(s, lse2, out_base, stride_on, n0, Sk, qk_scale, out_scale, US
 @gluon.jit
 def _fused_columns(q_smem, q2_smem, k_smem, k2_smem, ready, lse2, out_base, stride_on, n_tiles, Sk, qk_scale,
                    out_scale, USE_MAX: gl.constexpr, STAGES: gl.constexpr, HAS_TAIL: gl.constexpr,
-                   BLOCK_A: gl.constexpr, BLOCK_B: gl.constexpr, layout: gl.constexpr, k_desc, k2_desc, k_batch, k_head):
+                   BLOCK_A: gl.constexpr, BLOCK_B: gl.constexpr, layout: gl.constexpr, k_desc, k2_desc, k_batch, k_head,
+                   RAW_SOFTCAP: gl.constexpr):
     """FUSED's second phase: the n_tiles key tiles stream through the ring again (tiles n_tiles ...
     2 * n_tiles - 1 of it, the first STAGES already in flight), each as two 64-key halves against the
     stationary rows, [64, D] @ [D, BLOCK_A]; each half's column sums (maxima) go to out_base."""
@@ -285,7 +297,7 @@ def _fused_columns(q_smem, q2_smem, k_smem, k2_smem, ready, lse2, out_base, stri
         acc_hi = _issue_keys(q_op, q2_op, k_smem, k2_smem, ready, n_tiles + t, HALF, zero, False, STAGES, HAS_TAIL,
                              HALF)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_lo, ))
-        _store_columns(s, lse2, out_base, stride_on, t * BLOCK_B, Sk, qk_scale, out_scale, USE_MAX, HALF, layout)
+        _store_columns(s, lse2, out_base, stride_on, t * BLOCK_B, Sk, qk_scale, out_scale, USE_MAX, HALF, layout, RAW_SOFTCAP)
         acc_lo = _issue_keys(q_op, q2_op, k_smem, k2_smem, ready, n_tiles + t + 1, 0, zero, True, STAGES, HAS_TAIL,
                              HALF)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_hi, ))
@@ -293,17 +305,17 @@ def _fused_columns(q_smem, q2_smem, k_smem, k2_smem, ready, lse2, out_base, stri
         _load_rows(k_desc, k2_desc, k_batch, k_head, (t + STAGES) * BLOCK_B, ready.index(slot), k_smem.index(slot),
                    k2_smem.index(slot), t + STAGES < n_tiles, HAS_TAIL)
         _store_columns(s, lse2, out_base, stride_on, t * BLOCK_B + HALF, Sk, qk_scale, out_scale, USE_MAX, HALF,
-                       layout)
+                       layout, RAW_SOFTCAP)
     t = n_tiles - 1
     if t >= 0:  # always; the else branch keeps ptxas from serializing the wgmmas (see _stream_kernel)
         acc_hi = _issue_keys(q_op, q2_op, k_smem, k2_smem, ready, n_tiles + t, HALF, zero, False, STAGES, HAS_TAIL,
                              HALF)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_lo, ))
-        _store_columns(s, lse2, out_base, stride_on, t * BLOCK_B, Sk, qk_scale, out_scale, USE_MAX, HALF, layout)
+        _store_columns(s, lse2, out_base, stride_on, t * BLOCK_B, Sk, qk_scale, out_scale, USE_MAX, HALF, layout, RAW_SOFTCAP)
         # As in _stream_kernel: the buffers stay allocated until the last wgmma is done with them.
         s = warpgroup_mma_wait(num_outstanding=0, deps=(acc_hi, q_smem, q2_smem, k_smem, k2_smem))[0]
         _store_columns(s, lse2, out_base, stride_on, t * BLOCK_B + HALF, Sk, qk_scale, out_scale, USE_MAX, HALF,
-                       layout)
+                       layout, RAW_SOFTCAP)
     else:
         warpgroup_mma_wait(num_outstanding=0, deps=(acc_lo, ))
 
@@ -328,7 +340,8 @@ def _stream_kernel(
     stride_lb, stride_lh, stride_lm, stride_ob, stride_oc, stride_on, stride_keep_b, stride_keep_n,
     H, GROUP, HEADS_PER_PROGRAM, Sk, row_start, row_end, n_a_blocks, causal_offset, window, qk_scale, out_scale,
     COLUMNS: gl.constexpr, FUSED: gl.constexpr, USE_MAX: gl.constexpr, CAUSAL: gl.constexpr, WINDOWED: gl.constexpr,
-    HAS_KEY_MASK: gl.constexpr, STAGES: gl.constexpr, A_IN_REGS: gl.constexpr, num_warps: gl.constexpr,
+    HAS_KEY_MASK: gl.constexpr, STAGES: gl.constexpr, A_IN_REGS: gl.constexpr, RAW_SOFTCAP: gl.constexpr,
+    num_warps: gl.constexpr,
 ):
     # Descriptors over (B, heads, rows, D) with boxes [1, 1, rows, cols]; the tiles are [rows, cols].
     BLOCK_A: gl.constexpr = a_desc.block_type.shape[2]  # 128: two halves of 64, one wgmma each
@@ -482,7 +495,7 @@ def _stream_kernel(
         m_lo, l_lo, col_lo = _fold_tile(s, m_lo, l_lo, col_lo, lse2, t, Sk, qk_scale, a0_lo, b_row0 + fold_s,
                                         causal_offset, window, keep, drops, COLUMNS, USE_MAX, CAUSAL, WINDOWED,
                                         HAS_KEY_MASK,
-                                        BLOCK_B, layout, False, LAZY)
+                                        BLOCK_B, layout, False, LAZY, RAW_SOFTCAP)
         acc_lo = _issue(a_lo, a2_lo, b_smem, b2_smem, ready, t + 1, zero, True, STAGES, HAS_TAIL)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_hi, ))
         # Both halves are done with tile t: its buffer takes tile t + STAGES.
@@ -500,7 +513,7 @@ def _stream_kernel(
             lse2_next = gl.load(lse_ptrs + (t + 1) * BLOCK_B)
         m_hi, l_hi, col_hi = _fold_tile(s, m_hi, l_hi, col_hi, lse2, t, Sk, qk_scale, a0_hi, b0_hi, causal_offset,
                                         window, keep, drops, COLUMNS, USE_MAX, CAUSAL, WINDOWED, HAS_KEY_MASK,
-                                        BLOCK_B, layout, False, LAZY)
+                                        BLOCK_B, layout, False, LAZY, RAW_SOFTCAP)
         lse2 = lse2_next
         if HAS_KEY_MASK:
             keep = keep_next
@@ -514,7 +527,7 @@ def _stream_kernel(
         m_lo, l_lo, col_lo = _fold_tile(s, m_lo, l_lo, col_lo, lse2, t, Sk, qk_scale, a0_lo, b_row0 + fold_s,
                                         causal_offset, window, keep, drops, COLUMNS, USE_MAX, CAUSAL, WINDOWED,
                                         HAS_KEY_MASK,
-                                        BLOCK_B, layout, True, LAZY)
+                                        BLOCK_B, layout, True, LAZY, RAW_SOFTCAP)
         # The buffers the last wgmma reads stay allocated until it is done: after their last issue
         # the allocator would otherwise hand them to the fold's scratch (the key mask's conversion through
         # shared memory), which then overwrote the keys that wgmma was still reading.
@@ -525,7 +538,7 @@ def _stream_kernel(
         m_hi, l_hi, col_hi = _fold_tile(s, m_hi, l_hi, col_hi, lse2, t, Sk, qk_scale, a0_hi, b_row0 + fold_s,
                                         causal_offset, window, keep, drops, COLUMNS, USE_MAX, CAUSAL, WINDOWED,
                                         HAS_KEY_MASK,
-                                        BLOCK_B, layout, True, LAZY)
+                                        BLOCK_B, layout, True, LAZY, RAW_SOFTCAP)
     else:
         warpgroup_mma_wait(num_outstanding=0, deps=(acc_lo, ))
 
@@ -545,7 +558,7 @@ def _stream_kernel(
         lse2 = lse_smem.load(gl.SliceLayout(0, keys_layout))
         _fused_columns(a_smem, a2_smem, b_smem, b2_smem, ready, lse2, OUT + pid.to(gl.int64) * stride_ob, stride_on,
                        n_tiles, Sk, qk_scale, out_scale, USE_MAX, STAGES, HAS_TAIL, BLOCK_A, BLOCK_B, keys_layout,
-                       b_desc, b2_desc, b, b_head0)
+                       b_desc, b2_desc, b, b_head0, RAW_SOFTCAP)
     mbarrier.invalidate(a_bar)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
@@ -625,9 +638,12 @@ def supports(query: torch.Tensor, key: torch.Tensor, p: Problem, mode: str = "ls
     """Whether this path can run the problem (with or without a key padding mask) in ``mode``:
     ``"lse"`` (`row_lse`), ``"columns"`` (`col_reduce`) or ``"fused"`` (`fused_columns`, no causal
     mask). A causal mask needs Sq <= Sk, so that every row sees key 0."""
-    if p.softcap:  # soft-capped scores: not in these kernels
-        return False
     if p.window and p.head_dim > 192:  # the window's masks spill at 256-column rows (84 bytes, Triton 3.6)
+        return False
+    if p.softcap and (mode == "fused" or (p.window and p.head_dim > 128)):
+        # Capped, the fused launch spills under its register cap up to D=96 (68-80 bytes) and lost to
+        # the portable one at D=128 (B=8, S=1024: 0.52 vs 0.30 ms); a capped window's pass 2 spills at
+        # D=192 (180 bytes, Triton 3.9). NOTES.md v30.
         return False
     if p.causal and (mode == "fused" or p.causal_offset < 0
                      or (mode == "columns" and p.head_dim in CAUSAL_COLUMNS_SLOWER)):
@@ -683,7 +699,7 @@ def row_lse(query, key, p: Problem, key_keep=None, config=None) -> torch.Tensor:
         p.heads, p.group, 1, p.k_len, p.row_start, p.row_end, n_a_blocks, p.causal_offset, p.window, p.scale * LOG2E,
         1.0, COLUMNS=False, FUSED=False, USE_MAX=False, CAUSAL=p.causal, WINDOWED=p.window > 0,
         HAS_KEY_MASK=key_keep is not None,
-        STAGES=stages, A_IN_REGS=a_in_regs, num_warps=4,
+        STAGES=stages, A_IN_REGS=a_in_regs, RAW_SOFTCAP=p.raw_softcap, num_warps=4,
     )
     return lse
 
@@ -705,8 +721,7 @@ def col_reduce(query, key, lse, p: Problem, heads_per_chunk: int, use_max: bool,
         p.heads, p.group, heads_per_chunk, p.k_len, p.row_start, p.row_end, n_a_blocks, p.causal_offset, p.window,
         p.scale * LOG2E, 1.0 / divisor,
         COLUMNS=True, FUSED=False, USE_MAX=use_max, CAUSAL=p.causal, WINDOWED=p.window > 0, HAS_KEY_MASK=False,
-        STAGES=stages,
-        A_IN_REGS=a_in_regs, num_warps=4,
+        STAGES=stages, A_IN_REGS=a_in_regs, RAW_SOFTCAP=p.raw_softcap, num_warps=4,
     )
     return out
 
@@ -740,7 +755,6 @@ def fused_columns(query, key, p: Problem, use_max: bool, divisor: float = 1.0, k
         0, 0, 0, p.k_len, 0, 1, stride_keep_b, stride_keep_n,
         p.heads, p.group, 1, p.k_len, p.row_start, p.row_end, n_a_blocks, 0, 0, p.scale * LOG2E, 1.0 / divisor,
         COLUMNS=False, FUSED=True, USE_MAX=use_max, CAUSAL=False, WINDOWED=False, HAS_KEY_MASK=key_keep is not None,
-        STAGES=stages,
-        A_IN_REGS=False, num_warps=4, **({} if maxnreg is None else dict(maxnreg=maxnreg)),
+        STAGES=stages, A_IN_REGS=False, RAW_SOFTCAP=p.raw_softcap, num_warps=4, **({} if maxnreg is None else dict(maxnreg=maxnreg)),
     )
     return parts

@@ -200,6 +200,41 @@ def test_public_api_takes_the_fast_path_with_a_window(monkeypatch, hopper_calls)
     assert rel_l2(out, want) <= TOLERANCE[torch.float16]
 
 
+SOFTCAP_DIMS = [(64, torch.float16), (72, torch.bfloat16), (128, torch.float16), (192, torch.bfloat16),
+                (256, torch.float16)]
+
+
+@hopper_gpu
+@pytest.mark.parametrize("d,dtype", SOFTCAP_DIMS, ids=[f"d{d}-{str(t)[6:]}" for d, t in SOFTCAP_DIMS])
+@pytest.mark.parametrize("kind", ["plain", "causal", "window", "key-mask"])
+def test_soft_capped_scores_on_both_passes(monkeypatch, hopper_calls, d, dtype, kind):
+    """Soft-capped raw scores (Gemma 2) in both Hopper passes (thresholds lowered to reach them),
+    against float64 and the portable kernels; the cap matters at these scores. Capped small calls
+    fuse on the portable kernel (`hopper.supports`)."""
+    monkeypatch.setattr(tb, "FAST_PATH_MIN_SCORES", 0)
+    monkeypatch.setattr(tb, "_use_fused", lambda *args, **kwargs: False)
+    q, k = make_qk(1, 32, 8, 768, 1024, d, dtype, "cuda")  # pass 1 wants a row block per SM
+    q = q * 3  # scores of std ~3 at scale 1/sqrt(D): a cap of 2 saturates
+    causal = kind in ("causal", "window")
+    kwargs = dict(is_causal=causal, window=200 if kind == "window" else None)
+    if kind == "key-mask":
+        kwargs["key_padding_mask"] = torch.rand(1, 1024, device="cuda") < 0.8
+    p = make_problem(q, k, None, causal, "triton", softcap=2.0, window=kwargs["window"])
+    assert not hopper.supports(q, k, p, "fused")
+    if kind == "window" and d > 128:
+        assert not hopper.supports(q, k, p)
+        return
+    out = column_stats(q, k, softcap=2.0, backend="triton", **kwargs)
+    columns = not causal or d not in hopper.CAUSAL_COLUMNS_SLOWER
+    assert hopper_calls == (["row_lse", "col_reduce"] if columns else ["row_lse"])
+    on_cpu = {name: v.cpu() if torch.is_tensor(v) else v for name, v in kwargs.items()}
+    want = reference_column_stats(q.cpu(), k.cpu(), softcap=2.0, **on_cpu)
+    assert rel_l2(out, want) <= TOLERANCE[dtype]
+    assert rel_l2(reference_column_stats(q.cpu(), k.cpu(), **on_cpu), want) > 100 * TOLERANCE[dtype]
+    monkeypatch.setenv("FLASH_COLSUM_FAST_PATHS", "0")
+    assert rel_l2(out, column_stats(q, k, softcap=2.0, backend="triton", **kwargs)) <= 1e-5, "against the portable kernels"
+
+
 def _key_keep(kind, b, sk):
     """(B, Sk) bool key padding masks: left padding (a different count per batch row), scattered
     holes, and a batch row that keeps no key at all (its rows then see none: LSE +inf)."""
@@ -393,7 +428,6 @@ def test_falls_back_outside_its_scope():
         assert not hopper.supports(qq, kk, p)
     q256, k256 = make_qk(1, 2, 2, 600, 700, 256, torch.float16, "cuda")  # a window above D=192: spills
     assert not hopper.supports(q256, k256, make_problem(q256, k256, None, True, "triton", window=64))
-    assert not hopper.supports(q, k, make_problem(q, k, None, False, "triton", softcap=30.0))
 
 
 @hopper_gpu
@@ -477,7 +511,9 @@ def _inspect_ptx(*args: str) -> str:
                                     (256, "lse"), (256, "columns"), (256, "lse causal"), (256, "fused"),
                                     (192, "fused key-mask"), (256, "lse causal key-mask"),
                                     (64, "lse window"), (64, "columns window"), (72, "columns window"),
-                                    (128, "lse window key-mask"), (128, "columns window"), (192, "lse window")])
+                                    (128, "lse window key-mask"), (128, "columns window"), (192, "lse window"),
+                                    (64, "lse softcap"), (64, "columns softcap"), (128, "lse causal softcap"),
+                                    (128, "columns softcap"), (256, "lse softcap"), (128, "columns window softcap")])
 def test_kernels_compile_for_sm90_with_async_wgmma(d, mode):
     """Both passes, and both in one launch, build for sm_90 (no GPU needed) with no register spills,
     and ptxas keeps the wgmmas asynchronous (warning C7514 says it serialized them: with Triton

@@ -123,8 +123,10 @@ def test_bad_softcap(bad, error):
         column_stats(q, k, softcap=bad, backend="torch")
 
 
-def test_hopper_path_declines_softcap(monkeypatch):
-    """Checked on the CPU with the capability faked: the Gluon kernels have no soft cap."""
+def test_hopper_path_takes_softcap(monkeypatch):
+    """Checked on the CPU with the capability faked: both Gluon passes cap the scores too (their GPU
+    test: test_hopper.py::test_soft_capped_scores_on_both_passes); capped small calls fuse on the
+    portable kernel, and capped windows above D=128 stay there."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     from flash_colsum import hopper
     from flash_colsum.utils import make_problem
@@ -132,8 +134,12 @@ def test_hopper_path_declines_softcap(monkeypatch):
     monkeypatch.setattr(hopper, "_capability", lambda device: (9, 0))
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
     q, k = make_qk(1, 2, 2, 256, 256, 64, torch.float16)
-    assert hopper.supports(q, k, make_problem(q, k, None, False, "torch"))
-    assert not hopper.supports(q, k, make_problem(q, k, None, False, "torch", softcap=50.0))
+    capped = make_problem(q, k, None, False, "torch", softcap=50.0)
+    assert hopper.supports(q, k, capped, "lse") and hopper.supports(q, k, capped, "columns")
+    assert not hopper.supports(q, k, capped, "fused")
+    q, k = make_qk(1, 2, 2, 256, 256, 192, torch.float16)
+    assert hopper.supports(q, k, make_problem(q, k, None, True, "torch", window=64))
+    assert not hopper.supports(q, k, make_problem(q, k, None, True, "torch", window=64, softcap=50.0))
 
 
 @triton.jit
