@@ -356,12 +356,13 @@ def column_stats(
             into it in place and it is returned (running statistics across decoding steps, H2O).
         softcap: logit soft-capping (Gemma 2's ``attn_logit_softcapping``): the scores become
             softcap * tanh(scale * q . k / softcap) before the masks and the softmax. A finite positive
-            number, or None (off). Runs on the portable kernels (not the Hopper path) and the torch
-            back end, gradients included.
+            number, or None (off). Both back ends (the Hopper passes too, not its fused launch,
+            windows only up to D=128), gradients included.
         window: a sliding window (Mistral, Gemma 2/3, gpt-oss): with ``is_causal``, query i sees only
             the ``window`` keys up to its diagonal, i + (Sk - Sq) - window < j <= i + (Sk - Sq), as
             transformers' sliding_window masks. A positive int, or None (off). Both back ends (the
-            Hopper path up to D=192), gradients included; key blocks outside every window are skipped.
+            Hopper path up to D=192, D=128 with ``softcap``), gradients included; key blocks outside
+            every window are skipped.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see `flash_colsum`).
 
     Returns:
