@@ -297,7 +297,8 @@ def _fused_columns(q_smem, q2_smem, k_smem, k2_smem, ready, lse2, out_base, stri
         acc_hi = _issue_keys(q_op, q2_op, k_smem, k2_smem, ready, n_tiles + t, HALF, zero, False, STAGES, HAS_TAIL,
                              HALF)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_lo, ))
-        _store_columns(s, lse2, out_base, stride_on, t * BLOCK_B, Sk, qk_scale, out_scale, USE_MAX, HALF, layout, RAW_SOFTCAP)
+        _store_columns(s, lse2, out_base, stride_on, t * BLOCK_B, Sk, qk_scale, out_scale, USE_MAX, HALF, layout,
+                       RAW_SOFTCAP)
         acc_lo = _issue_keys(q_op, q2_op, k_smem, k2_smem, ready, n_tiles + t + 1, 0, zero, True, STAGES, HAS_TAIL,
                              HALF)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_hi, ))
@@ -311,7 +312,8 @@ def _fused_columns(q_smem, q2_smem, k_smem, k2_smem, ready, lse2, out_base, stri
         acc_hi = _issue_keys(q_op, q2_op, k_smem, k2_smem, ready, n_tiles + t, HALF, zero, False, STAGES, HAS_TAIL,
                              HALF)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(acc_lo, ))
-        _store_columns(s, lse2, out_base, stride_on, t * BLOCK_B, Sk, qk_scale, out_scale, USE_MAX, HALF, layout, RAW_SOFTCAP)
+        _store_columns(s, lse2, out_base, stride_on, t * BLOCK_B, Sk, qk_scale, out_scale, USE_MAX, HALF, layout,
+                       RAW_SOFTCAP)
         # As in _stream_kernel: the buffers stay allocated until the last wgmma is done with them.
         s = warpgroup_mma_wait(num_outstanding=0, deps=(acc_hi, q_smem, q2_smem, k_smem, k2_smem))[0]
         _store_columns(s, lse2, out_base, stride_on, t * BLOCK_B + HALF, Sk, qk_scale, out_scale, USE_MAX, HALF,
@@ -755,6 +757,7 @@ def fused_columns(query, key, p: Problem, use_max: bool, divisor: float = 1.0, k
         0, 0, 0, p.k_len, 0, 1, stride_keep_b, stride_keep_n,
         p.heads, p.group, 1, p.k_len, p.row_start, p.row_end, n_a_blocks, 0, 0, p.scale * LOG2E, 1.0 / divisor,
         COLUMNS=False, FUSED=True, USE_MAX=use_max, CAUSAL=False, WINDOWED=False, HAS_KEY_MASK=key_keep is not None,
-        STAGES=stages, A_IN_REGS=False, RAW_SOFTCAP=p.raw_softcap, num_warps=4, **({} if maxnreg is None else dict(maxnreg=maxnreg)),
+        STAGES=stages, A_IN_REGS=False, RAW_SOFTCAP=p.raw_softcap, num_warps=4,
+        **({} if maxnreg is None else dict(maxnreg=maxnreg)),
     )
     return parts

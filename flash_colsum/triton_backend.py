@@ -637,6 +637,11 @@ MIN_KEYS_PER_SPLIT = 4096
 # keys one tile after another. On the H100, H=32, Hk=8, Sq=32, D=128, causal: Sk=16384 52 vs 71 us
 # of GPU time, Hk=4 Sk=8192 31 vs 72 (NOTES.md v20).
 FEW_PROGRAMS_KEYS_PER_SPLIT = 512
+# While a CUDA graph is being captured a split's second launch costs its replays no host time, only
+# GPU time (the partial LSEs' combine), so such a grid splits ranges from this many keys on: a
+# decoding step over a 4096-key window (H=32, Hk=8, D=128) replayed in 57 us unsplit, 18 us split
+# (NOTES.md v30).
+CAPTURED_MIN_KEYS_PER_SPLIT = 2 * FEW_PROGRAMS_KEYS_PER_SPLIT
 # Splits make whole waves: a grid of 2.06 waves runs its last programs nearly alone, so it takes
 # about three waves' time (causal Sq=128, Sk=262144, pass 2: 544 programs on 264 slots 0.918 ms,
 # 512 programs 0.773 ms; benchmarks/NOTES.md v14). A grid is whole enough when its last wave is
@@ -658,23 +663,11 @@ def _key_splits(n_keys: int, n_programs: int, block_n: int, device: torch.device
 
 def _min_keys_per_split(k_len: int, n_programs: int, device: torch.device) -> int:
     """The fewest keys a split of the row-stationary kernel gets on a GPU (`_key_splits`)."""
-    if n_programs <= _sm_count(device) // 2 and _may_split(k_len):
+    if n_programs <= _sm_count(device) // 2 and (
+            k_len > MIN_KEYS_PER_SPLIT
+            or (k_len > CAPTURED_MIN_KEYS_PER_SPLIT and torch.cuda.is_current_stream_capturing())):
         return FEW_PROGRAMS_KEYS_PER_SPLIT
     return MIN_KEYS_PER_SPLIT
-
-
-# While a CUDA graph is being captured the split's second launch costs its replays no host time,
-# only GPU time (the partial LSEs' combine), so ranges from this many keys on may split too: a
-# decoding step over a 4096-key window (H=32, Hk=8, D=128) replayed in 57 us unsplit on 8
-# programs, against 25 us for 16384 causal keys split (NOTES.md v29).
-CAPTURED_MIN_KEYS_PER_SPLIT = 2 * FEW_PROGRAMS_KEYS_PER_SPLIT
-
-
-def _may_split(k_len: int) -> bool:
-    """Whether a GPU key range this long may split (`_min_keys_per_split`): past MIN_KEYS_PER_SPLIT,
-    or past CAPTURED_MIN_KEYS_PER_SPLIT while the current stream captures a CUDA graph."""
-    return k_len > MIN_KEYS_PER_SPLIT or (k_len > CAPTURED_MIN_KEYS_PER_SPLIT
-                                          and torch.cuda.is_current_stream_capturing())
 
 
 def _whole_waves(n_programs: int, slots: int, max_splits: int) -> int:
@@ -1076,8 +1069,9 @@ def _row_blocks_for(p: Problem, query, n_rows: int, columns: bool, heads_per_chu
         return cfg
     if not query.is_cuda:  # the interpreter's blocks
         return _pack_heads(tuple(cfg.items()), n_rows, p.group, heads_per_chunk, cfg["BLOCK_M"], query.element_size())
-    if not _may_split(p.k_len):  # unsplit: a packed grid would walk the keys in fewer programs
-        return cfg
+    unpacked_programs = p.batch * p.heads * cdiv(n_rows, cfg["BLOCK_M"])
+    if _min_keys_per_split(p.k_len, unpacked_programs, query.device) >= p.k_len:
+        return cfg  # unsplit: a packed grid would walk the keys in fewer programs
     if query.dtype == torch.float32:  # its exact dot runs on the FMA units: 128 packed rows ran 6x slower
         return cfg
     row_bytes = (cfg["BLOCK_D"] + cfg["BLOCK_D2"]) * query.element_size()
