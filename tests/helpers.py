@@ -80,14 +80,16 @@ def lazy_max_inputs(case, b, h, sq, sk, d, dtype, device):
     return q.to(dtype), k.to(dtype), keep, case == "causal-jump"
 
 
-def scores_reference(q, k, scale, rows=None, causal=False, key_keep=None, window=None):
+def scores_reference(q, k, scale, rows=None, causal=False, key_keep=None, window=None, softcap=None):
     """scale * Q K^T in float64 on the CPU, (B, H, len(rows), Sk) for the selected rows (all by default),
-    query head h against key head h // G; -inf where the bottom-right causal mask hides key j from
-    row i (j > i + Sk - Sq; with a sliding window also j <= i + Sk - Sq - window) or key_keep (B, Sk;
-    False drops a key) drops it."""
+    query head h against key head h // G, soft-capped (softcap * tanh(s / softcap)) if ``softcap``;
+    -inf where the bottom-right causal mask hides key j from row i (j > i + Sk - Sq; with a sliding
+    window also j <= i + Sk - Sq - window) or key_keep (B, Sk; False drops a key) drops it."""
     rows = range(q.shape[2]) if rows is None else rows
     k = k.cpu().double().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     s = scale * torch.einsum("bhqd,bhkd->bhqk", q[:, :, rows].cpu().double(), k)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
     if causal:
         keys, diagonal = torch.arange(k.shape[2])[None, :], torch.tensor(rows)[:, None] + k.shape[2] - q.shape[2]
         hidden = keys > diagonal
@@ -99,6 +101,6 @@ def scores_reference(q, k, scale, rows=None, causal=False, key_keep=None, window
     return s
 
 
-def lse_reference(q, k, scale, rows=None, causal=False, key_keep=None, window=None):
+def lse_reference(q, k, scale, rows=None, causal=False, key_keep=None, window=None, softcap=None):
     """The natural-log LSE of `scores_reference`, float64 (B, H, len(rows))."""
-    return torch.logsumexp(scores_reference(q, k, scale, rows, causal, key_keep, window), dim=-1)
+    return torch.logsumexp(scores_reference(q, k, scale, rows, causal, key_keep, window, softcap), dim=-1)
