@@ -38,7 +38,7 @@ from benchmarks.baselines import DEFAULT_WHEEL_DIR, load_baselines
 from benchmarks.ceilings import floor_ms, measure_ceilings, model_ms
 from flash_colsum import column_stats, flash_colsum, naive_colsum
 
-SWEEPS = ["demo", "noncausal_batched", "noncausal", "causal", "variants", "window"]
+SWEEPS = ["demo", "noncausal_batched", "noncausal", "causal", "variants", "window", "short"]
 LSE_ROW_MIN_SCORES = 2**26  # non-causal points from this Sq*Sk on also time the LSE-given path
 
 
@@ -85,6 +85,10 @@ def sweeps(device: str) -> dict[str, list[Point]]:
             # SnapKV's observation window: the last 32 queries of a prompt score the KV cache (GQA)
             "window": [Point(1, 32, 32, sk, 128, causal=True, hk=8) for sk in (4096, 16384, 65536)]
             + [Point(1, 32, 64, 2048, 128, hk=8)],  # text queries over image tokens
+            # Vision encoders and BERT-size batches: ViT-B/16 (197 tokens, 12 heads), CLIP ViT-L/14 (257
+            # and 577 at 336 px), 512 tokens; up to 512 keys at D=64 they take the one pass.
+            "short": [Point(64, 16, 197, 197, 64), Point(256, 12, 197, 197, 64), Point(64, 16, 257, 257, 64),
+                      Point(8, 16, 512, 512, 64), Point(256, 16, 512, 512, 64), Point(64, 16, 577, 577, 64)],
         }
     # CPU: the same kinds of points, small enough that --sweep all takes well under two minutes.
     return {
@@ -99,6 +103,7 @@ def sweeps(device: str) -> dict[str, list[Point]]:
            Point(1, 8, 512, 512, 64, lse=True), Point(1, 8, 64, 4096, 128, causal=True, lse=True),
            Point(1, 8, 1024, 1024, 64, causal=True)],
         "window": [Point(1, 8, 16, sk, 128, causal=True, hk=2) for sk in (1024, 4096)],
+        "short": [Point(16, 12, 197, 197, 64), Point(4, 16, 512, 512, 64)],
     }
 
 

@@ -17,7 +17,9 @@ share a key head, so each key tile read feeds all of them.
 
 Small calls run both passes in one launch (FUSED). Few rows over long keys (`_keeps_scores`) skip
 the second pass over K: pass 1 stores their scaled scores and `_scores_reduce_kernel` turns them
-into the column statistics.
+into the column statistics. Short key ranges (`_one_pass_fits`: up to 512 keys) take one pass with
+one exponential per score on large GPU calls (`_one_pass_kernel`: a head's keys stay in the
+program while its query rows stream past in groups whose row max and sum are exact at once).
 
 Masking convention: query i sees key j iff j <= i + causal_offset when causal; the offset is
 Sk - Sq (bottom-right aligned, as FlashAttention) unless a caller (context parallelism) sets it.
@@ -900,8 +902,12 @@ def fused_reduce(query, key, p: Problem, key_keep, heads_per_chunk: int, use_max
     reduction of the same kind; blocks may then hold several heads of a key head, `_fused_pack`, and
     the partials are (B, H // PACK * R, Sk)), else only when R = 1 and one head per chunk make them
     the (B, H, Sk) result. Padded keys' columns are not masked here. On an H100 the Hopper kernel
-    (`hopper.fused_columns`) runs it where it applies.
+    (`hopper.fused_columns`) runs it where it applies. Short key ranges go to `one_pass_reduce`
+    first, at any size.
     """
+    one_pass = one_pass_reduce(query, key, p, key_keep, heads_per_chunk, use_max, divisor, partials_ok)
+    if one_pass is not None:
+        return one_pass
     cfg = _row_block_sizes(p.head_dim, query.dtype, p.n_rows, columns=True)
     fast = _fast_path(query, key, p, range(p.row_start, p.row_end), key_keep, "fused")
     n_row_blocks = cdiv(p.n_rows, fast.BLOCK_ROWS if fast else cfg["BLOCK_M"])
@@ -921,6 +927,141 @@ def fused_reduce(query, key, p: Problem, key_keep, heads_per_chunk: int, use_max
     _launch_row_blocks(query, key, p, range(p.row_start, p.row_end), cfg, None, parts.permute(2, 0, 1, 3),
                        key_keep, use_max, out_scale=1.0 / divisor, fused=True)
     return parts.view(p.batch, p.heads // pack * n_row_blocks, p.k_len)
+
+
+@triton.jit
+def _one_pass_kernel(
+    Q, K, KEY_KEEP, OUT,
+    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_keep_b, stride_keep_n, stride_op,
+    H, GROUP, Sk, row_start, row_end, n_splits, causal_offset, window, qk_scale, out_scale,
+    D: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    USE_MAX: tl.constexpr, RAW_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Column sums (maxima) with one exponential per score, for key ranges of one tile (Sk <= BLOCK_K).
+
+    Keys stationary: the program keeps all Sk keys of its key head, [BLOCK_K, D], and streams its
+    query rows in groups of BLOCK_M. A group's scores [BLOCK_K, BLOCK_M] hold every key its rows
+    see, so each row's max and sum are exact at once and col += sum over the rows of
+    exp2(qk_scale * (s - max)) / sum: no LSE pass, no second exponential. Program pid =
+    (b * H + h) * n_splits + split takes groups split, split + n_splits, ... of the selected rows
+    and writes OUT plane pid: (B, H, n_splits, Sk) partial sums (maxima) times out_scale. Rows that
+    see no key (causal Sq > Sk, a key mask) weigh 0.
+    """
+    pid = tl.program_id(0)
+    split = pid % n_splits
+    bh = pid // n_splits
+    b = bh // H
+    h = bh % H
+    offs_n = tl.arange(0, BLOCK_K)
+    mask_n = offs_n < Sk
+    k_base = K + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
+    k = _load_tile(k_base, offs_n, stride_kn, mask_n, stride_kd, 0, BLOCK_D, 0, D)  # [BK, BD], read once
+    seen_n = mask_n
+    if HAS_KEY_MASK:
+        keep = tl.load(KEY_KEEP + b.to(tl.int64) * stride_keep_b + offs_n * stride_keep_n, mask=mask_n, other=0)
+        seen_n = seen_n & (keep != 0)
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    col = tl.zeros([BLOCK_K], tl.float32)  # weights are >= 0: 0 also starts a max
+    for m0 in range(row_start + split * BLOCK_M, row_end, n_splits * BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < row_end
+        q = _load_tile(q_base, offs_m, stride_qm, mask_m, stride_qd, 0, BLOCK_D, 0, D)  # [BM, BD]
+        s = _dot(k, tl.trans(q), DOT_PRECISION, UPCAST_DOT)  # [BK, BD] @ [BD, BM] -> [BK, BM]
+        if RAW_SOFTCAP > 0:
+            s = _soft_cap(s, RAW_SOFTCAP)  # before the masks: a capped -inf would be a finite -R
+        seen = seen_n[:, None]
+        if CAUSAL:
+            seen = seen & _in_window(offs_m[None, :], offs_n[:, None], causal_offset, window, WINDOWED)
+        s = tl.where(seen, s, float("-inf"))
+        m = tl.max(s, axis=0) * qk_scale  # [BM]: each row's max over all its keys (qk_scale > 0)
+        if CAUSAL or HAS_KEY_MASK:  # a row that sees no key: exp2(-inf - -inf) would be NaN
+            m = tl.where(m == float("-inf"), 0.0, m)
+        p = tl.exp2(s * qk_scale - m[None, :])
+        l = tl.sum(p, axis=0)
+        # l >= 1 for a row that sees a key (its max scores 1); one that sees none has p = 0 everywhere.
+        w = tl.where(mask_m, 1.0 / tl.maximum(l, 1.0), 0.0)  # rows past the selection weigh 0
+        if USE_MAX:
+            col = tl.maximum(col, tl.max(p * w[None, :], axis=1))
+        else:
+            col += tl.sum(p * w[None, :], axis=1)
+    tl.store(OUT + pid.to(tl.int64) * stride_op + offs_n, col * out_scale, mask=mask_n)
+
+
+# Key ranges up to this long fit one tile of `_one_pass_kernel` (keys and a row group's scores on
+# chip: 64 KiB of fp16 keys at D=64): 512 keys up to D=64, 256 up to D=128. On the H100, 512 keys
+# at D=65-128 (padded to 128 columns) lost to the two passes: D=80 293 vs 244 us, D=128 S=257
+# 206 vs 197 (B=64, H=16; results/one_pass_ab_v31_h100.txt).
+ONE_PASS_MAX_KEYS = 512
+ONE_PASS_MAX_KEYS_WIDE = 256
+ONE_PASS_MAX_HEAD_DIM = 128
+# On the GPU, calls from this many scores on take the one pass. Below it they are host-bound (and the
+# tests' small shapes keep the two-pass kernels they were written for). On the H100, against the
+# two passes (B, H=16, Sq = Sk = S, D=64, the flash_colsum statistic): S=197 B=64 60 vs 92 us,
+# S=512 B=8 33 vs 39, B=256 721 vs 1004 (NOTES.md v31).
+ONE_PASS_MIN_SCORES = 2**24
+
+
+def _one_pass_fits(p: Problem) -> bool:
+    """Whether the call's keys fit one tile of `_one_pass_kernel`."""
+    max_keys = ONE_PASS_MAX_KEYS if p.head_dim <= 64 else ONE_PASS_MAX_KEYS_WIDE
+    return p.k_len <= max_keys and p.head_dim <= ONE_PASS_MAX_HEAD_DIM
+
+
+def _use_one_pass(p: Problem, query) -> bool:
+    """Whether a call that fits the one pass should take it: 16-bit inputs on a GPU with
+    ONE_PASS_MIN_SCORES scores or more (the tests force it elsewhere)."""
+    return (query.is_cuda and query.dtype != torch.float32
+            and p.batch * p.heads * p.n_rows * p.k_len >= ONE_PASS_MIN_SCORES)
+
+
+def _one_pass_config(p: Problem, n_programs: int, device: torch.device) -> dict:
+    """Rows per group and warps for `_one_pass_kernel`. On the H100 (results/onepass_short_v31_h100.txt,
+    one_pass_ab_v31_h100.txt): up to 256 keys 64 rows with 4 warps (S=128 22 vs 25 us with 16 rows,
+    D=128 S=197 81 vs 101; D=64 S=197 within 2%); 512 keys 32 rows with 4 warps where the grid fills
+    the GPU, else 64 rows with 8 warps (B=64 S=512 182 vs 249 us; B=8 32 vs 38, B=4 22 vs 24)."""
+    if device.type == "cpu":
+        return dict(BLOCK_M=16, num_warps=4)
+    if p.k_len <= 256:
+        return dict(BLOCK_M=64, num_warps=4)
+    if n_programs >= _sm_count(device):
+        return dict(BLOCK_M=32, num_warps=4)
+    return dict(BLOCK_M=64, num_warps=8)
+
+
+def one_pass_reduce(query, key, p: Problem, key_keep, heads_per_chunk: int, use_max: bool, divisor: float,
+                    partials_ok: bool):
+    """Short key ranges (`_one_pass_fits`) where `_use_one_pass` wants them: (B, H // heads_per_chunk,
+    Sk) column sums (maxima) of the selected rows over ``divisor``, one exponential per score
+    (`_one_pass_kernel`); or, when ``partials_ok``, the (B, H * R, Sk) partials of R row splits for
+    the caller to reduce with the heads. None elsewhere."""
+    if not (_one_pass_fits(p) and _use_one_pass(p, query)):
+        return None
+    cfg = _one_pass_config(p, p.batch * p.heads, query.device)
+    n_groups = cdiv(p.n_rows, cfg["BLOCK_M"])
+    # Few heads split their rows over more programs (the partials are added after), up to a program per SM.
+    slots = 4 if query.device.type == "cpu" else _sm_count(query.device)
+    n_splits = max(1, min(n_groups, slots // (p.batch * p.heads)))
+    parts = utils.new_output((p.batch, p.heads, n_splits, p.k_len), query.device)
+    keep, stride_keep_b, stride_keep_n = utils.key_keep_args(key_keep, parts)
+    with _on_device(query):
+        utils.launch(
+            _one_pass_kernel, (p.batch * p.heads * n_splits,),
+            query, key, keep, parts, *query.stride(), *key.stride(), stride_keep_b, stride_keep_n, p.k_len,
+            p.heads, p.group, p.k_len, p.row_start, p.row_end, n_splits, p.causal_offset, p.window,
+            p.scale * LOG2E, 1.0 / divisor,
+            D=p.head_dim, CAUSAL=p.causal, WINDOWED=p.window > 0, HAS_KEY_MASK=key_keep is not None,
+            USE_MAX=use_max, RAW_SOFTCAP=p.raw_softcap, **_dot_flags(query.dtype),
+            BLOCK_K=utils.next_power_of_2(max(p.k_len, 16)), BLOCK_D=utils.next_power_of_2(max(p.head_dim, 16)),
+            **cfg,
+        )
+    if partials_ok:
+        return parts.view(p.batch, p.heads * n_splits, p.k_len)
+    parts = parts.view(p.batch, p.heads // heads_per_chunk, heads_per_chunk * n_splits, p.k_len)
+    if parts.shape[2] == 1:
+        return parts[:, :, 0]
+    return parts.amax(dim=2) if use_max else parts.sum(dim=2)
 
 
 # Packed fused blocks (both passes in one program) are at most this tall while the packed grid keeps

@@ -43,13 +43,15 @@ def fresh_seed(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
-@pytest.fixture(params=["key_centric", "row_stationary", "fused", "scores"])
+@pytest.fixture(params=["key_centric", "row_stationary", "fused", "scores", "one_pass"])
 def pass2_layout(request, monkeypatch):
     """Force the Triton pass 2 onto one kernel: key-centric, row-stationary for any row count,
-    fused with pass 1 in one launch wherever its result layout allows (any size), or the weights
-    from pass 1's stored scores (any row count)."""
+    fused with pass 1 in one launch wherever its result layout allows (any size), the weights
+    from pass 1's stored scores (any row count), or one pass for key ranges that fit its tile
+    (any size; longer ones take the two passes)."""
     import flash_colsum.triton_backend as tb
 
+    monkeypatch.setattr(tb, "_use_one_pass", lambda p, query: request.param == "one_pass")
     monkeypatch.setattr(tb, "_use_row_stationary", lambda n_rows, block_m: request.param == "row_stationary")
     monkeypatch.setattr(tb, "_use_fused", lambda *args: request.param == "fused")
     monkeypatch.setattr(tb, "_keeps_scores", lambda p: request.param == "scores")

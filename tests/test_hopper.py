@@ -25,6 +25,12 @@ if HOPPER:
     from flash_colsum import hopper
 
 
+@pytest.fixture(autouse=True)
+def two_passes(monkeypatch):
+    """These tests reach the Hopper kernels: the one pass for short keys (test_one_pass.py) stays off."""
+    monkeypatch.setattr(tb, "_use_one_pass", lambda p, query: False)
+
+
 @pytest.fixture
 def hopper_calls(monkeypatch):
     """The Hopper launchers (fused_columns, row_lse, col_reduce) a test's calls reach, in order."""
