@@ -14,9 +14,8 @@ from helpers import TOLERANCE, make_qk, rel_l2
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
-@pytest.fixture
-def one_pass_runs(monkeypatch) -> list:
-    """Force the one pass wherever it fits; the list records, per call of it, whether it ran."""
+def _record_runs(monkeypatch) -> list:
+    """A list that records, per call of `one_pass_reduce`, whether the one pass ran."""
     runs = []
     original = tb.one_pass_reduce
 
@@ -25,9 +24,15 @@ def one_pass_runs(monkeypatch) -> list:
         runs.append(out is not None)
         return out
 
-    monkeypatch.setattr(tb, "_use_one_pass", lambda p, query: True)
     monkeypatch.setattr(tb, "one_pass_reduce", spy)
     return runs
+
+
+@pytest.fixture
+def one_pass_runs(monkeypatch) -> list:
+    """Force the one pass wherever it fits; `_record_runs`' list."""
+    monkeypatch.setattr(tb, "_use_one_pass", lambda p, query: True)
+    return _record_runs(monkeypatch)
 
 
 CASES = {
@@ -100,12 +105,10 @@ def test_one_pass_policy_on_cpu():
 def test_large_gpu_calls_take_one_pass(monkeypatch):
     """A batched call past ONE_PASS_MIN_SCORES takes the one pass by itself and matches the two
     passes (forced) to float32 rounding."""
-    runs = []
-    original = tb.one_pass_reduce
-    monkeypatch.setattr(tb, "one_pass_reduce", lambda *a, **kw: runs.append(original(*a, **kw)) or runs[-1])
+    runs = _record_runs(monkeypatch)
     q, k = make_qk(16, 16, 16, 257, 257, 64, torch.float16, "cuda")
     got = column_stats(q, k, heads="none")
-    assert runs and runs[0] is not None
+    assert runs == [True]
     monkeypatch.setattr(tb, "_use_one_pass", lambda p, query: False)
     want = column_stats(q, k, heads="none")
-    assert rel_l2(got, want) <= 1e-5
+    assert runs == [True, False] and rel_l2(got, want) <= 1e-5
