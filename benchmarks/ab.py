@@ -15,6 +15,8 @@ round (a warmer clock, a quieter host) is not always the same state.
              programs) splits ("off"; NOTES.md v14).
   fused_fast: small calls in one Hopper launch (hopper.fused_columns) as the library chooses ("on"),
              never (the portable fused kernel, "off") or at any size ("forced").
+  one_pass:  short key ranges in one pass, one exponential per score, as the library chooses ("on"),
+             never ("off") or wherever they fit, small calls too ("forced"; NOTES.md v31).
 """
 
 import argparse
@@ -79,6 +81,12 @@ POINTS = [  # (B, H, Sq, Sk, D, causal, switch)
     (8, 16, 1024, 1024, 96, False, "fused_fast"),
     (8, 16, 1024, 1024, 128, False, "fused_fast"),
     (1, 32, 2048, 2048, 128, False, "fused_fast"),
+    (64, 16, 197, 197, 64, False, "one_pass"),
+    (8, 16, 257, 257, 64, False, "one_pass"),
+    (8, 16, 512, 512, 64, False, "one_pass"),
+    (256, 16, 512, 512, 64, False, "one_pass"),
+    (64, 16, 256, 256, 128, False, "one_pass"),
+    (8, 16, 512, 512, 64, True, "one_pass"),
 ]
 
 
@@ -90,7 +98,8 @@ def _v13_key_splits(n_keys, n_programs, block_n, device, slots=None):
 
 # Each state other than "on" swaps one decision of the back end for a fixed answer.
 STATES = {"row_stat": ("on", "off", "forced"), "fast": ("on", "off"), "fused": ("on", "off", "forced"),
-          "scores": ("on", "off"), "waves": ("on", "off"), "fused_fast": ("on", "off", "forced")}
+          "scores": ("on", "off"), "waves": ("on", "off"), "fused_fast": ("on", "off", "forced"),
+          "one_pass": ("on", "off", "forced")}
 REPLACEMENTS = {
     ("row_stat", "off"): ("_use_row_stationary", lambda n_rows, block_m: False),
     ("row_stat", "forced"): ("_use_row_stationary", lambda n_rows, block_m: True),
@@ -101,6 +110,8 @@ REPLACEMENTS = {
     ("waves", "off"): ("_key_splits", _v13_key_splits),
     ("fused_fast", "off"): ("FUSED_FAST_PATH_MIN_SCORES", 2**62),
     ("fused_fast", "forced"): ("FUSED_FAST_PATH_MIN_SCORES", 0),
+    ("one_pass", "off"): ("_use_one_pass", lambda p, query: False),
+    ("one_pass", "forced"): ("_use_one_pass", lambda p, query: True),
 }
 
 
