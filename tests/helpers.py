@@ -52,6 +52,23 @@ def record_row_block_launches(monkeypatch) -> list:
     return launches
 
 
+def record_taken(monkeypatch, name: str) -> list:
+    """Record, per call of the Triton back end's optional path ``name`` (a launcher that returns None
+    where it does not apply: scores_reduce, one_pass_reduce), whether it ran; the calls still run."""
+    from flash_colsum import triton_backend as tb
+
+    taken = []
+    original = getattr(tb, name)
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(tb, name, spy)
+    return taken
+
+
 # Inputs whose scores leave pass 1's lazy max (hopper._lse_tile) behind: a tile must be redone with a
 # new max, or the max so far lags far above a block's scores, or a row has seen no key yet.
 LAZY_MAX_CASES = ["jump", "drop", "huge", "padded-first-keys", "causal-jump"]

@@ -9,30 +9,16 @@ from flash_colsum import column_stats
 from flash_colsum import triton_backend as tb
 from flash_colsum.reference import reference_column_stats
 from conftest import HAS_CUDA
-from helpers import TOLERANCE, make_qk, rel_l2
+from helpers import TOLERANCE, make_qk, record_taken, rel_l2
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
-def _record_runs(monkeypatch) -> list:
-    """A list that records, per call of `one_pass_reduce`, whether the one pass ran."""
-    runs = []
-    original = tb.one_pass_reduce
-
-    def spy(*args, **kwargs):
-        out = original(*args, **kwargs)
-        runs.append(out is not None)
-        return out
-
-    monkeypatch.setattr(tb, "one_pass_reduce", spy)
-    return runs
-
-
 @pytest.fixture
 def one_pass_runs(monkeypatch) -> list:
-    """Force the one pass wherever it fits; `_record_runs`' list."""
+    """Force the one pass wherever it fits; per call of it, whether it ran (`record_taken`)."""
     monkeypatch.setattr(tb, "_use_one_pass", lambda p, query: True)
-    return _record_runs(monkeypatch)
+    return record_taken(monkeypatch, "one_pass_reduce")
 
 
 CASES = {
@@ -105,7 +91,7 @@ def test_one_pass_policy_on_cpu():
 def test_large_gpu_calls_take_one_pass(monkeypatch):
     """A batched call past ONE_PASS_MIN_SCORES takes the one pass by itself and matches the two
     passes (forced) to float32 rounding."""
-    runs = _record_runs(monkeypatch)
+    runs = record_taken(monkeypatch, "one_pass_reduce")
     q, k = make_qk(16, 16, 16, 257, 257, 64, torch.float16, "cuda")
     got = column_stats(q, k, heads="none")
     assert runs == [True]

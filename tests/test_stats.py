@@ -5,7 +5,7 @@ import torch
 
 from flash_colsum import column_stats
 from flash_colsum.reference import reference_column_stats
-from helpers import TOLERANCE, make_qk, rel_l2
+from helpers import TOLERANCE, make_qk, record_taken, rel_l2
 from conftest import TARGETS
 
 HEADS = ["mean", "sum", "max", "none", "kv_mean", "kv_sum", "kv_max"]
@@ -158,15 +158,7 @@ def test_few_rows_from_stored_scores(backend, device, causal, monkeypatch):
 
     monkeypatch.setattr(tb, "SCORES_MIN_KEYS", 0)  # the shapes here are small,
     monkeypatch.setattr(tb, "_use_fused", lambda *args: False)  # so a GPU would fuse them
-    taken = []
-    original = tb.scores_reduce
-
-    def spy(*args, **kwargs):
-        out = original(*args, **kwargs)
-        taken.append(out is not None)
-        return out
-
-    monkeypatch.setattr(tb, "scores_reduce", spy)
+    taken = record_taken(monkeypatch, "scores_reduce")
     b, sk = 2, 300  # several key splits under the interpreter
     q, k = make_qk(b, 4, 2, 5, sk, 64, torch.float16, device, seq_major=True)  # 5 rows * 8 <= D
     key_pad = (torch.arange(sk)[None] < torch.tensor([300, 171])[:, None]).to(device)
